@@ -1,0 +1,79 @@
+"""Argument validation for the public API: every error names the argument and
+the expected and actual shape, dtype or device, and runs before any kernel."""
+
+from __future__ import annotations
+
+from numbers import Real
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .moments import LatentMoments, _values_checkable
+
+REDUCTIONS = ("none", "sum", "mean")
+BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_tensor(name: str, t, shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`t` must be a tensor of exactly `shape`, `dtype` and `device`."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (the dtype of x), got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} (the device of x), got {t.device}")
+    return t
+
+
+def check_x(x) -> Tensor:
+    """x: (B, k) or (B, *data_shape), floating point; returns the (B, k) view/copy."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"x: expected a floating-point dtype (float16, bfloat16, float32, float64), got {x.dtype}; "
+            "convert integer images first, e.g. x.float() / 255"
+        )
+    if x.dim() < 2:
+        raise ValueError(f"x: expected shape (B, k) or (B, *data_shape), got {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1)
+
+
+def check_moments(q: LatentMoments, batch: int, latent_dim: int, dtype, device) -> None:
+    for name, t in zip(("mean", "var", "k3", "k4"), q.tensors()):
+        if t is not None:
+            check_tensor(f"q.{name}", t, (batch, latent_dim), dtype, device)
+    if _values_checkable(q.var) and bool((q.var < 0).any()):
+        raise ValueError(f"q.var: variances must be >= 0, got minimum {float(q.var.min()):g}")
+
+
+def check_sigma2(sigma2, k: int, dtype, device) -> Tensor:
+    """sigma2: a positive number, a 0-dim tensor or a (k,) tensor; returns a (k,) tensor
+    (an expanded view of a scalar, so a learnable scalar keeps its gradient)."""
+    if isinstance(sigma2, Real) and not isinstance(sigma2, bool):
+        if not sigma2 > 0:
+            raise ValueError(f"sigma2: expected a positive variance, got {sigma2!r}")
+        return torch.full((k,), float(sigma2), dtype=dtype, device=device)
+    if not isinstance(sigma2, Tensor):
+        raise TypeError(f"sigma2: expected a float or a torch.Tensor, got {type(sigma2).__name__}")
+    if sigma2.dim() == 0:
+        check_tensor("sigma2", sigma2, (), dtype, device)
+        sigma2 = sigma2.expand(k)
+    else:
+        check_tensor("sigma2", sigma2, (k,), dtype, device)
+    if _values_checkable(sigma2) and bool((sigma2 <= 0).any()):
+        raise ValueError(f"sigma2: variances must be > 0, got minimum {float(sigma2.min()):g}")
+    return sigma2
+
+
+def check_optional_bias(name: str, bias: Optional[Tensor], k: int, dtype, device) -> None:
+    if bias is not None:
+        check_tensor(name, bias, (k,), dtype, device)

@@ -1,0 +1,170 @@
+"""Per-sample, per-latent cumulants of a mean-field posterior q(z|x) (MATH.md §1).
+
+The analytic loss needs only the first four cumulants of each latent:
+``mean`` (m), ``var`` (k2), ``k3`` (third central moment) and ``k4`` (fourth
+*cumulant* = fourth central moment - 3 k2^2). ``None`` for k3 / k4 means zero,
+which is the Gaussian case and lets the kernels skip those contractions.
+
+Every constructor here is written with differentiable torch ops, so gradients
+flow from the loss back into whatever produced the distribution parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch import distributions as D
+
+__all__ = ["LatentMoments", "as_latent_moments", "SUPPORTED_DISTRIBUTIONS"]
+
+SUPPORTED_DISTRIBUTIONS = (
+    "Normal",
+    "Independent(Normal)",
+    "Bernoulli",
+    "Uniform",
+    "Laplace",
+    "Poisson",
+    "Gamma",
+)
+
+
+@dataclass(frozen=True)
+class LatentMoments:
+    """Cumulants of q(z|x), each of shape (B, d) (batch, latent dimension).
+
+    Attributes:
+        mean: E[z_i].
+        var: Var(z_i) >= 0.
+        k3: E[(z_i - m_i)^3], or None for zero.
+        k4: E[(z_i - m_i)^4] - 3 Var(z_i)^2, or None for zero.
+    """
+
+    mean: Tensor
+    var: Tensor
+    k3: Optional[Tensor] = None
+    k4: Optional[Tensor] = None
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "var", "k3", "k4"):
+            value = getattr(self, name)
+            if value is None and name in ("k3", "k4"):
+                continue
+            if not isinstance(value, Tensor):
+                raise TypeError(
+                    f"LatentMoments.{name}: expected a torch.Tensor, got {type(value).__name__}"
+                )
+            if value.dim() != 2:
+                raise ValueError(
+                    f"LatentMoments.{name}: expected shape (B, d), got {tuple(value.shape)}"
+                )
+            if name != "mean" and value.shape != self.mean.shape:
+                raise ValueError(
+                    f"LatentMoments.{name}: expected shape {tuple(self.mean.shape)} "
+                    f"(the shape of mean), got {tuple(value.shape)}"
+                )
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def batch_size(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def latent_dim(self) -> int:
+        return self.mean.shape[1]
+
+    @property
+    def is_gaussian(self) -> bool:
+        """True when no higher cumulant is given (the cheaper kernels apply)."""
+        return self.k3 is None and self.k4 is None
+
+    def tensors(self) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+        return self.mean, self.var, self.k3, self.k4
+
+    # ------------------------------------------------------------- constructors
+    @classmethod
+    def gaussian(cls, mu: Tensor, logvar: Tensor) -> "LatentMoments":
+        """Gaussian latents from an encoder's (mu, logvar), both (B, d)."""
+        return cls(mu, torch.exp(logvar))
+
+    @classmethod
+    def bernoulli(cls, logits: Optional[Tensor] = None, probs: Optional[Tensor] = None) -> "LatentMoments":
+        """Bernoulli latents from logits (preferred: stable p(1-p)) or probs, (B, d)."""
+        if (logits is None) == (probs is None):
+            raise ValueError("LatentMoments.bernoulli: give exactly one of logits or probs")
+        if logits is not None:
+            p = torch.sigmoid(logits)
+            pq = p * torch.sigmoid(-logits)  # p(1-p) without cancellation at saturated logits
+        else:
+            _check_probs(probs)
+            p = probs
+            pq = probs * (1 - probs)
+        return cls(p, pq, pq * (1 - 2 * p), pq * (1 - 6 * pq))
+
+    @classmethod
+    def from_distribution(cls, dist: D.Distribution) -> "LatentMoments":
+        """Cumulants of a supported ``torch.distributions`` object with batch shape (B, d)."""
+        if isinstance(dist, D.Independent):
+            base = dist.base_dist
+            if not isinstance(base, D.Normal):
+                raise TypeError(
+                    "Independent distributions are supported only around Normal; got "
+                    f"Independent({type(base).__name__}). Supported: {', '.join(SUPPORTED_DISTRIBUTIONS)}"
+                )
+            return cls.from_distribution(base)
+        if isinstance(dist, D.Normal):
+            loc, scale = torch.broadcast_tensors(dist.loc, dist.scale)
+            return cls(loc, scale.square())
+        if isinstance(dist, D.Bernoulli):
+            if "logits" in dist.__dict__ and "probs" not in dist.__dict__:
+                return cls.bernoulli(logits=dist.logits)
+            return cls.bernoulli(probs=dist.probs)
+        if isinstance(dist, D.Uniform):
+            low, high = torch.broadcast_tensors(dist.low, dist.high)
+            width = high - low
+            return cls((low + high) / 2, width.square() / 12, None, -width.pow(4) / 120)
+        if isinstance(dist, D.Laplace):
+            loc, scale = torch.broadcast_tensors(dist.loc, dist.scale)
+            return cls(loc, 2 * scale.square(), None, 12 * scale.pow(4))
+        if isinstance(dist, D.Poisson):
+            rate = dist.rate
+            return cls(rate, rate, rate, rate)
+        if isinstance(dist, D.Gamma):
+            shape, rate = torch.broadcast_tensors(dist.concentration, dist.rate)
+            mean = shape / rate
+            var = mean / rate
+            k3 = 2 * var / rate
+            return cls(mean, var, k3, 3 * k3 / rate)
+        raise TypeError(
+            f"q: unsupported distribution {type(dist).__name__}; supported families are "
+            f"{', '.join(SUPPORTED_DISTRIBUTIONS)} (or pass LatentMoments directly)"
+        )
+
+
+def _check_probs(probs: Tensor) -> None:
+    if _values_checkable(probs) and bool(((probs < 0) | (probs > 1)).any()):
+        lo, hi = float(probs.min()), float(probs.max())
+        raise ValueError(f"Bernoulli probs: expected values in [0, 1], got range [{lo:g}, {hi:g}]")
+
+
+def _values_checkable(t: Tensor) -> bool:
+    """Value checks read data (a host sync); skip them while tracing for torch.compile."""
+    return not torch.compiler.is_compiling() and t.device.type != "meta" and t.numel() > 0
+
+
+def as_latent_moments(q) -> LatentMoments:
+    """Accept LatentMoments or a supported torch.distributions object."""
+    if isinstance(q, LatentMoments):
+        return q
+    if isinstance(q, D.Distribution):
+        return LatentMoments.from_distribution(q)
+    raise TypeError(
+        f"q: expected LatentMoments or a torch.distributions object "
+        f"({', '.join(SUPPORTED_DISTRIBUTIONS)}), got {type(q).__name__}"
+    )
+
+
+LOG_2PI = math.log(2 * math.pi)
