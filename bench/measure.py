@@ -1,0 +1,82 @@
+"""Timing (median / IQR over repetitions) and peak extra memory of one Runner call."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from .providers import Runner
+
+MODES = ("forward", "backward", "forward+backward")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _clear_grads(leaves) -> None:
+    for t in leaves:
+        t.grad = None
+
+
+def _one(runner: Runner, mode: str, leaves, device: str) -> float:
+    """Seconds for one call of `mode` (the forward of a backward-only call is untimed)."""
+    _clear_grads(leaves)
+    if mode == "backward":
+        out = runner.forward()
+        _sync(device)
+        start = time.perf_counter()
+        runner.backward(out)
+    else:
+        _sync(device)
+        start = time.perf_counter()
+        out = runner.forward()
+        if mode == "forward+backward":
+            runner.backward(out)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def time_runner(runner: Runner, mode: str, leaves, device: str, reps: int, warmup: int) -> dict:
+    """Wall-clock samples (CPU: perf_counter; CUDA: perf_counter around synchronised calls)."""
+    for _ in range(warmup):
+        _one(runner, mode, leaves, device)
+    samples = [_one(runner, mode, leaves, device) for _ in range(reps)]
+    q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
+    return {"median_s": statistics.median(samples), "q1_s": q[0], "q3_s": q[2], "samples_s": samples}
+
+
+def peak_extra_bytes(runner: Runner, mode: str, leaves, device: str) -> int:
+    """Peak memory allocated above the starting level during one call.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: the allocator events recorded by
+    torch.profiler(profile_memory=True) (every allocation and free, signed bytes),
+    integrated in time order; allocations made by worker threads are included when
+    the profiler sees them (ATen allocations on the calling thread always are)."""
+    _clear_grads(leaves)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _run_mode(runner, mode)
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - base)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _run_mode(runner, mode)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return int(peak)
+
+
+def _run_mode(runner: Runner, mode: str) -> None:
+    out = runner.forward()
+    if mode != "forward":
+        runner.backward(out)

@@ -1,0 +1,40 @@
+"""The benchmark code runs end to end on a tiny shape so it cannot rot (no timing assertions)."""
+
+import json
+import math
+
+import pytest
+
+bench_run = pytest.importorskip("bench.run")
+bench_mc = pytest.importorskip("bench.mc_variance")
+
+
+def test_bench_run_tiny(tmp_path):
+    result = bench_run.main(["--shapes", "3x5x7", "--reps", "2", "--warmup", "1", "--out", str(tmp_path),
+                             "--name", "tiny", "--providers", "reference-eager,cpp,mc-reparam-1,gemm-limit",
+                             "--markdown", str(tmp_path / "table.md")])
+    saved = json.loads((tmp_path / "tiny.json").read_text())
+    assert saved["environment"]["torch_threads"] >= 1
+    providers = {r["provider"] for r in saved["records"]}
+    assert {"reference-eager", "mc-reparam-1", "gemm-limit"} <= providers
+    # 2 heads x 2 latents x 3 modes per provider that ran, each with 2 samples
+    per_provider = [r for r in saved["records"] if r["provider"] == "reference-eager"]
+    assert len(per_provider) == 12 and all(len(r["samples_s"]) == 2 for r in per_provider)
+    eager = next(r for r in result["records"] if r["provider"] == "reference-eager")
+    assert eager["speedup_vs_eager"] == pytest.approx(1.0)
+    assert eager["peak_extra_bytes_fwd_bwd"] > 0
+    assert "| problem | provider |" in (tmp_path / "table.md").read_text()
+
+
+def test_bench_rejects_unknown_provider():
+    with pytest.raises(SystemExit):
+        bench_run.parse_args(["--providers", "nope"])
+
+
+def test_mc_variance_tiny(tmp_path):
+    results = bench_mc.main(["--shape", "4x3x6", "--samples", "1,4", "--repeats", "3", "--out", str(tmp_path)])
+    assert (tmp_path / "mc_variance.png").stat().st_size > 0
+    for res in results:
+        se = [r["relative_standard_error"] for r in res["mc"]]
+        assert all(math.isfinite(v) and v > 0 for v in se)
+        assert res["analytic_relative_standard_error"] == 0.0
