@@ -44,14 +44,15 @@ def check_x(x) -> Tensor:
         )
     if x.dim() < 2:
         raise ValueError(f"x: expected shape (B, k) or (B, *data_shape), got {tuple(x.shape)}")
-    return x.reshape(x.shape[0], -1)
+    # flatten(1), not reshape(B, -1): the latter is ambiguous (an error) for an empty batch
+    return x.flatten(1)
 
 
 def check_moments(q: LatentMoments, batch: int, latent_dim: int, dtype, device) -> None:
     for name, t in zip(("mean", "var", "k3", "k4"), q.tensors()):
         if t is not None:
             check_tensor(f"q.{name}", t, (batch, latent_dim), dtype, device)
-    if _values_checkable(q.var) and bool((q.var < 0).any()):
+    if _values_checkable(q.var) and not bool((q.var >= 0).all()):  # also rejects NaN
         raise ValueError(f"q.var: variances must be >= 0, got minimum {float(q.var.min()):g}")
 
 
@@ -69,7 +70,7 @@ def check_sigma2(sigma2, k: int, dtype, device) -> Tensor:
         sigma2 = sigma2.expand(k)
     else:
         check_tensor("sigma2", sigma2, (k,), dtype, device)
-    if _values_checkable(sigma2) and bool((sigma2 <= 0).any()):
+    if _values_checkable(sigma2) and not bool((sigma2 > 0).all()):  # also rejects NaN
         raise ValueError(f"sigma2: variances must be > 0, got minimum {float(sigma2.min()):g}")
     return sigma2
 

@@ -119,8 +119,13 @@ class LatentMoments:
             loc, scale = torch.broadcast_tensors(dist.loc, dist.scale)
             return cls(loc, scale.square())
         if isinstance(dist, D.Bernoulli):
-            if "logits" in dist.__dict__ and "probs" not in dist.__dict__:
-                return cls.bernoulli(logits=dist.logits)
+            # Use the parameter the distribution was built with (torch keeps it as `_param`);
+            # both may be cached (e.g. .sample() caches probs), and going through probs
+            # loses p(1-p) at saturated logits.
+            logits = dist.__dict__.get("logits")
+            if logits is not None and (getattr(dist, "_param", None) is logits
+                                       or "probs" not in dist.__dict__):
+                return cls.bernoulli(logits=logits)
             return cls.bernoulli(probs=dist.probs)
         if isinstance(dist, D.Uniform):
             low, high = torch.broadcast_tensors(dist.low, dist.high)
@@ -145,7 +150,7 @@ class LatentMoments:
 
 
 def _check_probs(probs: Tensor) -> None:
-    if _values_checkable(probs) and bool(((probs < 0) | (probs > 1)).any()):
+    if _values_checkable(probs) and not bool(((probs >= 0) & (probs <= 1)).all()):
         lo, hi = float(probs.min()), float(probs.max())
         raise ValueError(f"Bernoulli probs: expected values in [0, 1], got range [{lo:g}, {hi:g}]")
 
