@@ -1,0 +1,237 @@
+// Backward, stage 1: the per-(sample, pixel) coefficients g_j = grad[n] * d(pixel loss)/d(c_j)
+// of MATH.md §5. The contractions are recomputed with the forward's tiling (contract.cuh)
+// rather than saved by the forward (which would cost a B x k x 10 tensor there); the
+// derivatives come from epilogue.h. The planes the later stages need are written as
+// (nplanes, B, k) in acc_t, plus dx = -g_ubar directly in T.
+#include "contract.cuh"
+
+namespace silent_kernels {
+namespace cuda {
+
+namespace {
+
+// Sums cs (each thread: its TM samples of its TN pixels) over the block's samples and writes
+// one row (this sample tile) of each requested column sum. Block-uniform call.
+template <class Tl, typename Acc>
+__device__ __forceinline__ void write_colsums(const Acc (&cs)[kNumColSums][Tl::TN],
+                                              const ColSumSlots& colsums, int64_t row_tile,
+                                              int64_t row_tiles, int64_t p0, int64_t k,
+                                              Acc* __restrict__ colpart) {
+  __shared__ Acc red[kNumColSums][Tl::WARPS][Tl::BN];
+  const int lane = threadIdx.x & 31, wy = threadIdx.x >> 5;
+#pragma unroll
+  for (int q = 0; q < kNumColSums; ++q)
+#pragma unroll
+    for (int j = 0; j < Tl::TN; ++j) red[q][wy][lane + 32 * j] = cs[q][j];
+  __syncthreads();
+  for (int t = threadIdx.x; t < kNumColSums * Tl::BN; t += Tl::THREADS) {
+    const int q = t / Tl::BN, col = t % Tl::BN;
+    const int s = q == 0 ? colsums.slot[0] : colsums.slot[1];  // no dynamic param indexing
+    const int64_t p = p0 + col;
+    if (s < 0 || p >= k) continue;
+    Acc v = Acc(0);
+#pragma unroll
+    for (int w = 0; w < Tl::WARPS; ++w) v += red[q][w][col];  // fixed order
+    colpart[offset3d(s, row_tile, p, row_tiles, k)] = v;
+  }
+}
+
+template <class Tl, typename T>
+__global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
+    fixed_coef_kernel(const FixedArgs<T> a, int64_t pixel_tiles, const PlaneSlots slots,
+                      acc_t<T>* __restrict__ planes, const ColSumSlots colsums,
+                      acc_t<T>* __restrict__ colpart, T* __restrict__ dx) {
+  using Acc = acc_t<T>;
+  using Set = ContractSet<false, false, false>;
+  using Ctr = Contractor<Tl, Set, T>;
+  __shared__ typename Ctr::Smem sm;
+
+  const TileCoord tc = tile_coord(blockIdx.x, pixel_tiles);
+  const int64_t n0 = tc.row_tile * Tl::BM, p0 = tc.col_tile * Tl::BN;
+  const T* mom[1] = {a.mean};
+  const T* w[1] = {a.weight};
+  typename Ctr::Accum acc;
+  Ctr::run(sm, mom, w, a.B, a.k, a.d, n0, p0, acc);
+
+  const int lane = threadIdx.x & 31, wy = threadIdx.x >> 5;
+  const int s_ubar = slots.slot[kUbar];
+  const bool want_cs = colsums.slot[0] >= 0 || colsums.slot[1] >= 0;
+  Acc cs[kNumColSums][Tl::TN];
+#pragma unroll
+  for (int j = 0; j < Tl::TN; ++j) cs[kColUbar][j] = cs[kColDSigma2][j] = Acc(0);
+  Acc gs[Tl::TM];
+#pragma unroll
+  for (int i = 0; i < Tl::TM; ++i) {
+    const int64_t n = n0 + wy * Tl::TM + i;
+    gs[i] = n < a.B ? load_acc(a.grad, n) : Acc(0);
+  }
+#pragma unroll
+  for (int j = 0; j < Tl::TN; ++j) {
+    const int64_t p = p0 + lane + 32 * j;
+    if (p >= a.k) continue;
+    const Acc inv_s2 = Acc(1) / load_acc(a.sigma2, p);
+    const Acc bu = ld_or0(a.bias, p);
+#pragma unroll
+    for (int i = 0; i < Tl::TM; ++i) {
+      const int64_t n = n0 + wy * Tl::TM + i;
+      if (n >= a.B) continue;
+      const int64_t off = offset2d(n, p, a.k);
+      const Acc resid = load_acc(a.x, off) - (acc[Set::UB][i][j] + bu);
+      // d/d ubar of fixed_pixel_nll = -resid / sigma2 (the only resid-dependent term is
+      // 0.5 resid^2 / sigma2); d/dx is its negative.
+      const Acc g_ubar = -resid * inv_s2 * gs[i];
+      if (s_ubar >= 0) planes[offset3d(s_ubar, n, p, a.B, a.k)] = g_ubar;
+      if (dx != nullptr) dx[off] = Cvt<T>::store(-g_ubar);
+      cs[kColUbar][j] += g_ubar;
+      // The Saa part of d/d sigma2 is linear in Saa and added per pixel in O(kd) later
+      // (launch_sigma2_finish), so Saa is never formed here.
+      cs[kColDSigma2][j] += gs[i] * fixed_pixel_dsigma2<Acc>(resid, Acc(0), inv_s2);
+    }
+  }
+  if (want_cs) write_colsums<Tl>(cs, colsums, tc.row_tile, ceil_div(a.B, Tl::BM), p0, a.k, colpart);
+}
+
+template <class Tl, bool K3, bool K4, typename T>
+__global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
+    precision_coef_kernel(const PrecisionArgs<T> a, int64_t pixel_tiles, const PlaneSlots slots,
+                          acc_t<T>* __restrict__ planes, const ColSumSlots colsums,
+                          acc_t<T>* __restrict__ colpart, T* __restrict__ dx) {
+  using Acc = acc_t<T>;
+  using Set = ContractSet<true, K3, K4>;
+  using Ctr = Contractor<Tl, Set, T>;
+  __shared__ typename Ctr::Smem sm;
+
+  const TileCoord tc = tile_coord(blockIdx.x, pixel_tiles);
+  const int64_t n0 = tc.row_tile * Tl::BM, p0 = tc.col_tile * Tl::BN;
+  const T* mom[Set::NK];
+  precision_moments<Set>(a, mom);
+  const T* w[2] = {a.weight, a.pweight};
+  typename Ctr::Accum acc;
+  Ctr::run(sm, mom, w, a.B, a.k, a.d, n0, p0, acc);
+
+  const int lane = threadIdx.x & 31, wy = threadIdx.x >> 5;
+  const bool want_cs = colsums.slot[0] >= 0 || colsums.slot[1] >= 0;
+  Acc cs[kNumColSums][Tl::TN];
+#pragma unroll
+  for (int j = 0; j < Tl::TN; ++j) cs[kColUbar][j] = cs[kColVbar][j] = Acc(0);
+  Acc gs[Tl::TM];
+#pragma unroll
+  for (int i = 0; i < Tl::TM; ++i) {
+    const int64_t n = n0 + wy * Tl::TM + i;
+    gs[i] = n < a.B ? load_acc(a.grad, n) : Acc(0);
+  }
+#pragma unroll
+  for (int j = 0; j < Tl::TN; ++j) {
+    const int64_t p = p0 + lane + 32 * j;
+    if (p >= a.k) continue;
+    const Acc bu = ld_or0(a.bias, p), bv = ld_or0(a.pbias, p);
+#pragma unroll
+    for (int i = 0; i < Tl::TM; ++i) {
+      const int64_t n = n0 + wy * Tl::TM + i;
+      if (n >= a.B) continue;
+      const int64_t off = offset2d(n, p, a.k);
+      const PixelTerms<Acc> t = Ctr::terms(acc, i, j, bu, bv);
+      const PixelTerms<Acc> g = precision_pixel_grad<Acc>(load_acc(a.x, off), t);
+      const Acc gv[kNumPlanes] = {g.ubar, g.vbar, g.Saa, g.Scc, g.Sac,
+                                  g.Tacc, g.Taac, g.C3,  g.Q,   g.C4};
+#pragma unroll
+      for (int q = 0; q < kNumPlanes; ++q) {
+        const bool present = q < kTacc || (q < kQ ? Set::kK3 : Set::kK4);
+        const int s = slots.slot[q];
+        if (present && s >= 0) planes[offset3d(s, n, p, a.B, a.k)] = gs[i] * gv[q];
+      }
+      cs[kColUbar][j] += gs[i] * g.ubar;
+      cs[kColVbar][j] += gs[i] * g.vbar;
+      // d/dx = d/de = -d/d ubar
+      if (dx != nullptr) dx[off] = Cvt<T>::store(-gs[i] * g.ubar);
+    }
+  }
+  if (want_cs) write_colsums<Tl>(cs, colsums, tc.row_tile, ceil_div(a.B, Tl::BM), p0, a.k, colpart);
+}
+
+template <class Tl, typename T>
+cudaError_t fixed_coef_tiles(const FixedArgs<T>& a, const PlaneSlots& slots, acc_t<T>* planes,
+                             const ColSumSlots& colsums, acc_t<T>* colpart, T* dx,
+                             cudaStream_t stream) {
+  const int64_t pixel_tiles = ceil_div(a.k, Tl::BN);
+  const int64_t blocks = ceil_div(a.B, Tl::BM) * pixel_tiles;
+  if (blocks == 0) return cudaSuccess;
+  if (!grid_fits(blocks)) return cudaErrorInvalidConfiguration;
+  fixed_coef_kernel<Tl, T><<<static_cast<unsigned>(blocks), Tl::THREADS, 0, stream>>>(
+      a, pixel_tiles, slots, planes, colsums, colpart, dx);
+  return last_error();
+}
+
+template <class Tl, typename T>
+cudaError_t precision_coef_tiles(const PrecisionArgs<T>& a, const PlaneSlots& slots,
+                                 acc_t<T>* planes, const ColSumSlots& colsums, acc_t<T>* colpart,
+                                 T* dx, cudaStream_t stream) {
+  const int64_t pixel_tiles = ceil_div(a.k, Tl::BN);
+  const int64_t blocks = ceil_div(a.B, Tl::BM) * pixel_tiles;
+  if (blocks == 0) return cudaSuccess;
+  if (!grid_fits(blocks)) return cudaErrorInvalidConfiguration;
+  const unsigned g = static_cast<unsigned>(blocks);
+  switch (latent_cfg(a.k3 != nullptr, a.k4 != nullptr)) {
+    case kGaussian:
+      precision_coef_kernel<Tl, false, false, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, slots, planes, colsums, colpart, dx);
+      break;
+    case kK4Only:
+      precision_coef_kernel<Tl, false, true, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, slots, planes, colsums, colpart, dx);
+      break;
+    default:
+      precision_coef_kernel<Tl, true, true, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, slots, planes, colsums, colpart, dx);
+      break;
+  }
+  return last_error();
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_fixed_coef(const FixedArgs<T>& a, int cfg, const PlaneSlots& slots,
+                              acc_t<T>* planes, const ColSumSlots& colsums, acc_t<T>* colpart,
+                              T* dx, cudaStream_t stream) {
+  using Tl = Tiles<acc_t<T>>;
+  return cfg == 0 ? fixed_coef_tiles<typename Tl::FixedLarge, T>(a, slots, planes, colsums, colpart, dx, stream)
+                  : fixed_coef_tiles<typename Tl::FixedSmall, T>(a, slots, planes, colsums, colpart, dx, stream);
+}
+
+template <typename T>
+cudaError_t launch_precision_coef(const PrecisionArgs<T>& a, int cfg, const PlaneSlots& slots,
+                                  acc_t<T>* planes, const ColSumSlots& colsums,
+                                  acc_t<T>* colpart, T* dx, cudaStream_t stream) {
+  using Tl = Tiles<acc_t<T>>;
+  return cfg == 0 ? precision_coef_tiles<typename Tl::PrecLarge, T>(a, slots, planes, colsums, colpart, dx, stream)
+                  : precision_coef_tiles<typename Tl::PrecSmall, T>(a, slots, planes, colsums, colpart, dx, stream);
+}
+
+namespace {
+template <typename Acc>
+int64_t coef_row_tiles_impl(bool precision, int cfg, int64_t B) {
+  using Tl = Tiles<Acc>;
+  const int bm = precision ? (cfg == 0 ? Tl::PrecLarge::BM : Tl::PrecSmall::BM)
+                           : (cfg == 0 ? Tl::FixedLarge::BM : Tl::FixedSmall::BM);
+  return ceil_div(B, bm);
+}
+}  // namespace
+
+int64_t coef_row_tiles(bool precision, bool is_double, int cfg, int64_t B) {
+  return is_double ? coef_row_tiles_impl<double>(precision, cfg, B)
+                   : coef_row_tiles_impl<float>(precision, cfg, B);
+}
+
+#define SK_INSTANTIATE(T)                                                                      \
+  template cudaError_t launch_fixed_coef<T>(const FixedArgs<T>&, int, const PlaneSlots&,       \
+                                            acc_t<T>*, const ColSumSlots&, acc_t<T>*, T*,      \
+                                            cudaStream_t);                                     \
+  template cudaError_t launch_precision_coef<T>(const PrecisionArgs<T>&, int, const PlaneSlots&, \
+                                                acc_t<T>*, const ColSumSlots&, acc_t<T>*, T*,  \
+                                                cudaStream_t);
+SK_INSTANTIATE(float)
+SK_INSTANTIATE(double)
+SK_INSTANTIATE(__half)
+SK_INSTANTIATE(__nv_bfloat16)
+#undef SK_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace silent_kernels

@@ -1,0 +1,181 @@
+// Host API of the CUDA kernels (MATH.md §2-5), used by the torch glue in ops_cuda.cpp.
+//
+// Plain header: no torch headers, raw pointers, int64 sizes and a cudaStream_t; compiles
+// with a host compiler given the CUDA include directory. Every entry point is a template
+// over the element type T of the inputs (float, double, __half, __nv_bfloat16) and
+// accumulates in acc_t<T> (float, or double for double inputs).
+//
+// Calling convention: all tensors are contiguous row-major; optional inputs are nullptr.
+// The caller asks for a plan (tile configuration, split factors and the size of one
+// scratch buffer of acc_t<T> elements), allocates the outputs and the scratch buffer,
+// and calls the launcher on its stream. Launchers only enqueue work (no synchronisation,
+// no allocation) and return the first CUDA error (cudaGetLastError after each launch).
+// Results are deterministic: partial sums are written to the scratch buffer and reduced
+// in a fixed order, never with atomics.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace silent_kernels {
+namespace cuda {
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccOf<T>::type;
+
+// ------------------------------------------------------------------------------- inputs
+// x (B, k); mean, var (B, d); weight (k, d); bias, sigma2 (k,); grad (B,) (backward only).
+template <typename T>
+struct FixedArgs {
+  const T* x;
+  const T* mean;
+  const T* var;
+  const T* weight;
+  const T* bias;  // nullable
+  const T* sigma2;
+  const T* grad;  // backward only
+  int64_t B, k, d;
+};
+
+// x (B, k); mean, var, k3, k4 (B, d); weight, pweight (k, d); bias, pbias (k,); grad (B,).
+template <typename T>
+struct PrecisionArgs {
+  const T* x;
+  const T* mean;
+  const T* var;
+  const T* k3;  // nullable (k3 = 0)
+  const T* k4;  // nullable (k4 = 0)
+  const T* weight;
+  const T* bias;  // nullable
+  const T* pweight;
+  const T* pbias;  // nullable
+  const T* grad;   // backward only
+  int64_t B, k, d;
+};
+
+// Gradient outputs (each the shape of its input, contiguous); nullptr = not needed.
+template <typename T>
+struct FixedGrads {
+  T *x, *mean, *var, *weight, *bias, *sigma2;
+};
+template <typename T>
+struct PrecisionGrads {
+  T *x, *mean, *var, *k3, *k4, *weight, *bias, *pweight, *pbias;
+};
+
+struct FixedNeeds {
+  bool x, mean, var, weight, bias, sigma2;
+};
+struct PrecisionNeeds {
+  bool x, mean, var, k3, k4, weight, bias, pweight, pbias;
+};
+
+// ------------------------------------------------------------------------------- plans
+// The per-(sample, pixel) coefficient planes g_j of MATH.md §5, in PixelTerms order.
+enum Plane : int { kUbar = 0, kVbar, kSaa, kScc, kSac, kTacc, kTaac, kC3, kQ, kC4, kNumPlanes };
+// Column sums over the batch formed by the coefficient kernel (per sample tile, then summed):
+// bias gradient (sum_n g_ubar), precision-bias gradient (sum_n g_vbar) and, for the fixed
+// head, sum_n grad_n d(pixel loss)/d(sigma2) without its Saa part.
+enum ColSum : int { kColUbar = 0, kColVbar = 1, kColDSigma2 = 1, kNumColSums = 2 };
+
+// slot[j] = index of plane j in the (nplanes, B, k) scratch block, -1 = not stored.
+struct PlaneSlots {
+  int slot[kNumPlanes];
+};
+// slot[c] = index of column sum c in the (ncolsums, coef_row_tiles, k) scratch block, -1 = none.
+struct ColSumSlots {
+  int slot[kNumColSums];
+};
+
+struct ForwardPlan {
+  int cfg;               // tile configuration (0: large tiles, 1: small tiles for small problems)
+  int64_t pixel_tiles;   // pixel tiles = rows of per-tile partial losses
+  int64_t partial_rows;  // pixel_tiles, + 1 row (the O(Bd) variance term) for the fixed head
+  int64_t off_colw;      // fixed head: offset of the (d,) column weights sum_p A_pi^2 / sigma2_p
+  int64_t workspace;     // scratch elements of acc_t<T>
+};
+
+struct BackwardPlan {
+  bool run_coef;          // the coefficient kernel runs (any gradient but the fixed head's var)
+  int coef_cfg;           // its tile configuration (as ForwardPlan::cfg)
+  PlaneSlots slots;
+  int nplanes;
+  ColSumSlots colsums;
+  int ncolsums;
+  int64_t coef_row_tiles;  // sample tiles of the coefficient kernel (rows of the column sums)
+  int kinds[4];           // moment gradients computed, in slot order (0 mean, 1 var, 2 k3, 3 k4)
+  int nkinds;
+  int64_t mom_split, mom_chunk;  // split of the pixel reduction of the moment gradients
+  bool need_a, need_c;           // weight gradients (A = weight, C = precision_weight)
+  int nwout;
+  int64_t w_split, w_chunk;      // split of the batch reduction of the weight gradients
+  bool need_colw, need_r;        // fixed head: column weights (d,), r = sum_n grad_n var_n (d,)
+  // scratch layout (offsets in acc_t<T> elements)
+  int64_t off_planes;  // (nplanes, B, k)
+  int64_t off_colsum;  // (ncolsums, coef_row_tiles, k)
+  int64_t off_mom;     // (mom_split, nkinds, B, d)
+  int64_t off_w;       // (w_split, nwout, k, d)
+  int64_t off_colw;    // (d,)
+  int64_t off_r;       // (d,)
+  int64_t off_tmp;     // (k,)
+  int64_t workspace;
+};
+
+// Plans use the multiprocessor count of the current device (cached per device).
+int current_sm_count();
+
+ForwardPlan plan_fixed_forward(int64_t B, int64_t k, int64_t d, bool is_double);
+ForwardPlan plan_precision_forward(int64_t B, int64_t k, int64_t d, bool is_double);
+BackwardPlan plan_fixed_backward(int64_t B, int64_t k, int64_t d, bool is_double,
+                                 const FixedNeeds& needs);
+BackwardPlan plan_precision_backward(int64_t B, int64_t k, int64_t d, bool is_double, bool has_k3,
+                                     bool has_k4, const PrecisionNeeds& needs);
+
+// ------------------------------------------------------------------------------- launchers
+// Forward: loss (B,) in T, per-sample nats summed over pixels (incl. 0.5 log 2 pi).
+template <typename T>
+cudaError_t fixed_forward(const FixedArgs<T>& a, const ForwardPlan& plan, acc_t<T>* workspace,
+                          T* loss, cudaStream_t stream);
+template <typename T>
+cudaError_t precision_forward(const PrecisionArgs<T>& a, const ForwardPlan& plan,
+                              acc_t<T>* workspace, T* loss, cudaStream_t stream);
+
+// Backward: a.grad is the upstream gradient of each sample's loss; writes the gradients
+// whose pointers are non-null (they must match the needs the plan was made for).
+template <typename T>
+cudaError_t fixed_backward(const FixedArgs<T>& a, const BackwardPlan& plan, acc_t<T>* workspace,
+                           const FixedGrads<T>& out, cudaStream_t stream);
+template <typename T>
+cudaError_t precision_backward(const PrecisionArgs<T>& a, const BackwardPlan& plan,
+                               acc_t<T>* workspace, const PrecisionGrads<T>& out,
+                               cudaStream_t stream);
+
+#define SK_CUDA_DECLARE_LAUNCHERS(T)                                                          \
+  extern template cudaError_t fixed_forward<T>(const FixedArgs<T>&, const ForwardPlan&,       \
+                                               acc_t<T>*, T*, cudaStream_t);                  \
+  extern template cudaError_t precision_forward<T>(const PrecisionArgs<T>&, const ForwardPlan&, \
+                                                   acc_t<T>*, T*, cudaStream_t);              \
+  extern template cudaError_t fixed_backward<T>(const FixedArgs<T>&, const BackwardPlan&,     \
+                                                acc_t<T>*, const FixedGrads<T>&, cudaStream_t); \
+  extern template cudaError_t precision_backward<T>(const PrecisionArgs<T>&,                  \
+                                                    const BackwardPlan&, acc_t<T>*,            \
+                                                    const PrecisionGrads<T>&, cudaStream_t);
+SK_CUDA_DECLARE_LAUNCHERS(float)
+SK_CUDA_DECLARE_LAUNCHERS(double)
+SK_CUDA_DECLARE_LAUNCHERS(__half)
+SK_CUDA_DECLARE_LAUNCHERS(__nv_bfloat16)
+#undef SK_CUDA_DECLARE_LAUNCHERS
+
+}  // namespace cuda
+}  // namespace silent_kernels

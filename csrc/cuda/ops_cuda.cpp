@@ -1,0 +1,251 @@
+// Torch glue of the CUDA kernels: registers CUDA implementations of the four ops defined in
+// csrc/ops.cpp (TORCH_LIBRARY(silent_kernels)). Per call: argument checks (op_checks.h,
+// before any allocation or launch), contiguous inputs, the device guard, the current
+// stream, a plan and one scratch buffer from the caching allocator, the launchers of
+// kernels.h (torch-free), and a check of the CUDA error they return.
+//
+// setup.py compiles csrc/cuda/*.cpp on CPU-only builds too, so everything is behind WITH_CUDA.
+#ifdef WITH_CUDA
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "cuda/kernels.h"
+#include "op_checks.h"
+
+namespace silent_kernels {
+namespace {
+
+namespace sk = silent_kernels::cuda;
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<T>{}) with T the CUDA element type of `t` (checked float dtypes only).
+template <typename F>
+void dispatch_dtype(at::ScalarType t, const char* op, F&& f) {
+  switch (t) {
+    case at::kFloat: f(TypeTag<float>{}); break;
+    case at::kDouble: f(TypeTag<double>{}); break;
+    case at::kHalf: f(TypeTag<__half>{}); break;  // layout-compatible with at::Half
+    case at::kBFloat16: f(TypeTag<__nv_bfloat16>{}); break;
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", t);
+  }
+}
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+template <typename T>
+const T* cptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const T*>(t.data_ptr()) : nullptr;
+}
+
+template <typename T>
+T* mptr(at::Tensor& t, bool needed) {
+  return needed ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+const std::vector<int64_t> kNoShape{0};  // shape (0,) of the gradient of an absent input
+
+// The gradient output of an input: its shape where needed, else an empty (0,) tensor.
+at::Tensor grad_output(bool needed, at::IntArrayRef shape, const at::TensorOptions& opts) {
+  return needed ? at::empty(shape, opts) : at::empty({0}, opts);
+}
+
+// ------------------------------------------------------------------------------ fixed head
+at::Tensor fixed_nll_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                          const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                          const at::Tensor& sigma2) {
+  const char* op = "silent_kernels::fixed_nll";
+  check_fixed_inputs(op, c10::DeviceType::CUDA, x, mean, var, weight, bias, sigma2);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), mc = mean.contiguous(), vc = var.contiguous(),
+                   wc = weight.contiguous(), s2c = sigma2.contiguous();
+  const at::Tensor bc = contiguous_or_undefined(bias);
+  const int64_t B = x.size(0), k = x.size(1), d = mean.size(1);
+  at::Tensor loss = at::empty({B}, x.options());
+  if (B == 0) return loss;
+
+  const sk::ForwardPlan plan = sk::plan_fixed_forward(B, k, d, x.scalar_type() == at::kDouble);
+  at::Tensor ws = at::empty({plan.workspace}, x.options().dtype(acc_dtype(x.scalar_type())));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const sk::FixedArgs<T> a{cptr<T>(xc), cptr<T>(mc), cptr<T>(vc), cptr<T>(wc), cptr<T>(bc),
+                             cptr<T>(s2c), nullptr, B, k, d};
+    check_launch(sk::fixed_forward<T>(a, plan, reinterpret_cast<sk::acc_t<T>*>(ws.data_ptr()),
+                                      reinterpret_cast<T*>(loss.data_ptr()), stream),
+                 op);
+  });
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+fixed_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
+                        const at::Tensor& var, const at::Tensor& weight,
+                        const c10::optional<at::Tensor>& bias, const at::Tensor& sigma2,
+                        const c10::List<bool>& needs_list) {
+  const char* op = "silent_kernels::fixed_nll_backward";
+  check_fixed_inputs(op, c10::DeviceType::CUDA, x, mean, var, weight, bias, sigma2);
+  check_grad(op, grad, x);
+  const std::vector<bool> needs = needs_list.vec();
+  check_needs(op, needs, 6);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor bc = contiguous_or_undefined(bias);
+  const sk::FixedNeeds n{needs[0], needs[1], needs[2], needs[3], needs[4] && bc.defined(),
+                         needs[5]};
+  const auto opts = x.options();
+  at::Tensor gx = grad_output(n.x, x.sizes(), opts), gm = grad_output(n.mean, mean.sizes(), opts),
+             gv = grad_output(n.var, var.sizes(), opts),
+             gw = grad_output(n.weight, weight.sizes(), opts),
+             gb = grad_output(n.bias, bc.defined() ? bc.sizes() : at::IntArrayRef(kNoShape), opts),
+             gs = grad_output(n.sigma2, sigma2.sizes(), opts);
+  if (!(n.x || n.mean || n.var || n.weight || n.bias || n.sigma2)) return {gx, gm, gv, gw, gb, gs};
+
+  const at::Tensor gc = grad.contiguous(), xc = x.contiguous(), mc = mean.contiguous(),
+                   vc = var.contiguous(), wc = weight.contiguous(), s2c = sigma2.contiguous();
+  const int64_t B = x.size(0), k = x.size(1), d = mean.size(1);
+  const sk::BackwardPlan plan =
+      sk::plan_fixed_backward(B, k, d, x.scalar_type() == at::kDouble, n);
+  at::Tensor ws = at::empty({plan.workspace}, opts.dtype(acc_dtype(x.scalar_type())));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const sk::FixedArgs<T> a{cptr<T>(xc), cptr<T>(mc),  cptr<T>(vc), cptr<T>(wc),
+                             cptr<T>(bc), cptr<T>(s2c), cptr<T>(gc), B, k, d};
+    const sk::FixedGrads<T> out{mptr<T>(gx, n.x),      mptr<T>(gm, n.mean),
+                                mptr<T>(gv, n.var),    mptr<T>(gw, n.weight),
+                                mptr<T>(gb, n.bias),   mptr<T>(gs, n.sigma2)};
+    check_launch(sk::fixed_backward<T>(a, plan, reinterpret_cast<sk::acc_t<T>*>(ws.data_ptr()),
+                                       out, stream),
+                 op);
+  });
+  return {gx, gm, gv, gw, gb, gs};
+}
+
+// ------------------------------------------------------------------ learnable precision head
+at::Tensor precision_nll_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                              const c10::optional<at::Tensor>& k3,
+                              const c10::optional<at::Tensor>& k4, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias,
+                              const at::Tensor& precision_weight,
+                              const c10::optional<at::Tensor>& precision_bias) {
+  const char* op = "silent_kernels::precision_nll";
+  check_precision_inputs(op, c10::DeviceType::CUDA, x, mean, var, k3, k4, weight, bias,
+                         precision_weight, precision_bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), mc = mean.contiguous(), vc = var.contiguous(),
+                   wc = weight.contiguous(), pwc = precision_weight.contiguous();
+  const at::Tensor k3c = contiguous_or_undefined(k3), k4c = contiguous_or_undefined(k4),
+                   bc = contiguous_or_undefined(bias), pbc = contiguous_or_undefined(precision_bias);
+  const int64_t B = x.size(0), k = x.size(1), d = mean.size(1);
+  at::Tensor loss = at::empty({B}, x.options());
+  if (B == 0) return loss;
+
+  const sk::ForwardPlan plan =
+      sk::plan_precision_forward(B, k, d, x.scalar_type() == at::kDouble);
+  at::Tensor ws = at::empty({plan.workspace}, x.options().dtype(acc_dtype(x.scalar_type())));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const sk::PrecisionArgs<T> a{cptr<T>(xc),  cptr<T>(mc),  cptr<T>(vc),
+                                 cptr<T>(k3c), cptr<T>(k4c), cptr<T>(wc),
+                                 cptr<T>(bc),  cptr<T>(pwc), cptr<T>(pbc),
+                                 nullptr,      B,            k,
+                                 d};
+    check_launch(sk::precision_forward<T>(a, plan, reinterpret_cast<sk::acc_t<T>*>(ws.data_ptr()),
+                                          reinterpret_cast<T*>(loss.data_ptr()), stream),
+                 op);
+  });
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+precision_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
+                            const at::Tensor& var, const c10::optional<at::Tensor>& k3,
+                            const c10::optional<at::Tensor>& k4, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias,
+                            const at::Tensor& precision_weight,
+                            const c10::optional<at::Tensor>& precision_bias,
+                            const c10::List<bool>& needs_list) {
+  const char* op = "silent_kernels::precision_nll_backward";
+  check_precision_inputs(op, c10::DeviceType::CUDA, x, mean, var, k3, k4, weight, bias,
+                         precision_weight, precision_bias);
+  check_grad(op, grad, x);
+  const std::vector<bool> needs = needs_list.vec();
+  check_needs(op, needs, 9);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor k3c = contiguous_or_undefined(k3), k4c = contiguous_or_undefined(k4),
+                   bc = contiguous_or_undefined(bias), pbc = contiguous_or_undefined(precision_bias);
+  // an absent optional input gets no gradient
+  const sk::PrecisionNeeds n{needs[0], needs[1], needs[2], needs[3] && k3c.defined(),
+                             needs[4] && k4c.defined(), needs[5], needs[6] && bc.defined(),
+                             needs[7], needs[8] && pbc.defined()};
+  const auto opts = x.options();
+  const at::IntArrayRef none(kNoShape);
+  at::Tensor gx = grad_output(n.x, x.sizes(), opts), gm = grad_output(n.mean, mean.sizes(), opts),
+             gv = grad_output(n.var, var.sizes(), opts),
+             g3 = grad_output(n.k3, n.k3 ? k3c.sizes() : none, opts),
+             g4 = grad_output(n.k4, n.k4 ? k4c.sizes() : none, opts),
+             gw = grad_output(n.weight, weight.sizes(), opts),
+             gb = grad_output(n.bias, n.bias ? bc.sizes() : none, opts),
+             gpw = grad_output(n.pweight, precision_weight.sizes(), opts),
+             gpb = grad_output(n.pbias, n.pbias ? pbc.sizes() : none, opts);
+  if (!(n.x || n.mean || n.var || n.k3 || n.k4 || n.weight || n.bias || n.pweight || n.pbias))
+    return {gx, gm, gv, g3, g4, gw, gb, gpw, gpb};
+
+  const at::Tensor gc = grad.contiguous(), xc = x.contiguous(), mc = mean.contiguous(),
+                   vc = var.contiguous(), wc = weight.contiguous(),
+                   pwc = precision_weight.contiguous();
+  const int64_t B = x.size(0), k = x.size(1), d = mean.size(1);
+  const sk::BackwardPlan plan = sk::plan_precision_backward(
+      B, k, d, x.scalar_type() == at::kDouble, k3c.defined(), k4c.defined(), n);
+  at::Tensor ws = at::empty({plan.workspace}, opts.dtype(acc_dtype(x.scalar_type())));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const sk::PrecisionArgs<T> a{cptr<T>(xc),  cptr<T>(mc),  cptr<T>(vc),
+                                 cptr<T>(k3c), cptr<T>(k4c), cptr<T>(wc),
+                                 cptr<T>(bc),  cptr<T>(pwc), cptr<T>(pbc),
+                                 cptr<T>(gc),  B,            k,
+                                 d};
+    const sk::PrecisionGrads<T> out{mptr<T>(gx, n.x),       mptr<T>(gm, n.mean),
+                                    mptr<T>(gv, n.var),     mptr<T>(g3, n.k3),
+                                    mptr<T>(g4, n.k4),      mptr<T>(gw, n.weight),
+                                    mptr<T>(gb, n.bias),    mptr<T>(gpw, n.pweight),
+                                    mptr<T>(gpb, n.pbias)};
+    check_launch(sk::precision_backward<T>(
+                     a, plan, reinterpret_cast<sk::acc_t<T>*>(ws.data_ptr()), out, stream),
+                 op);
+  });
+  return {gx, gm, gv, g3, g4, gw, gb, gpw, gpb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(silent_kernels, CUDA, m) {
+  m.impl("fixed_nll", &fixed_nll_cuda);
+  m.impl("fixed_nll_backward", &fixed_nll_backward_cuda);
+  m.impl("precision_nll", &precision_nll_cuda);
+  m.impl("precision_nll_backward", &precision_nll_backward_cuda);
+}
+
+}  // namespace silent_kernels
+
+#endif  // WITH_CUDA

@@ -1,0 +1,431 @@
+"""Compile checks of the CUDA backend that need no GPU.
+
+- every ``csrc/cuda/*.cu`` compiles with nvcc for sm_89 and sm_90 (``-Xptxas -v``); the
+  registers and spill bytes of every kernel are parsed, printed and recorded
+  (``record_property``); the forward kernels must not spill;
+- the objects of all .cu files link into one host program (no missing template
+  instantiation), whose plan checks run on the host (no device needed);
+- ``csrc/cuda/ops_cuda.cpp`` (the torch glue) passes ``g++ -fsyntax-only -DWITH_CUDA``
+  against the installed torch's headers, and compiles to nothing without WITH_CUDA;
+- the int64 offset functions of ``csrc/cuda/index.h`` give exact values beyond 2^31;
+- the derivatives in ``csrc/epilogue.h`` match central finite differences of the losses.
+
+Everything is skipped cleanly (with the reason) when nvcc or g++ is missing.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), ".."))
+CSRC = os.path.join(ROOT, "csrc")
+CUDA_DIR = os.path.join(CSRC, "cuda")
+CU_FILES = sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu")))
+CU_NAMES = [os.path.basename(p) for p in CU_FILES]
+ARCHS = ("sm_89", "sm_90")
+# kernels whose registers must fit without spilling (the forward pass)
+NO_SPILL_KERNELS = ("fixed_forward_kernel", "precision_forward_kernel")
+COMPILE_TIMEOUT = 600
+
+
+def _find_nvcc():
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for cand in sorted(glob.glob("/usr/local/cuda*/bin/nvcc"), reverse=True):
+        if os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+NVCC = _find_nvcc()
+GXX = shutil.which("g++")
+CXXFILT = shutil.which("c++filt")
+
+
+def _cuda_home():
+    for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                 os.path.dirname(os.path.dirname(os.path.realpath(NVCC))) if NVCC else None,
+                 "/usr/local/cuda"):
+        if cand and os.path.isfile(os.path.join(cand, "include", "cuda_runtime_api.h")):
+            return cand
+    return None
+
+
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH or /usr/local/cuda*/bin)")
+needs_gxx = pytest.mark.skipif(GXX is None, reason="g++ not found")
+
+
+# ------------------------------------------------------------------------------ ptxas report
+_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_PROPS = re.compile(r"Function properties for (\S+)")
+_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+
+
+def parse_ptxas(text: str) -> dict:
+    """{mangled kernel: {"registers", "spill_stores", "spill_loads", "stack"}} from ptxas -v."""
+    kernels: dict = {}
+    current = None
+    for line in text.splitlines():
+        m = _ENTRY.search(line)
+        if m:
+            current = m.group(1)
+            kernels.setdefault(current, {"registers": None, "spill_stores": 0, "spill_loads": 0,
+                                         "stack": 0})
+            continue
+        m = _PROPS.search(line)
+        if m:
+            current = m.group(1)
+            continue
+        m = _SPILL.search(line)
+        if m and current in kernels:
+            kernels[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                                    spill_loads=int(m.group(3)))
+            continue
+        m = _REGS.search(line)
+        if m and current in kernels:
+            kernels[current]["registers"] = int(m.group(1))
+    return kernels
+
+
+def demangle(names):
+    names = list(names)
+    if not names or CXXFILT is None:
+        return {n: n for n in names}
+    out = subprocess.run([CXXFILT], input="\n".join(names), capture_output=True, text=True).stdout
+    pretty = [re.sub(r"\(anonymous namespace\)::|silent_kernels::cuda::", "", s) for s in out.splitlines()]
+    pretty = [s.split("(")[0].replace("void ", "", 1) for s in pretty]
+    return dict(zip(names, pretty)) if len(pretty) == len(names) else {n: n for n in names}
+
+
+def test_parse_ptxas():
+    text = """ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'
+ptxas info    : Function properties for _Z3fooPf
+    8 bytes stack frame, 12 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 64 registers, used 1 barriers, 8 bytes cumulative stack size, 14592 bytes smem
+"""
+    assert parse_ptxas(text) == {"_Z3fooPf": {"registers": 64, "spill_stores": 12, "spill_loads": 4,
+                                              "stack": 8}}
+
+
+# ------------------------------------------------------------------------------ nvcc compiles
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Compile every .cu for every arch (two at a time); {(name, arch): (returncode, log, obj)}."""
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    out_dir = tmp_path_factory.mktemp("cuda_objs")
+
+    def one(job):
+        path, arch = job
+        obj = os.path.join(out_dir, f"{os.path.basename(path)}.{arch}.o")
+        cmd = [NVCC, "-c", "-std=c++17", f"-arch={arch}", "-Xptxas", "-v", "-I", CSRC, "-O3",
+               path, "-o", obj]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
+            return (os.path.basename(path), arch), (proc.returncode, proc.stdout + proc.stderr, obj)
+        except subprocess.TimeoutExpired:
+            return (os.path.basename(path), arch), (-1, f"timeout after {COMPILE_TIMEOUT}s", obj)
+
+    jobs = [(p, a) for p in CU_FILES for a in ARCHS]
+    # heaviest first, at most two compilers at once (the machine is shared)
+    jobs.sort(key=lambda j: -os.path.getsize(j[0]))
+    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+        return dict(pool.map(one, jobs))
+
+
+def test_cuda_sources_exist():
+    assert CU_FILES, f"no .cu files under {CUDA_DIR}"
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("cu", CU_NAMES)
+def test_cu_compiles(compiled, cu, arch, record_property):
+    rc, log, _ = compiled[(cu, arch)]
+    assert rc == 0, f"nvcc -arch={arch} failed on csrc/cuda/{cu}:\n{log[-6000:]}"
+    kernels = parse_ptxas(log)
+    pretty = demangle(kernels)
+    lines = []
+    for mangled, info in sorted(kernels.items(), key=lambda kv: pretty[kv[0]]):
+        lines.append(f"{pretty[mangled]}: {info['registers']} registers, "
+                     f"{info['spill_stores']} B spill stores, {info['spill_loads']} B spill loads")
+        record_property(f"{cu}:{arch}:{pretty[mangled]}",
+                        f"regs={info['registers']} spill_stores={info['spill_stores']} "
+                        f"spill_loads={info['spill_loads']}")
+    print(f"\n[{cu} {arch}] {len(kernels)} kernels\n  " + "\n  ".join(lines))
+    spilling = [f"{pretty[m]} ({i['spill_stores']} B stores, {i['spill_loads']} B loads)"
+                for m, i in kernels.items()
+                if any(k in pretty[m] for k in NO_SPILL_KERNELS) and (i["spill_stores"] or i["spill_loads"])]
+    assert not spilling, f"forward kernels spill on {arch}: {spilling}"
+
+
+# ------------------------------------------------------------------------------ link + plans
+PLAN_PROGRAM = r"""
+#include <cstdio>
+#include <vector>
+#include "cuda/kernels.h"
+using namespace silent_kernels::cuda;
+static int fails = 0, checked = 0;
+#define CHECK(c) do { if (!(c)) { ++fails; std::printf("FAIL line %d: %s (B=%lld k=%lld d=%lld)\n", \
+    __LINE__, #c, (long long)B, (long long)k, (long long)d); } } while (0)
+
+static void check_split(int64_t split, int64_t chunk, int64_t red, int64_t B, int64_t k, int64_t d) {
+  CHECK(split >= 1 && split <= 65535 && chunk >= 1);
+  if (red > 0) { CHECK(split * chunk >= red); CHECK((split - 1) * chunk < red); }
+}
+
+static void check_backward(const BackwardPlan& p, int64_t B, int64_t k, int64_t d) {
+  ++checked;
+  std::vector<int> seen(16, 0);
+  for (int q = 0; q < kNumPlanes; ++q) if (p.slots.slot[q] >= 0) {
+    CHECK(p.slots.slot[q] < p.nplanes); seen[p.slots.slot[q]]++; }
+  for (int q = 0; q < p.nplanes; ++q) CHECK(seen[q] == 1);
+  std::vector<int> cs(4, 0);
+  for (int q = 0; q < kNumColSums; ++q) if (p.colsums.slot[q] >= 0) {
+    CHECK(p.colsums.slot[q] < p.ncolsums); cs[p.colsums.slot[q]]++; }
+  for (int q = 0; q < p.ncolsums; ++q) CHECK(cs[q] == 1);
+  std::vector<int> kinds(4, 0);
+  for (int q = 0; q < p.nkinds; ++q) { CHECK(p.kinds[q] >= 0 && p.kinds[q] < 4); kinds[p.kinds[q] & 3]++; }
+  for (int q = 0; q < 4; ++q) CHECK(kinds[q] <= 1);
+  CHECK(p.coef_row_tiles >= (B > 0 ? 1 : 0));
+  CHECK(p.off_planes == 0);
+  CHECK(p.off_colsum >= p.off_planes + p.nplanes * B * k);
+  CHECK(p.off_mom >= p.off_colsum + p.ncolsums * p.coef_row_tiles * k);
+  CHECK(p.off_w >= p.off_mom + (p.nkinds ? p.mom_split * p.nkinds * B * d : 0));
+  CHECK(p.off_colw >= p.off_w + (p.nwout ? p.w_split * p.nwout * k * d : 0));
+  CHECK(p.off_r >= p.off_colw + (p.need_colw ? d : 0));
+  CHECK(p.off_tmp >= p.off_r + (p.need_r ? d : 0));
+  CHECK(p.workspace >= p.off_tmp + k);
+  CHECK(p.nwout == int(p.need_a) + int(p.need_c));
+  check_split(p.mom_split, p.mom_chunk, k, B, k, d);
+  check_split(p.w_split, p.w_chunk, B, B, k, d);
+}
+
+int main() {
+  const int64_t shapes[][3] = {{64, 784, 200}, {1, 1, 1}, {0, 5, 3}, {5, 0, 3}, {5, 3, 0},
+                               {3000000, 784, 1000}, {33, 1000003, 7}, {70000, 70000, 2}};
+  for (const auto& s : shapes) {
+    const int64_t B = s[0], k = s[1], d = s[2];
+    for (bool dbl : {false, true}) {
+      const ForwardPlan f = plan_fixed_forward(B, k, d, dbl);
+      ++checked;
+      CHECK(f.cfg == 0 || f.cfg == 1);
+      CHECK(f.pixel_tiles >= (k > 0 ? 1 : 0) && f.pixel_tiles <= k);
+      CHECK(f.partial_rows == f.pixel_tiles + 1);
+      CHECK(f.off_colw >= f.partial_rows * B && f.workspace >= f.off_colw + d);
+      const ForwardPlan p = plan_precision_forward(B, k, d, dbl);
+      ++checked;
+      CHECK(p.partial_rows == p.pixel_tiles && p.workspace >= p.partial_rows * B);
+      for (int mask = 0; mask < 64; ++mask) {
+        const FixedNeeds n{bool(mask & 1), bool(mask & 2), bool(mask & 4), bool(mask & 8),
+                           bool(mask & 16), bool(mask & 32)};
+        const BackwardPlan b = plan_fixed_backward(B, k, d, dbl, n);
+        check_backward(b, B, k, d);
+        CHECK(b.need_a == n.weight && !b.need_c);
+        CHECK((b.colsums.slot[kColUbar] >= 0) == n.bias);
+        CHECK((b.colsums.slot[kColDSigma2] >= 0) == n.sigma2);
+        CHECK(b.need_colw == n.var && b.need_r == (n.weight || n.sigma2));
+      }
+      for (int mask = 0; mask < 512; mask += 7) {
+        for (int lat = 0; lat < 4; ++lat) {
+          const bool k3 = lat & 1, k4 = lat & 2;
+          const PrecisionNeeds n{bool(mask & 1), bool(mask & 2), bool(mask & 4), bool(mask & 8),
+                                 bool(mask & 16), bool(mask & 32), bool(mask & 64),
+                                 bool(mask & 128), bool(mask & 256)};
+          const BackwardPlan b = plan_precision_backward(B, k, d, dbl, k3, k4, n);
+          check_backward(b, B, k, d);
+          const bool any_w = n.weight || n.pweight;
+          CHECK((b.slots.slot[kUbar] >= 0) == (n.mean || any_w));
+          CHECK((b.slots.slot[kSaa] >= 0) == (n.var || any_w));
+          CHECK((b.slots.slot[kTacc] >= 0) == (k3 && (n.k3 || any_w)));
+          CHECK((b.slots.slot[kQ] >= 0) == (k4 && (n.k4 || any_w)));
+          CHECK(b.nkinds == int(n.mean) + int(n.var) + int(k3 && n.k3) + int(k4 && n.k4));
+          CHECK(b.need_a == n.weight && b.need_c == n.pweight);
+        }
+      }
+    }
+  }
+  // an empty batch enqueues nothing (returns before touching the device)
+  const FixedArgs<float> fa{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 5, 3};
+  const ForwardPlan fp = plan_fixed_forward(0, 5, 3, false);
+  const int64_t B = 0, k = 5, d = 3;
+  CHECK(fixed_forward<float>(fa, fp, nullptr, nullptr, nullptr) == cudaSuccess);
+  std::printf("checked %d plans, %d failures\n", checked, fails);
+  return fails ? 1 : 0;
+}
+"""
+
+
+@needs_nvcc
+def test_objects_link_and_plans(compiled, tmp_path):
+    arch = "sm_90"
+    failed = [name for (name, a), (rc, _, _) in compiled.items() if a == arch and rc != 0]
+    if failed:
+        pytest.skip(f"compile failures (reported by test_cu_compiles): {failed}")
+    main = tmp_path / "plans_main.cpp"
+    main.write_text(PLAN_PROGRAM)
+    exe = tmp_path / "plans"
+    objs = [obj for (name, a), (_, _, obj) in sorted(compiled.items()) if a == arch]
+    cmd = [NVCC, "-std=c++17", f"-arch={arch}", "-I", CSRC, str(main), *objs, "-o", str(exe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
+    assert proc.returncode == 0, f"link failed (missing instantiation?):\n{proc.stderr[-6000:]}"
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    print(run.stdout)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------ torch glue
+def _torch_includes():
+    try:
+        from torch.utils.cpp_extension import include_paths
+    except ImportError:
+        return None
+    return include_paths()
+
+
+@needs_gxx
+def test_ops_cuda_syntax(tmp_path):
+    incs = _torch_includes()
+    if incs is None:
+        pytest.skip("torch not importable")
+    if not any(os.path.isfile(os.path.join(p, "c10", "cuda", "CUDAGuard.h")) for p in incs):
+        pytest.skip("this torch install ships no c10/cuda headers")
+    cuda_home = _cuda_home()
+    if cuda_home is None:
+        pytest.skip("CUDA include directory not found")
+    # CPU wheels lack the generated c10/cuda/impl/cuda_cmake_macros.h; a CUDA build has it.
+    stub = tmp_path / "stub"
+    if not any(os.path.isfile(os.path.join(p, "c10", "cuda", "impl", "cuda_cmake_macros.h")) for p in incs):
+        (stub / "c10" / "cuda" / "impl").mkdir(parents=True)
+        (stub / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text(
+            "#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    src = os.path.join(CUDA_DIR, "ops_cuda.cpp")
+    base = [GXX, "-fsyntax-only", "-std=c++17", *[f"-I{p}" for p in incs], f"-I{CSRC}"]
+    with_cuda = base + ["-DWITH_CUDA", f"-I{stub}", f"-I{os.path.join(cuda_home, 'include')}", src]
+    proc = subprocess.run(with_cuda, capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
+    assert proc.returncode == 0, f"g++ -fsyntax-only -DWITH_CUDA failed:\n{proc.stderr[-6000:]}"
+    # CPU-only builds compile csrc/cuda/*.cpp too: without WITH_CUDA it must be empty
+    proc = subprocess.run(base + [src], capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+# ------------------------------------------------------------------------------ host programs
+def _build_and_run(tmp_path, name, source, stdin=""):
+    src = tmp_path / f"{name}.cpp"
+    src.write_text(source)
+    exe = tmp_path / name
+    proc = subprocess.run([GXX, "-std=c++17", "-O1", "-Wall", f"-I{CSRC}", str(src), "-o", str(exe)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+OFFSET_PROGRAM = r"""
+#include <cstdio>
+#include "cuda/index.h"
+using namespace silent_kernels::cuda;
+int main() {
+  long long a, b, c, d, e;
+  while (std::scanf("%lld %lld %lld %lld %lld", &a, &b, &c, &d, &e) == 5) {
+    const TileCoord t = tile_coord(a, c);
+    std::printf("%lld %lld %lld %lld %lld\n", (long long)offset2d(a, b, c),
+                (long long)offset3d(a, b, c, d, e), (long long)ceil_div(a, c),
+                (long long)t.row_tile, (long long)t.col_tile);
+  }
+  return 0;
+}
+"""
+
+
+@needs_gxx
+def test_offsets_beyond_int32(tmp_path):
+    cases = [
+        (70_000, 65_000, 70_000, 100_000, 784),            # row * ld ~ 4.9e9
+        (2**31 - 1, 1, 1, 1, 1),                           # exactly past INT32_MAX
+        (3_000_000, 783, 784, 3_000_000, 784),             # B * k of a big batch
+        (9, 2**20, 2**21, 2**21, 784),                     # plane offset ~ 1.5e10
+        (2**40, 12_345, 2**20, 3, 5),                      # far beyond 2^32
+        (0, 0, 1, 1, 1),
+    ]
+    stdin = "\n".join(" ".join(map(str, c)) for c in cases) + "\n"
+    out = _build_and_run(tmp_path, "offsets", OFFSET_PROGRAM, stdin).split("\n")
+    for (a, b, c, d, e), line in zip(cases, out):
+        expected = [a * c + b, (a * d + b) * e + c, -(-a // c), a // c, a % c]
+        assert [int(v) for v in line.split()] == expected, (a, b, c, d, e)
+    assert max(a * c + b for a, b, c, _, _ in cases) > 2**32
+
+
+EPILOGUE_PROGRAM = r"""
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include "epilogue.h"
+using namespace silent_kernels;
+
+static double& at(PixelTerms<double>& t, int j) {
+  switch (j) {
+    case 0: return t.ubar; case 1: return t.vbar; case 2: return t.Saa; case 3: return t.Scc;
+    case 4: return t.Sac; case 5: return t.Tacc; case 6: return t.Taac; case 7: return t.C3;
+    case 8: return t.Q; default: return t.C4;
+  }
+}
+
+int main() {
+  std::mt19937_64 rng(20240611);
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  for (int point = 0; point < 12; ++point) {
+    const double x = 2 * u(rng);
+    PixelTerms<double> c;
+    c.ubar = 2 * u(rng); c.vbar = point % 4 == 0 ? 0.05 * u(rng) : 2 * u(rng);
+    c.Saa = 0.1 + std::fabs(u(rng)); c.Scc = 0.1 + std::fabs(u(rng)); c.Sac = 0.5 * u(rng);
+    c.Tacc = 0.5 * u(rng); c.Taac = 0.5 * u(rng); c.C3 = 0.5 * u(rng);
+    c.Q = 0.5 * u(rng); c.C4 = 0.5 * u(rng);
+    PixelTerms<double> g = precision_pixel_grad(x, c);
+    for (int j = 0; j < 10; ++j) {
+      const double h = 1e-5 * std::fmax(1.0, std::fabs(at(c, j)));
+      PixelTerms<double> p = c, m = c;
+      at(p, j) += h; at(m, j) -= h;
+      const double fd = (precision_pixel_nll(x, p) - precision_pixel_nll(x, m)) / (2 * h);
+      std::printf("precision %d %d %.17g %.17g\n", point, j, at(g, j), fd);
+    }
+    // d/dx = -d/d ubar (the CUDA coefficient kernel writes dx this way)
+    const double h = 1e-5 * std::fmax(1.0, std::fabs(x));
+    const double fdx = (precision_pixel_nll(x + h, c) - precision_pixel_nll(x - h, c)) / (2 * h);
+    std::printf("precision_x %d 0 %.17g %.17g\n", point, -g.ubar, fdx);
+    // fixed head: d/d sigma2 (epilogue.h) and d/d resid = resid / sigma2 (coef kernel)
+    const double resid = 2 * u(rng), saa = 0.1 + std::fabs(u(rng)), s2 = 0.2 + std::fabs(u(rng));
+    auto nll = [&](double r, double s) { return fixed_pixel_nll(r, saa, 1.0 / s, std::log(s)); };
+    const double hs = 1e-6 * s2, hr = 1e-5 * std::fmax(1.0, std::fabs(resid));
+    std::printf("fixed_sigma2 %d 0 %.17g %.17g\n", point, fixed_pixel_dsigma2(resid, saa, 1.0 / s2),
+                (nll(resid, s2 + hs) - nll(resid, s2 - hs)) / (2 * hs));
+    std::printf("fixed_resid %d 0 %.17g %.17g\n", point, resid / s2,
+                (nll(resid + hr, s2) - nll(resid - hr, s2)) / (2 * hr));
+  }
+  return 0;
+}
+"""
+
+
+@needs_gxx
+def test_epilogue_gradients_match_finite_differences(tmp_path):
+    out = _build_and_run(tmp_path, "epilogue_fd", EPILOGUE_PROGRAM)
+    rows = [line.split() for line in out.strip().splitlines()]
+    assert len(rows) == 12 * 13
+    worst = (0.0, None)
+    for kind, point, j, analytic, fd in rows:
+        analytic, fd = float(analytic), float(fd)
+        err = abs(analytic - fd) / max(1.0, abs(fd))
+        if err > worst[0]:
+            worst = (err, (kind, point, j, analytic, fd))
+    assert worst[0] < 1e-7, f"worst derivative mismatch {worst}"
