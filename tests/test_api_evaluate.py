@@ -1,0 +1,94 @@
+"""BPD / MSE / KLD conventions (MATH.md §9) on hand-computable models."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from silent_kernels.api.evaluate import bits_per_dim, eval_images, evaluate
+from silent_kernels.api.models import AnalyticLinearDecoder, ConvDecoder, VAE
+from silent_kernels.api.train import make_config
+
+
+class ConstEncoder(nn.Module):
+    """Posterior parameters independent of x."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.params = nn.Parameter(torch.as_tensor(params, dtype=torch.float32))
+
+    def forward(self, x):
+        return self.params.expand(x.shape[0], -1)
+
+
+def test_bits_per_dim_formula():
+    k = 784
+    # a model assigning density 1 to every y in [0,1)^k (NLL = 0, KL = 0) has 8 bits/dim
+    assert bits_per_dim(0.0, 0.0, k) == 8.0
+    assert bits_per_dim(k * math.log(2), 0.0, k) == pytest.approx(9.0)
+    assert bits_per_dim(-k * math.log(2), k * math.log(2), k) == pytest.approx(8.0)
+
+
+def test_fixed_variance_linear_head_by_hand():
+    k, c, s2 = 4, 0.25, 0.1
+    head = AnalyticLinearDecoder(2, (1, 2, 2), "fixed", sigma2=s2)
+    with torch.no_grad():
+        head.mu.weight.zero_()
+        head.mu.bias.fill_(c)
+    model = VAE(ConstEncoder([0.0, 0.0, 0.0, 0.0]), "gaussian", linear=head)   # q = N(0, I) = prior
+    images = torch.tensor([[0, 64, 128, 255], [10, 20, 30, 40]], dtype=torch.uint8).reshape(2, 1, 2, 2)
+    cfg = make_config(None, dict(eval_dequant="center", latent_dim=2))
+    res = evaluate(model, images, cfg)
+    y = (images.double() + 0.5) / 256
+    sq = (y - c).square().flatten(1).sum(1)
+    nll = sq / (2 * s2) + 0.5 * k * math.log(2 * math.pi * s2)
+    assert res["kld"] == pytest.approx(0.0, abs=1e-7)
+    assert res["mse"] == pytest.approx(sq.mean().item(), rel=1e-6)
+    assert res["nll"] == pytest.approx(nll.mean().item(), rel=1e-6)
+    assert res["bpd"] == pytest.approx(nll.mean().item() / (k * math.log(2)) + 8, rel=1e-6)
+    assert res["elbo"] == pytest.approx(-nll.mean().item(), rel=1e-6)
+
+
+def test_latent_variance_enters_nll_not_mse():
+    # W = 1 column of ones: E||y - W z - b||^2 = ||y - b - W mu||^2 + k var
+    head = AnalyticLinearDecoder(1, (1, 1, 3), "fixed", sigma2=1.0)
+    with torch.no_grad():
+        head.mu.weight.fill_(1.0)
+        head.mu.bias.zero_()
+    mu, var = 0.2, 0.5
+    model = VAE(ConstEncoder([mu, math.log(var)]), "gaussian", linear=head)
+    images = torch.tensor([[[[100, 50, 200]]]], dtype=torch.uint8)
+    res = evaluate(model, images, make_config(None, dict(eval_dequant="center", latent_dim=1)))
+    y = (images.double().flatten() + 0.5) / 256
+    sq = (y - mu).square().sum().item()
+    assert res["mse"] == pytest.approx(sq, rel=1e-6)
+    assert res["nll"] == pytest.approx((sq + 3 * var) / 2 + 1.5 * math.log(2 * math.pi), rel=1e-6)
+    kl = 0.5 * (mu ** 2 + var - 1 - math.log(var))
+    assert res["kld"] == pytest.approx(kl, rel=1e-5)
+
+
+def test_bernoulli_kld_by_hand():
+    p = 0.75
+    head = AnalyticLinearDecoder(3, (1, 2, 2), "fixed")
+    model = VAE(ConstEncoder([math.log(p / (1 - p))] * 3), "bernoulli", linear=head)
+    res = evaluate(model, torch.zeros(4, 1, 2, 2, dtype=torch.uint8),
+                   make_config(None, dict(latent="bernoulli", latent_dim=3)))
+    per_latent = p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5)
+    assert res["kld"] == pytest.approx(3 * per_latent, rel=1e-5)
+
+
+def test_nonlinear_decoder_metrics_and_fixed_eval_noise():
+    torch.manual_seed(0)
+    dec = ConvDecoder(2, (1, 28, 28), "learned", channels=(2, 2, 2, 2, 2))
+    model = VAE(ConstEncoder([0.1, -0.2, -1.0, -2.0]), "gaussian", nonlinear=dec)
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    cfg = make_config(None, dict(decoder="nonlinear", estimator="reparam", latent_dim=2, eval_samples=3))
+    a, b = evaluate(model, images, cfg), evaluate(model, images, cfg)
+    assert a == b                                    # fixed-seed noise and latent draws
+    y = eval_images(images, "noise", cfg.seed)
+    with torch.no_grad():
+        mean = dec(model.encoder(y)[:, :2])[0]
+    assert a["mse"] == pytest.approx((y - mean).square().flatten(1).sum(1).mean().item(), rel=1e-5)
+    assert a["bpd"] == pytest.approx(bits_per_dim(a["nll"], a["kld"], 784))
+    assert torch.all((y >= 0) & (y < 1))
