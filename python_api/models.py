@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch import distributions as D
 
-from silent_kernels import LatentMoments, analytic_nll
+from silent_kernels import PRECISION_SQ_FLOOR, LatentMoments, analytic_nll
 
 __all__ = ["ConvEncoder", "StridedEncoder", "Posterior", "AnalyticLinearDecoder", "ConvDecoder",
            "StridedDecoder", "VAE", "build_model", "LOGVAR_FLOOR", "LATENTS", "VARIANCES",
@@ -46,7 +46,6 @@ __all__ = ["ConvEncoder", "StridedEncoder", "Posterior", "AnalyticLinearDecoder"
 
 LOG_2PI = math.log(2 * math.pi)
 LOGVAR_FLOOR = math.log(1.0 / (12 * 256 ** 2))
-PRECISION_SQ_FLOOR = 1e-12   # the same clamp analytic_nll applies to E[alpha^2]
 LATENTS = ("gaussian", "bernoulli")
 VARIANCES = ("fixed", "scalar", "learned")
 DECODERS = ("linear", "nonlinear", "dual")

@@ -8,7 +8,8 @@ Gaussian decoder ("Silent Gradients"), with zero-variance encoder gradients.
 from .backends import info
 from .functional import analytic_nll
 from .moments import LatentMoments, as_latent_moments
+from .reference import PRECISION_SQ_FLOOR
 
 __version__ = "0.1.0"
 
-__all__ = ["analytic_nll", "LatentMoments", "as_latent_moments", "info", "__version__"]
+__all__ = ["analytic_nll", "LatentMoments", "as_latent_moments", "info", "PRECISION_SQ_FLOOR", "__version__"]
