@@ -14,7 +14,6 @@ the compiled extension at package import time, so a failed build never breaks
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from typing import Callable, NamedTuple, Optional
@@ -69,12 +68,22 @@ def _load_triton() -> Backend:
 _LOADERS = {"torch": _load_torch, "cpp": _load_cpp, "cuda": _load_cuda, "triton": _load_triton}
 
 
-@functools.lru_cache(maxsize=None)
+# name -> (Backend or None, reason it is missing). A plain dict rather than functools.lru_cache:
+# torch.compile reads it while tracing ``resolve`` (see ``_choose``).
+_LOADED: dict[str, tuple[Optional[Backend], str]] = {}
+
+
 def _load(name: str) -> tuple[Optional[Backend], str]:
-    try:
-        return _LOADERS[name](), ""
-    except Exception as exc:  # any import or build problem makes the backend unavailable
-        return None, f"{type(exc).__name__}: {exc}"
+    """Load a backend once (this may import modules); later calls return the cached result."""
+    if name not in _LOADED:
+        try:
+            _LOADED[name] = (_LOADERS[name](), "")
+        except Exception as exc:  # any import or build problem makes the backend unavailable
+            _LOADED[name] = (None, f"{type(exc).__name__}: {exc}")
+    return _LOADED[name]
+
+
+_load.cache_clear = _LOADED.clear  # type: ignore[attr-defined]  # forget what was loaded (tests)
 
 
 def available(name: str) -> bool:
@@ -92,18 +101,35 @@ def _auto(device_type: str) -> Backend:
     return _load("torch")[0]
 
 
-def resolve(name: str, device: torch.device) -> Backend:
-    """The backend that runs a call on `device`; a clear error if it cannot."""
+_ERROR = "!"  # prefix of an error returned by _choose (no backend name starts with it)
+
+
+@torch.compiler.assume_constant_result
+def _choose(name: str, device_type: str) -> str:
+    """The name of the backend that runs a call on `device_type`, or _ERROR + kind + message.
+
+    Returns a string so that torch.compile can run it eagerly while tracing (it may import
+    the backend's module) and treat the result as a constant: ``analytic_nll`` then traces
+    into the chosen backend's registered op with no graph break."""
     if name == "auto":
-        return _auto(device.type)
+        return _auto(device_type).name
     backend, reason = _load(name)
     if backend is None:
-        raise RuntimeError(f"backend={name!r} is not available: {reason}. "
-                           "See silent_kernels.info(); backend='torch' always works.")
-    if device.type not in backend.devices:
-        raise ValueError(f"backend={name!r} runs on {', '.join(backend.devices)} tensors, "
-                         f"got tensors on {device}")
-    return backend
+        return (f"{_ERROR}RuntimeError:backend={name!r} is not available: {reason}. "
+                "See silent_kernels.info(); backend='torch' always works.")
+    if device_type not in backend.devices:
+        return (f"{_ERROR}ValueError:backend={name!r} runs on {', '.join(backend.devices)} tensors, "
+                f"got tensors on {device_type}")
+    return name
+
+
+def resolve(name: str, device: torch.device) -> Backend:
+    """The backend that runs a call on `device`; a clear error if it cannot."""
+    choice = _choose(name, device.type)
+    if choice.startswith(_ERROR):
+        kind, message = choice[len(_ERROR):].split(":", 1)
+        raise (ValueError if kind == "ValueError" else RuntimeError)(message)
+    return _LOADED[choice][0]
 
 
 def info() -> dict:

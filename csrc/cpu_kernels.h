@@ -1,0 +1,37 @@
+// The C++ CPU kernels of the fused loss ops (registered in ops.cpp). Arguments are checked
+// by the caller (op_checks.h); these functions make their inputs contiguous themselves.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+#include <vector>
+
+namespace silent_kernels::cpu {
+
+at::Tensor fixed_nll(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                     const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                     const at::Tensor& sigma2);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+fixed_nll_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
+                   const at::Tensor& var, const at::Tensor& weight,
+                   const c10::optional<at::Tensor>& bias, const at::Tensor& sigma2,
+                   const std::vector<bool>& needs);
+
+at::Tensor precision_nll(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                         const c10::optional<at::Tensor>& k3, const c10::optional<at::Tensor>& k4,
+                         const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         const at::Tensor& precision_weight,
+                         const c10::optional<at::Tensor>& precision_bias);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+precision_nll_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
+                       const at::Tensor& var, const c10::optional<at::Tensor>& k3,
+                       const c10::optional<at::Tensor>& k4, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias, const at::Tensor& precision_weight,
+                       const c10::optional<at::Tensor>& precision_bias, const std::vector<bool>& needs);
+
+}  // namespace silent_kernels::cpu

@@ -1,0 +1,107 @@
+// Argument checks of the fused loss ops, run at the C++ entry before any work.
+// Every message names the op and the argument and gives the expected and the actual value.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+#include <vector>
+
+namespace silent_kernels {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline std::string shape_str(at::IntArrayRef s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) {
+    out += std::to_string(s[i]);
+    if (i + 1 < s.size()) out += ", ";
+  }
+  if (s.size() == 1) out += ",";
+  return out + ")";
+}
+
+// x: (B, k), floating point; fixes dtype and device for every other argument.
+inline void check_x(const char* op, const at::Tensor& x, c10::DeviceType device) {
+  TORCH_CHECK(x.defined(), op, ": x is undefined");
+  TORCH_CHECK(x.dim() == 2, op, ": x: expected a 2-D tensor (B, k), got shape ", shape_str(x.sizes()));
+  TORCH_CHECK(is_supported_float(x.scalar_type()), op,
+              ": x: expected dtype float16, bfloat16, float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.device().type() == device, op, ": x: expected a ", c10::DeviceTypeName(device),
+              " tensor, got one on ", x.device());
+}
+
+// `t` must have exactly `shape` and x's dtype and device.
+inline void check_like_x(const char* op, const char* name, const at::Tensor& t,
+                         std::vector<int64_t> shape, const at::Tensor& x) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.sizes().equals(shape), op, ": ", name, ": expected shape ", shape_str(shape),
+              ", got ", shape_str(t.sizes()));
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, ": expected dtype ",
+              x.scalar_type(), " (the dtype of x), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, ": expected device ", x.device(),
+              " (the device of x), got ", t.device());
+}
+
+inline void check_optional_like_x(const char* op, const char* name, const c10::optional<at::Tensor>& t,
+                                  std::vector<int64_t> shape, const at::Tensor& x) {
+  if (t.has_value() && t->defined()) check_like_x(op, name, *t, std::move(shape), x);
+}
+
+// mean: (B, d) with B = x.size(0); returns d.
+inline int64_t check_mean(const char* op, const at::Tensor& mean, const at::Tensor& x) {
+  TORCH_CHECK(mean.defined(), op, ": mean is undefined");
+  TORCH_CHECK(mean.dim() == 2, op, ": mean: expected a 2-D tensor (B, d), got shape ",
+              shape_str(mean.sizes()));
+  TORCH_CHECK(mean.size(0) == x.size(0), op, ": mean: expected batch size ", x.size(0),
+              " (x has shape ", shape_str(x.sizes()), "), got shape ", shape_str(mean.sizes()));
+  check_like_x(op, "mean", mean, {x.size(0), mean.size(1)}, x);
+  return mean.size(1);
+}
+
+inline void check_needs(const char* op, const std::vector<bool>& needs, size_t n) {
+  TORCH_CHECK(needs.size() == n, op, ": needs: expected ", n, " flags (one per input), got ",
+              needs.size());
+}
+
+// grad: the upstream gradient of each sample's loss, (B,) in x's dtype.
+inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& x) {
+  check_like_x(op, "grad", grad, {x.size(0)}, x);
+}
+
+inline void check_fixed_inputs(const char* op, c10::DeviceType device, const at::Tensor& x,
+                               const at::Tensor& mean, const at::Tensor& var,
+                               const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                               const at::Tensor& sigma2) {
+  check_x(op, x, device);
+  const int64_t B = x.size(0), k = x.size(1);
+  const int64_t d = check_mean(op, mean, x);
+  check_like_x(op, "var", var, {B, d}, x);
+  check_like_x(op, "weight", weight, {k, d}, x);
+  check_optional_like_x(op, "bias", bias, {k}, x);
+  check_like_x(op, "sigma2", sigma2, {k}, x);
+}
+
+inline void check_precision_inputs(const char* op, c10::DeviceType device, const at::Tensor& x,
+                                   const at::Tensor& mean, const at::Tensor& var,
+                                   const c10::optional<at::Tensor>& k3,
+                                   const c10::optional<at::Tensor>& k4, const at::Tensor& weight,
+                                   const c10::optional<at::Tensor>& bias,
+                                   const at::Tensor& precision_weight,
+                                   const c10::optional<at::Tensor>& precision_bias) {
+  check_x(op, x, device);
+  const int64_t B = x.size(0), k = x.size(1);
+  const int64_t d = check_mean(op, mean, x);
+  check_like_x(op, "var", var, {B, d}, x);
+  check_optional_like_x(op, "k3", k3, {B, d}, x);
+  check_optional_like_x(op, "k4", k4, {B, d}, x);
+  check_like_x(op, "weight", weight, {k, d}, x);
+  check_optional_like_x(op, "bias", bias, {k}, x);
+  check_like_x(op, "precision_weight", precision_weight, {k, d}, x);
+  check_optional_like_x(op, "precision_bias", precision_bias, {k}, x);
+}
+
+}  // namespace silent_kernels

@@ -1,0 +1,100 @@
+// The silent_kernels op library: schemas (shared by the CPU and CUDA kernels), the CPU
+// kernels' registration, the debug op _linear_offset, and the Python module init so that
+// `import silent_kernels._C` loads this library (which runs the registrations below).
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "cpu_kernels.h"
+#include "cpu_index.h"
+#include "op_checks.h"
+
+namespace silent_kernels {
+namespace {
+
+at::Tensor fixed_nll_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                         const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         const at::Tensor& sigma2) {
+  check_fixed_inputs("silent_kernels::fixed_nll", c10::DeviceType::CPU, x, mean, var, weight, bias,
+                     sigma2);
+  return cpu::fixed_nll(x, mean, var, weight, bias, sigma2);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+fixed_nll_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
+                       const at::Tensor& var, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias, const at::Tensor& sigma2,
+                       const c10::List<bool>& needs_list) {
+  const char* op = "silent_kernels::fixed_nll_backward";
+  check_fixed_inputs(op, c10::DeviceType::CPU, x, mean, var, weight, bias, sigma2);
+  check_grad(op, grad, x);
+  const std::vector<bool> needs = needs_list.vec();
+  check_needs(op, needs, 6);
+  return cpu::fixed_nll_backward(grad, x, mean, var, weight, bias, sigma2, needs);
+}
+
+at::Tensor precision_nll_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                             const c10::optional<at::Tensor>& k3,
+                             const c10::optional<at::Tensor>& k4, const at::Tensor& weight,
+                             const c10::optional<at::Tensor>& bias,
+                             const at::Tensor& precision_weight,
+                             const c10::optional<at::Tensor>& precision_bias) {
+  check_precision_inputs("silent_kernels::precision_nll", c10::DeviceType::CPU, x, mean, var, k3,
+                         k4, weight, bias, precision_weight, precision_bias);
+  return cpu::precision_nll(x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+precision_nll_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
+                           const at::Tensor& var, const c10::optional<at::Tensor>& k3,
+                           const c10::optional<at::Tensor>& k4, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias,
+                           const at::Tensor& precision_weight,
+                           const c10::optional<at::Tensor>& precision_bias,
+                           const c10::List<bool>& needs_list) {
+  const char* op = "silent_kernels::precision_nll_backward";
+  check_precision_inputs(op, c10::DeviceType::CPU, x, mean, var, k3, k4, weight, bias,
+                         precision_weight, precision_bias);
+  check_grad(op, grad, x);
+  const std::vector<bool> needs = needs_list.vec();
+  check_needs(op, needs, 9);
+  return cpu::precision_nll_backward(grad, x, mean, var, k3, k4, weight, bias, precision_weight,
+                                     precision_bias, needs);
+}
+
+// Debug op: the kernels' offset arithmetic (cpu_index.h), so a test can check it beyond 2^31.
+int64_t linear_offset_op(int64_t row, int64_t col, int64_t ld) {
+  return linear_offset(row, col, ld);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(silent_kernels, m) {
+  m.def("fixed_nll(Tensor x, Tensor mean, Tensor var, Tensor weight, Tensor? bias, Tensor sigma2) -> Tensor");
+  m.def("fixed_nll_backward(Tensor grad, Tensor x, Tensor mean, Tensor var, Tensor weight, Tensor? bias, "
+        "Tensor sigma2, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("precision_nll(Tensor x, Tensor mean, Tensor var, Tensor? k3, Tensor? k4, Tensor weight, "
+        "Tensor? bias, Tensor precision_weight, Tensor? precision_bias) -> Tensor");
+  m.def("precision_nll_backward(Tensor grad, Tensor x, Tensor mean, Tensor var, Tensor? k3, Tensor? k4, "
+        "Tensor weight, Tensor? bias, Tensor precision_weight, Tensor? precision_bias, bool[] needs) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("_linear_offset(int row, int col, int ld) -> int", &linear_offset_op);
+}
+
+TORCH_LIBRARY_IMPL(silent_kernels, CPU, m) {
+  m.impl("fixed_nll", &fixed_nll_cpu);
+  m.impl("fixed_nll_backward", &fixed_nll_backward_cpu);
+  m.impl("precision_nll", &precision_nll_cpu);
+  m.impl("precision_nll_backward", &precision_nll_backward_cpu);
+}
+
+}  // namespace silent_kernels
+
+// `import silent_kernels._C` only needs to load the library: an empty module.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                                      "silent_kernels compiled ops (see torch.ops.silent_kernels)",
+                                      -1, nullptr};
+  return PyModule_Create(&module);
+}
