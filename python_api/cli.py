@@ -5,6 +5,7 @@
     silent-vae eval runs/reparam [--split test]
     silent-vae gradvar runs/reparam [--estimators silent reparam] [--draws 100]
     silent-vae plot runs/silent runs/reparam --out runs/figures
+    silent-vae reproduce run table2 --scale cpu ; silent-vae reproduce report   # issue 6 (reproduce.py)
     torchrun --nproc_per_node 2 -m silent_kernels.api.cli train --preset cpu ...   # data parallel
 
 Every ``TrainConfig`` field is a ``train`` flag (``--latent-dim 200``, ``--enc-channels 8,16,16``,
@@ -81,11 +82,13 @@ def _field_choices() -> dict:
     from . import data
     from .estimators import ESTIMATORS
     from .models import DECODERS, LATENTS, VARIANCES
+    from .objectives import OBJECTIVES
 
     return {"dataset": data.DATASETS, "val_split": ("auto", "test", "holdout"),
             "eval_dequant": ("noise", "center"), "arch": ("auto", "mnist", "strided"),
             "latent": LATENTS, "decoder": DECODERS, "variance": VARIANCES, "estimator": ESTIMATORS,
-            "backend": ("auto", "torch", "cpp", "triton", "cuda")}
+            "backend": ("auto", "torch", "cpp", "triton", "cuda"),
+            "objective": OBJECTIVES}   # companion objective (objectives.py)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -160,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", default=None)
     p.add_argument("--n", type=int, default=8, help="images per row")
     p.add_argument("--checkpoint-name", default="last.pt")
+
+    # issue 6: the reproduction presets and report (reproduce.py parses its own arguments)
+    p = sub.add_parser("reproduce", add_help=False,
+                       help="reproduce the paper's tables and companion results (list | run | report)")
+    p.add_argument("reproduce_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -318,6 +326,16 @@ def cmd_plot(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["reproduce"]:   # issue 6: delegated whole to reproduce.main
+        from .reproduce import main as reproduce_main
+        try:
+            return reproduce_main(argv[1:])
+        except (ValueError, FileNotFoundError, LookupError) as exc:
+            if os.environ.get("SILENT_VAE_DEBUG"):
+                raise
+            print(f"silent-vae reproduce: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {"train": cmd_train, "eval": cmd_eval, "gradvar": cmd_gradvar, "plot": cmd_plot}[args.command]

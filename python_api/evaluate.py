@@ -8,6 +8,9 @@ Conventions:
   for a nonlinear decoder a Monte Carlo average over ``eval_samples`` draws z ~ q (hard
   {0, 1} samples for Bernoulli latents: the relaxation is a training device only).
 - KLD: KL(q(z|x) || p(z)) in nats per image (``torch.distributions.kl_divergence``).
+- entropy_sum / entropy_gap (linear head, Gaussian latents): the three-entropies sum of
+  MATH.md §8 (``entropies.py``) and ELBO - sum, a sampling-free convergence diagnostic (zero
+  at a stationary point of a learned-variance model; evaluated on these images).
 - BPD = (NLL_y + KLD) / (k ln 2) + 8, k = C*H*W (MATH.md §6/§9: the corrected sign of the
   log 256 term: data in [0, 1) at 1/256 resolution adds 8 bits per dimension).
 - MSE: per-image *sum* over pixels of (y - mean)^2, the decoder mean taken at z = E_q[z]
@@ -32,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .data import dequantize, dequantize_center
+from .entropies import head_entropy_sum
 from .estimators import VALID_ESTIMATORS, Noise, ReinforceBaseline, reconstruction
 from .models import VAE, Posterior
 
@@ -98,6 +102,10 @@ def evaluate(model: VAE, images_u8: Tensor, cfg, *, device=None, batch_size: Opt
             kl = post.kl()
             if exact:
                 nll = dec.nll(y, post.moments())
+                # companion (entropies.py): the three-entropies sum, logged as ELBO - sum
+                ent = head_entropy_sum(dec, post.moments())
+                if ent is not None:
+                    sums["entropy_sum"] = sums.get("entropy_sum", 0.0) + float(ent.double().sum())
             else:
                 noise = Noise(gen, b, device=device, dtype=y.dtype)
                 d = post.latent_dim
@@ -112,6 +120,8 @@ def evaluate(model: VAE, images_u8: Tensor, cfg, *, device=None, batch_size: Opt
             sums["mse"] += float(mse.double().sum())
     out = {key: v / n for key, v in sums.items()}
     out["elbo"] = -(out["nll"] + out["kld"])
+    if "entropy_sum" in out:   # companion: MATH.md §8 gap (0 at a stationary point)
+        out["entropy_gap"] = out["elbo"] - out["entropy_sum"]
     out["bpd"] = bits_per_dim(out["nll"], out["kld"], k)
     if "nll_linear" in out:
         out["bpd_linear"] = bits_per_dim(out["nll_linear"], out["kld"], k)

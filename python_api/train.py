@@ -66,6 +66,7 @@ from . import data as data_mod
 from .estimators import Noise, ReinforceBaseline, check_estimator, reconstruction
 from .models import (DECODERS, LATENTS, VARIANCES, VAE, Posterior, build_model, default_channels,
                      resolve_arch)
+from .objectives import check_objective, m1_reconstruction
 
 __all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "DataBundle", "prepare_data",
            "make_config", "PRESETS", "w_lin_at", "encoder_frozen_at", "save_atomic",
@@ -103,6 +104,9 @@ class TrainConfig:
     straight_through: bool = False      # gumbel
     reinforce_decay: float = 0.99       # running-average baseline
     vl_samples: int = 4                 # variance-loss samples per image
+    # companion objective (objectives.py): elbo, or m1 = analytic M1 score matching for the
+    # linear decoder with KL-based inference for the encoder (variational-score-matching Prop. 3.1)
+    objective: str = "elbo"             # elbo | m1 (m1: decoder linear, variance fixed/scalar)
     # Algorithm 1 (decoder = dual)
     anneal_rate: float = 0.01           # lambda in w_lin = max(0, 1 - epoch * lambda)
     cutoff_epoch: Optional[int] = None  # 1-based epoch from which the encoder is frozen
@@ -156,6 +160,7 @@ class TrainConfig:
         choice("decoder", DECODERS)
         choice("variance", VARIANCES)
         check_estimator(self.estimator, self.latent)
+        check_objective(self)                                   # companion: objective m1
         if self.decoder == "nonlinear" and self.estimator == "silent":
             raise ValueError("estimator 'silent' needs the linear analytic head: use decoder='linear' "
                              "or decoder='dual' (Algorithm 1)")
@@ -553,7 +558,11 @@ class Trainer:
         stats = {"kl": kl.detach()}
         if cfg.decoder in ("linear", "nonlinear"):
             decoder = model.linear if cfg.decoder == "linear" else model.nonlinear
-            terms = reconstruction(cfg.estimator, x, post, decoder, noise, **est_kw)
+            if cfg.objective == "m1":   # companion objective (objectives.py): M1 decoder, KL encoder
+                terms = m1_reconstruction(x, post, decoder, scale=scale)
+                stats["m1"] = terms.m1
+            else:
+                terms = reconstruction(cfg.estimator, x, post, decoder, noise, **est_kw)
             loss = loss + terms.loss
             stats["nll"] = terms.nll
         else:
