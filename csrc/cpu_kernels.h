@@ -34,4 +34,23 @@ precision_nll_backward(const at::Tensor& grad, const at::Tensor& x, const at::Te
                        const c10::optional<at::Tensor>& bias, const at::Tensor& precision_weight,
                        const c10::optional<at::Tensor>& precision_bias, const std::vector<bool>& needs);
 
+// Training forward (learnable precision): the loss and the unscaled per-pixel coefficients
+// (a flat accumulation-dtype tensor of precision_coefficient_count(...) elements, layout in
+// cpu_precision.cpp), and the backward that uses them instead of recomputing the contractions.
+int64_t precision_coefficient_count(int64_t B, int64_t k, bool has_k3, bool has_k4);
+
+std::tuple<at::Tensor, at::Tensor>
+precision_nll_train(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                    const c10::optional<at::Tensor>& k3, const c10::optional<at::Tensor>& k4,
+                    const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                    const at::Tensor& precision_weight, const c10::optional<at::Tensor>& precision_bias);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+precision_nll_train_backward(const at::Tensor& grad, const at::Tensor& coefficients,
+                             const at::Tensor& mean, const at::Tensor& var,
+                             const c10::optional<at::Tensor>& k3, const c10::optional<at::Tensor>& k4,
+                             const at::Tensor& weight, const at::Tensor& precision_weight,
+                             const std::vector<bool>& needs);
+
 }  // namespace silent_kernels::cpu

@@ -21,6 +21,9 @@
 #include <ATen/Dispatch.h>
 
 #include <array>
+#include <cmath>
+#include <cstring>
+#include <vector>
 
 #include "cpu_common.h"
 #include "cpu_kernels.h"
@@ -196,6 +199,86 @@ inline PixelTerms<acc_t> load_terms(const std::array<acc_t*, kGroups>& Y, int64_
   return c;
 }
 
+// dA, dC of pixels [p0, p0 + np) from the weight partials H of their tile (MATH.md §5);
+// qv: Q's factor 1/2 sum_n grad_n k4_n (H4 only); da / dc null when not needed.
+template <typename scalar_t, typename acc_t, bool H3, bool H4>
+void fold_weight_grads(const scalar_t* A, const scalar_t* C, int64_t p0, int64_t np, int64_t d,
+                       const std::array<acc_t*, kGroups>& H, const acc_t* qv, scalar_t* da_out,
+                       scalar_t* dc_out) {
+  for (int64_t p = 0; p < np; ++p) {
+    const scalar_t* a = A + linear_offset(p0 + p, 0, d);
+    const scalar_t* c = C + linear_offset(p0 + p, 0, d);
+    const acc_t* hu = H[0] + linear_offset(p, 0, d);
+    const acc_t* hv = H[0] + linear_offset(np + p, 0, d);
+    const acc_t* h_saa = H[1] + linear_offset(p, 0, d);
+    const acc_t* h_sac = H[1] + linear_offset(np + p, 0, d);
+    const acc_t* h_scc = H[1] + linear_offset(2 * np + p, 0, d);
+    const acc_t* h_tacc = H3 ? H[2] + linear_offset(p, 0, d) : nullptr;
+    const acc_t* h_taac = H3 ? H[2] + linear_offset(np + p, 0, d) : nullptr;
+    const acc_t* h_c3 = H3 ? H[2] + linear_offset(2 * np + p, 0, d) : nullptr;
+    const acc_t* h_c4 = H4 ? H[3] + linear_offset(p, 0, d) : nullptr;
+    if (da_out != nullptr) {
+      scalar_t* da = da_out + linear_offset(p0 + p, 0, d);
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) {
+        const acc_t av = static_cast<acc_t>(a[i]), cv = static_cast<acc_t>(c[i]);
+        acc_t v = hu[i] + acc_t(2) * av * h_saa[i] + cv * h_sac[i];
+        if constexpr (H3) v += cv * cv * h_tacc[i] + acc_t(2) * av * cv * h_taac[i];
+        if constexpr (H4) v += acc_t(2) * av * cv * cv * qv[i];
+        da[i] = static_cast<scalar_t>(v);
+      }
+    }
+    if (dc_out != nullptr) {
+      scalar_t* dc = dc_out + linear_offset(p0 + p, 0, d);
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) {
+        const acc_t av = static_cast<acc_t>(a[i]), cv = static_cast<acc_t>(c[i]);
+        acc_t v = hv[i] + acc_t(2) * cv * h_scc[i] + av * h_sac[i];
+        if constexpr (H3) {
+          v += acc_t(2) * av * cv * h_tacc[i] + av * av * h_taac[i] + acc_t(3) * cv * cv * h_c3[i];
+        }
+        if constexpr (H4) v += acc_t(2) * av * av * cv * qv[i] + acc_t(4) * cv * cv * cv * h_c4[i];
+        dc[i] = static_cast<scalar_t>(v);
+      }
+    }
+  }
+}
+
+// sum_p log(m[p]) over a contiguous buffer of floored M values (all > 0). float: a branch-free
+// log that the compiler vectorises (std::log keeps the per-pixel loops scalar): M = 2^e m with
+// m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s), s = (m - 1)/(m + 1), |s| < 0.1716, by its series
+// to s^9 (truncation < 1e-9), e ln 2 in two parts (Cody-Waite). Non-finite M give log M = M
+// (inf, NaN), as std::log. double: std::log.
+inline float sum_log(const float* SK_RESTRICT m, int64_t n) {
+  float sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t p = 0; p < n; ++p) {
+    const float M = m[p];
+    uint32_t bits;
+    std::memcpy(&bits, &M, sizeof bits);
+    int32_t e = static_cast<int32_t>(bits >> 23) - 127;
+    const uint32_t mbits = (bits & 0x7fffffu) | 0x3f800000u;
+    float f;
+    std::memcpy(&f, &mbits, sizeof f);
+    const bool big = f > 1.41421356f;
+    f = big ? f * 0.5f : f;
+    e += big ? 1 : 0;
+    const float s = (f - 1.0f) / (f + 1.0f), s2 = s * s;
+    const float poly =
+        s * (2.0f + s2 * (2.0f / 3.0f + s2 * (2.0f / 5.0f + s2 * (2.0f / 7.0f + s2 * (2.0f / 9.0f)))));
+    const float ef = static_cast<float>(e);
+    const float r = ef * 0.693145751953125f + (poly + ef * 1.428606765330187e-06f);
+    sum += (M < 3.40282347e+38f) ? r : M;  // false for inf and NaN
+  }
+  return sum;
+}
+
+inline double sum_log(const double* m, int64_t n) {
+  double sum = 0;
+  for (int64_t p = 0; p < n; ++p) sum += std::log(m[p]);
+  return sum;
+}
+
 // ------------------------------------------------------------------------------ forward
 template <typename scalar_t, bool H3, bool H4>
 at::Tensor forward_impl(const Inputs<scalar_t>& in) {
@@ -217,6 +300,7 @@ at::Tensor forward_impl(const Inputs<scalar_t>& in) {
   at::parallel_for(0, plan.nparts, 1, [&](int64_t q_begin, int64_t q_end) {
     at::AutoDispatchBelowADInplaceOrView guard;
     Workspace<acc_t> ws(gr, plan, d, /*with_h=*/false);
+    std::vector<acc_t> mbuf(plan.tile);
     for (int64_t q = q_begin; q < q_end; ++q) {
       acc_t* loss = loss_parts.template data_ptr<acc_t>() + linear_offset(q, 0, B);
       acc_t* qcol = H4 ? qcol_parts.template data_ptr<acc_t>() + linear_offset(q, 0, d) : nullptr;
@@ -226,15 +310,20 @@ at::Tensor forward_impl(const Inputs<scalar_t>& in) {
         for (int64_t n0 = 0; n0 < B; n0 += plan.batch_chunk) {
           const int64_t nb = std::min(plan.batch_chunk, B - n0);
           contract(gr, in.mom, ws, n0, nb, np, d);
+          acc_t* SK_RESTRICT mb = mbuf.data();
           for (int64_t r = 0; r < nb; ++r) {
             const scalar_t* xr = X + linear_offset(n0 + r, p0, k);
             acc_t sum = 0;
+            // precision_pixel_nll with its log term taken out of the (vectorised) loop
+#pragma omp simd reduction(+ : sum)
             for (int64_t p = 0; p < np; ++p) {
               const PixelTerms<acc_t> c =
                   load_terms<acc_t, H3, H4>(ws.Y, r, p, np, bias[p0 + p], pbias[p0 + p]);
-              sum += precision_pixel_nll<acc_t>(static_cast<acc_t>(xr[p]), c);
+              acc_t M;
+              sum += precision_pixel_nll_logfree<acc_t>(static_cast<acc_t>(xr[p]), c, M);
+              mb[p] = M;
             }
-            loss[n0 + r] += sum;
+            loss[n0 + r] += sum - acc_t(0.5) * sum_log(mb, np);
           }
         }
       }
@@ -377,45 +466,10 @@ std::array<at::Tensor, kNumInputs> backward_impl(const at::Tensor& grad_in, cons
         }
         if (!need_w) continue;
         // Fold the partials into the weight gradients (MATH.md §5).
-        const acc_t* qv = H4 ? qh.template data_ptr<acc_t>() : nullptr;
-        for (int64_t p = 0; p < np; ++p) {
-          const scalar_t* a = A + linear_offset(p0 + p, 0, d);
-          const scalar_t* c = C + linear_offset(p0 + p, 0, d);
-          const acc_t* hu = ws.H[0] + linear_offset(p, 0, d);
-          const acc_t* hv = ws.H[0] + linear_offset(np + p, 0, d);
-          const acc_t* h_saa = ws.H[1] + linear_offset(p, 0, d);
-          const acc_t* h_sac = ws.H[1] + linear_offset(np + p, 0, d);
-          const acc_t* h_scc = ws.H[1] + linear_offset(2 * np + p, 0, d);
-          const acc_t* h_tacc = H3 ? ws.H[2] + linear_offset(p, 0, d) : nullptr;
-          const acc_t* h_taac = H3 ? ws.H[2] + linear_offset(np + p, 0, d) : nullptr;
-          const acc_t* h_c3 = H3 ? ws.H[2] + linear_offset(2 * np + p, 0, d) : nullptr;
-          const acc_t* h_c4 = H4 ? ws.H[3] + linear_offset(p, 0, d) : nullptr;
-          if (need_a) {
-            scalar_t* da = out[kA].template data_ptr<scalar_t>() + linear_offset(p0 + p, 0, d);
-#pragma omp simd
-            for (int64_t i = 0; i < d; ++i) {
-              const acc_t av = static_cast<acc_t>(a[i]), cv = static_cast<acc_t>(c[i]);
-              acc_t v = hu[i] + acc_t(2) * av * h_saa[i] + cv * h_sac[i];
-              if constexpr (H3) v += cv * cv * h_tacc[i] + acc_t(2) * av * cv * h_taac[i];
-              if constexpr (H4) v += acc_t(2) * av * cv * cv * qv[i];
-              da[i] = static_cast<scalar_t>(v);
-            }
-          }
-          if (need_c) {
-            scalar_t* dc = out[kC].template data_ptr<scalar_t>() + linear_offset(p0 + p, 0, d);
-#pragma omp simd
-            for (int64_t i = 0; i < d; ++i) {
-              const acc_t av = static_cast<acc_t>(a[i]), cv = static_cast<acc_t>(c[i]);
-              acc_t v = hv[i] + acc_t(2) * cv * h_scc[i] + av * h_sac[i];
-              if constexpr (H3) {
-                v += acc_t(2) * av * cv * h_tacc[i] + av * av * h_taac[i] +
-                     acc_t(3) * cv * cv * h_c3[i];
-              }
-              if constexpr (H4) v += acc_t(2) * av * av * cv * qv[i] + acc_t(4) * cv * cv * cv * h_c4[i];
-              dc[i] = static_cast<scalar_t>(v);
-            }
-          }
-        }
+        fold_weight_grads<scalar_t, acc_t, H3, H4>(
+            A, C, p0, np, d, ws.H, H4 ? qh.template data_ptr<acc_t>() : nullptr,
+            need_a ? out[kA].template data_ptr<scalar_t>() : nullptr,
+            need_c ? out[kC].template data_ptr<scalar_t>() : nullptr);
       }
     }
   });
@@ -426,6 +480,258 @@ std::array<at::Tensor, kNumInputs> backward_impl(const at::Tensor& grad_in, cons
     at::Tensor dm = sum_parts(dmom_parts[g]);
     if (g == 3) dm.addr_(grad, sum_parts(qcol_parts), /*beta=*/1, /*alpha=*/0.5);  // Q's rank-one part
     out[kMean + g] = dm.to(in.x.scalar_type());
+  }
+  return out;
+}
+
+// ------------------------------------------------- training forward + saved-coefficient backward
+// The per-pixel coefficients g_j = d(pixel loss)/d(contraction j) do not depend on the upstream
+// gradient (one scalar per sample), so the training forward saves them UNSCALED and the backward
+// only does the moment-gradient and weight-gradient GEMMs:
+//   d(moment_g) = diag(grad) (sum over tiles of G_g @ P_g)          (rows scaled once at the end)
+//   H_g         = G_g^T @ (diag(grad) moment_g)                     (moments scaled once, O(Bd))
+// Saved layout (a flat acc_t tensor of B * ncontr * k elements, ncontr = Groups::total): the
+// pixels are cut into tiles of saved_tile(k, d, ncontr) pixels (a function of the shapes only,
+// not of the thread count); tile t (pixels [p0, p0 + np)) occupies elements
+// [B ncontr p0, B ncontr (p0 + np)), holding for each group g in turn the row-major
+// (B x rows_g * np) matrix G_g, stacked like the products P_g (contraction-major within a row):
+// so G_g @ P_g and G_g^T @ moment are single GEMMs straight on the saved buffer.
+int64_t saved_tile(int64_t k, int64_t d, int64_t ncontr) {
+  // The backward's budget: products and weight partials (2 * ncontr rows of d per pixel).
+  int64_t tile = kTileBudget / std::max<int64_t>(1, 2 * ncontr * std::max<int64_t>(d, 1));
+  tile = std::max(kMinTile, tile);
+  return std::max<int64_t>(1, std::min(tile, k));
+}
+
+TilePlan make_saved_plan(int64_t B, int64_t k, int64_t d, int64_t ncontr) {
+  TilePlan plan;
+  plan.k = k;
+  plan.tile = saved_tile(k, d, ncontr);
+  plan.ntiles = k == 0 ? 0 : (k + plan.tile - 1) / plan.tile;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  plan.nparts = std::max<int64_t>(1, std::min(threads, plan.ntiles));
+  const int64_t chunk = kChunkBudget / std::max<int64_t>(1, ncontr * plan.tile);
+  plan.batch_chunk = std::max<int64_t>(1, std::min(std::max<int64_t>(chunk, 8), B));
+  return plan;
+}
+
+// Offsets (in units of B * np elements) of each group's block inside a saved tile.
+std::array<int64_t, kGroups> group_row_offsets(const Groups& gr) {
+  std::array<int64_t, kGroups> off{};
+  int64_t acc = 0;
+  for (int g = 0; g < kGroups; ++g) {
+    off[g] = acc;
+    acc += gr.rows[g];
+  }
+  return off;
+}
+
+template <typename scalar_t, bool H3, bool H4>
+std::tuple<at::Tensor, at::Tensor> forward_train_impl(const Inputs<scalar_t>& in) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Groups gr(H3, H4);
+  const int64_t B = in.B, k = in.k, d = in.d;
+  const auto acc_opts = in.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor coef = at::empty({B * gr.total * k}, acc_opts);
+  if (B == 0) return {at::zeros({0}, in.x.options()), coef};
+  const TilePlan plan = make_saved_plan(B, k, d, gr.total);
+  const auto roff = group_row_offsets(gr);
+  at::Tensor loss_parts = at::zeros({plan.nparts, B}, acc_opts);
+  at::Tensor qcol_parts = at::zeros({plan.nparts, H4 ? d : 0}, acc_opts);
+
+  const scalar_t* X = in.x.template data_ptr<scalar_t>();
+  const scalar_t* A = in.A.template data_ptr<scalar_t>();
+  const scalar_t* C = in.C.template data_ptr<scalar_t>();
+  const acc_t* bias = in.bias.template data_ptr<acc_t>();
+  const acc_t* pbias = in.pbias.template data_ptr<acc_t>();
+  acc_t* coef_ptr = coef.template data_ptr<acc_t>();
+
+  at::parallel_for(0, plan.nparts, 1, [&](int64_t q_begin, int64_t q_end) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    Workspace<acc_t> ws(gr, plan, d, /*with_h=*/false);
+    std::vector<acc_t> mbuf(plan.tile);
+    for (int64_t q = q_begin; q < q_end; ++q) {
+      acc_t* loss = loss_parts.template data_ptr<acc_t>() + linear_offset(q, 0, B);
+      acc_t* qcol = H4 ? qcol_parts.template data_ptr<acc_t>() + linear_offset(q, 0, d) : nullptr;
+      for (int64_t t = plan.tile_begin(q); t < plan.tile_begin(q + 1); ++t) {
+        const int64_t p0 = plan.pixel_begin(t), np = plan.pixel_count(t);
+        form_products<scalar_t, acc_t, H3, H4>(A, C, p0, np, d, ws.P, qcol);
+        acc_t* tile_base = coef_ptr + B * gr.total * p0;
+        for (int64_t n0 = 0; n0 < B; n0 += plan.batch_chunk) {
+          const int64_t nb = std::min(plan.batch_chunk, B - n0);
+          // Contract straight into the saved buffer, then overwrite with the coefficients.
+          for (int g = 0; g < kGroups; ++g)
+            ws.Y[g] = tile_base + B * roff[g] * np + n0 * gr.rows[g] * np;
+          contract(gr, in.mom, ws, n0, nb, np, d);
+          const acc_t* SK_RESTRICT bp = bias + p0;
+          const acc_t* SK_RESTRICT pbp = pbias + p0;
+          acc_t* SK_RESTRICT mb = mbuf.data();
+          for (int64_t r = 0; r < nb; ++r) {
+            const scalar_t* xr = X + linear_offset(n0 + r, p0, k);
+            acc_t* y0 = ws.Y[0] + linear_offset(r, 0, 2 * np);
+            acc_t* y1 = ws.Y[1] + linear_offset(r, 0, 3 * np);
+            acc_t* y2 = H3 ? ws.Y[2] + linear_offset(r, 0, 3 * np) : nullptr;
+            acc_t* y3 = H4 ? ws.Y[3] + linear_offset(r, 0, np) : nullptr;
+            acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t p = 0; p < np; ++p) {
+              const PixelTerms<acc_t> c = load_terms<acc_t, H3, H4>(ws.Y, r, p, np, bp[p], pbp[p]);
+              const acc_t xv = static_cast<acc_t>(xr[p]);
+              acc_t M;
+              sum += precision_pixel_nll_logfree<acc_t>(xv, c, M);
+              mb[p] = M;
+              const PixelTerms<acc_t> g = precision_pixel_grad<acc_t>(xv, c);
+              y0[p] = g.ubar;
+              y0[np + p] = g.vbar;
+              y1[p] = g.Saa;
+              y1[np + p] = g.Sac;
+              y1[2 * np + p] = g.Scc;
+              if constexpr (H3) {
+                y2[p] = g.Tacc;
+                y2[np + p] = g.Taac;
+                y2[2 * np + p] = g.C3;
+              }
+              if constexpr (H4) y3[p] = g.C4;
+            }
+            loss[n0 + r] += sum - acc_t(0.5) * sum_log(mb, np);
+          }
+        }
+      }
+    }
+  });
+
+  at::Tensor loss = sum_parts(loss_parts);
+  if (H4) loss.add_(at::mv(in.mom[3], sum_parts(qcol_parts)), 0.5);  // sum_p Q / 2
+  return {loss.to(in.x.scalar_type()), coef};
+}
+
+template <typename scalar_t, bool H3, bool H4>
+std::array<at::Tensor, kNumInputs> backward_saved_impl(
+    const at::Tensor& grad_in, const at::Tensor& coef_in, const std::array<at::Tensor, kGroups>& mom,
+    const at::Tensor& A_in, const at::Tensor& C_in, std::array<bool, kNumInputs> need) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Groups gr(H3, H4);
+  const at::Tensor A = A_in.contiguous(), C = C_in.contiguous();
+  const int64_t B = mom[0].size(0), k = A.size(0), d = A.size(1);
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const auto acc_opts = A.options().dtype(acc);
+  const auto out_opts = A.options();
+  const bool need_a = need[kA], need_c = need[kC], need_w = need_a || need_c;
+  const std::array<bool, kGroups> need_mom = {need[kMean], need[kVar], need[kK3], need[kK4]};
+
+  std::array<at::Tensor, kNumInputs> out;
+  if (need[kX]) out[kX] = at::empty({B, k}, out_opts);
+  if (need[kA]) out[kA] = at::empty({k, d}, out_opts);
+  if (need[kC]) out[kC] = at::empty({k, d}, out_opts);
+  if (need[kBias]) out[kBias] = at::empty({k}, out_opts);
+  if (need[kPBias]) out[kPBias] = at::empty({k}, out_opts);
+  if (B == 0) {
+    for (auto& t : out) if (t.defined()) t.zero_();
+    for (int g = 0; g < kGroups; ++g)
+      if (need_mom[g]) out[kMean + g] = at::zeros({0, d}, out_opts);
+    return out;
+  }
+
+  const at::Tensor grad = as_acc(grad_in, acc);
+  const at::Tensor coef = coef_in.contiguous();
+  const TilePlan plan = make_saved_plan(B, k, d, gr.total);
+  const auto roff = group_row_offsets(gr);
+  std::array<at::Tensor, kGroups> dmom_parts;
+  bool need_products = false;
+  for (int g = 0; g < kGroups; ++g)
+    if (gr.on[g] && need_mom[g]) {
+      dmom_parts[g] = at::zeros({plan.nparts, B, d}, acc_opts);
+      need_products = true;
+    }
+  const bool need_qcol = H4 && need_mom[3];
+  at::Tensor qcol_parts = at::zeros({plan.nparts, need_qcol ? d : 0}, acc_opts);
+  at::Tensor qh = (H4 && need_w) ? at::mv(mom[3].t(), grad).mul_(0.5) : at::Tensor();
+
+  std::array<int64_t, kGroups> h_lo{}, h_hi{};
+  h_lo = {need_a ? 0 : 1, need_a ? 0 : 1, 0, 0};
+  h_hi = {need_c ? 2 : 1, need_c ? 3 : 2, need_c ? 3 : 2, need_c ? 1 : 0};
+  // diag(grad) . moment_g: the right-hand sides of the weight-partial GEMMs.
+  std::array<at::Tensor, kGroups> smom;
+  for (int g = 0; g < kGroups; ++g)
+    if (gr.on[g] && need_w && h_hi[g] > h_lo[g]) smom[g] = (mom[g] * grad.unsqueeze(1)).contiguous();
+
+  const scalar_t* Ap = A.template data_ptr<scalar_t>();
+  const scalar_t* Cp = C.template data_ptr<scalar_t>();
+  const acc_t* Gr = grad.template data_ptr<acc_t>();
+  const acc_t* coef_ptr = coef.template data_ptr<acc_t>();
+  scalar_t* dX = need[kX] ? out[kX].template data_ptr<scalar_t>() : nullptr;
+  const bool need_bias_sums = need[kBias] || need[kPBias];
+
+  at::parallel_for(0, plan.nparts, 1, [&](int64_t q_begin, int64_t q_end) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    Workspace<acc_t> ws(gr, plan, d, need_w);
+    for (int64_t q = q_begin; q < q_end; ++q) {
+      acc_t* qcol = need_qcol ? qcol_parts.template data_ptr<acc_t>() + linear_offset(q, 0, d) : nullptr;
+      for (int64_t t = plan.tile_begin(q); t < plan.tile_begin(q + 1); ++t) {
+        const int64_t p0 = plan.pixel_begin(t), np = plan.pixel_count(t);
+        if (need_products || need_qcol)
+          form_products<scalar_t, acc_t, H3, H4>(Ap, Cp, p0, np, d, ws.P, qcol);
+        const acc_t* tile_base = coef_ptr + B * gr.total * p0;
+        std::array<const acc_t*, kGroups> Gg{};
+        for (int g = 0; g < kGroups; ++g) Gg[g] = tile_base + B * roff[g] * np;
+
+        // Bias gradients (column sums of grad * g_ubar, grad * g_vbar) and dx = -grad * g_ubar.
+        if (need_bias_sums || dX != nullptr) {
+          acc_t* SK_RESTRICT db = ws.dbias;
+          acc_t* SK_RESTRICT dpb = ws.dpbias;
+          for (int64_t p = 0; p < np; ++p) db[p] = dpb[p] = acc_t(0);
+          for (int64_t n = 0; n < B; ++n) {
+            const acc_t gn = Gr[n];
+            const acc_t* SK_RESTRICT y0 = Gg[0] + linear_offset(n, 0, 2 * np);
+            if (need_bias_sums) {
+#pragma omp simd
+              for (int64_t p = 0; p < np; ++p) {
+                db[p] += gn * y0[p];
+                dpb[p] += gn * y0[np + p];
+              }
+            }
+            if (dX != nullptr) {
+              scalar_t* dxr = dX + linear_offset(n, p0, k);
+              for (int64_t p = 0; p < np; ++p) dxr[p] = static_cast<scalar_t>(-(gn * y0[p]));
+            }
+          }
+          if (need[kBias]) {
+            scalar_t* o = out[kBias].template data_ptr<scalar_t>() + p0;
+            for (int64_t p = 0; p < np; ++p) o[p] = static_cast<scalar_t>(db[p]);
+          }
+          if (need[kPBias]) {
+            scalar_t* o = out[kPBias].template data_ptr<scalar_t>() + p0;
+            for (int64_t p = 0; p < np; ++p) o[p] = static_cast<scalar_t>(dpb[p]);
+          }
+        }
+
+        for (int g = 0; g < kGroups; ++g) {
+          if (!gr.on[g]) continue;
+          const int64_t cols = gr.rows[g] * np;
+          if (need_mom[g]) {  // (unscaled) d(moment_g) += G_g @ P_g
+            at::Tensor dm = mat(dmom_parts[g].template data_ptr<acc_t>() + linear_offset(q * B, 0, d), B, d, d);
+            gemm(dm, mat(Gg[g], B, cols, cols), mat(ws.P[g], cols, d, d), /*accumulate=*/true);
+          }
+          if (need_w && h_hi[g] > h_lo[g]) {  // H_g = G_g^T @ (diag(grad) moment_g)
+            const int64_t lo = h_lo[g] * np, rows = (h_hi[g] - h_lo[g]) * np;
+            at::Tensor h = mat(ws.H[g] + linear_offset(lo, 0, d), rows, d, d);
+            gemm(h, mat(Gg[g] + lo, B, rows, cols).t(), smom[g], /*accumulate=*/false);
+          }
+        }
+        if (!need_w) continue;
+        fold_weight_grads<scalar_t, acc_t, H3, H4>(
+            Ap, Cp, p0, np, d, ws.H, H4 ? qh.template data_ptr<acc_t>() : nullptr,
+            need_a ? out[kA].template data_ptr<scalar_t>() : nullptr,
+            need_c ? out[kC].template data_ptr<scalar_t>() : nullptr);
+      }
+    }
+  });
+
+  for (int g = 0; g < kGroups; ++g) {
+    if (!need_mom[g] || !gr.on[g]) continue;
+    at::Tensor dm = sum_parts(dmom_parts[g]).mul_(grad.unsqueeze(1));
+    if (g == 3) dm.addr_(grad, sum_parts(qcol_parts), /*beta=*/1, /*alpha=*/0.5);  // Q's rank-one part
+    out[kMean + g] = dm.to(A.scalar_type());
   }
   return out;
 }
@@ -483,6 +789,61 @@ precision_nll_backward(const at::Tensor& grad, const at::Tensor& x, const at::Te
   }
   for (auto& t : out)
     if (!t.defined()) t = empty_grad(x);
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
+}
+
+int64_t precision_coefficient_count(int64_t B, int64_t k, bool has_k3, bool has_k4) {
+  return B * Groups(has_k3, has_k4).total * k;
+}
+
+std::tuple<at::Tensor, at::Tensor>
+precision_nll_train(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                    const c10::optional<at::Tensor>& k3, const c10::optional<at::Tensor>& k4,
+                    const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                    const at::Tensor& precision_weight, const c10::optional<at::Tensor>& precision_bias) {
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "precision_nll_train_cpu", [&] {
+    const Inputs<scalar_t> in(x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias);
+    out = dispatch_cumulants<scalar_t>(given(k3), given(k4), [&](auto h3, auto h4) {
+      return forward_train_impl<scalar_t, decltype(h3)::value, decltype(h4)::value>(in);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+precision_nll_train_backward(const at::Tensor& grad, const at::Tensor& coefficients,
+                             const at::Tensor& mean, const at::Tensor& var,
+                             const c10::optional<at::Tensor>& k3, const c10::optional<at::Tensor>& k4,
+                             const at::Tensor& weight, const at::Tensor& precision_weight,
+                             const std::vector<bool>& needs) {
+  std::array<bool, kNumInputs> need{};
+  const std::array<bool, kNumInputs> present = {true, true, true, given(k3), given(k4), true,
+                                                true, true, true};
+  bool any = false;
+  for (int i = 0; i < kNumInputs; ++i) {
+    need[i] = needs[i] && present[i];
+    any = any || need[i];
+  }
+  std::array<at::Tensor, kNumInputs> out;
+  if (any) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "precision_nll_train_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+      std::array<at::Tensor, kGroups> mom;
+      mom[0] = as_acc(mean, acc);
+      mom[1] = as_acc(var, acc);
+      if (given(k3)) mom[2] = as_acc(*k3, acc);
+      if (given(k4)) mom[3] = as_acc(*k4, acc);
+      out = dispatch_cumulants<scalar_t>(given(k3), given(k4), [&](auto h3, auto h4) {
+        return backward_saved_impl<scalar_t, decltype(h3)::value, decltype(h4)::value>(
+            grad, coefficients, mom, weight, precision_weight, need);
+      });
+    });
+  }
+  for (auto& t : out)
+    if (!t.defined()) t = empty_grad(weight);
   return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
 }
 

@@ -26,6 +26,7 @@ __all__ = [
     "FIXED_INPUTS",
     "PRECISION_INPUTS",
     "register_loss_ops",
+    "register_saved_coefficient_ops",
     "FixedNLLFunction",
     "PrecisionNLLFunction",
 ]
@@ -74,6 +75,52 @@ def register_loss_ops(head: str, backend: str, forward_op, backward_op) -> None:
     torch.library.register_autograd(_qualname(forward_op), _make_backward(backward_op),
                                     setup_context=_setup_context)
     _OPS[(head, backend)] = (forward_op, backward_op)
+
+
+# ----------------------------------------------- training ops that save their coefficients
+# A backend may also provide a training pair (the cpp backend's learnable-precision head):
+#
+#     <name>(<the forward op's inputs>) -> (loss (B,), coefficients)
+#     <name>_backward(grad (B,), coefficients, <saved_inputs>, bool[n] needs) -> n tensors
+#
+# ``coefficients`` is an opaque plain tensor (its shape a function of the input shapes, given
+# by ``fake_coefficients``) that the forward computes anyway and the backward uses instead of
+# recomputing the forward; it carries no gradient. ``saved_inputs`` are the indices of the
+# forward's inputs that the backward op takes after ``coefficients``; it returns one gradient
+# per forward input in the forward's order (empty (0,) tensors where not needed), so its fake
+# kernel can shape them from the forward's inputs. This does not touch register_loss_ops.
+
+
+def register_saved_coefficient_ops(forward_op, backward_op, saved_inputs: tuple[int, ...],
+                                   fake_coefficients: Callable, fake_backward: Callable) -> None:
+    """Register fake kernels and autograd for a (training forward, saved backward) op pair.
+
+    ``fake_coefficients(*inputs)`` returns the coefficients' fake tensor; ``fake_backward`` is
+    the backward op's fake kernel (same arguments as the op).
+    """
+
+    def fake_forward(x: Tensor, *rest) -> tuple[Tensor, Tensor]:
+        return x.new_empty(x.shape[0]), fake_coefficients(x, *rest)
+
+    def setup_context(ctx, inputs, output) -> None:
+        _, coefficients = output
+        ctx.mark_non_differentiable(coefficients)
+        # No (B * n * k) zero gradient for the coefficients: they are only read by the backward.
+        ctx.set_materialize_grads(False)
+        ctx.present = [t is not None for t in inputs]
+        ctx.save_for_backward(coefficients, *(inputs[i] for i in saved_inputs))
+
+    def backward(ctx, grad, _grad_coefficients):
+        needs = [bool(n) and p for n, p in zip(ctx.needs_input_grad, ctx.present)]
+        if grad is None or not any(needs):  # grad None: the loss was not used (zero gradient)
+            return (None,) * len(needs)
+        coefficients, *saved = ctx.saved_tensors
+        grads = backward_op(grad.contiguous(), coefficients, *saved, needs)
+        return tuple(g if need else None for g, need in zip(grads, needs))
+
+    torch.library.register_fake(_qualname(forward_op), fake_forward)
+    torch.library.register_fake(_qualname(backward_op), fake_backward)
+    torch.library.register_autograd(_qualname(forward_op), backward, setup_context=setup_context)
 
 
 def _qualname(op) -> str:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library; its static initialisers register the ops)
-from .autograd import _OPS, register_loss_ops
+from .autograd import _OPS, register_loss_ops, register_saved_coefficient_ops
 
 __all__ = [
     "cpp_ops_registered",
@@ -54,6 +54,45 @@ def _register_once() -> None:
 _register_once()
 
 
+# ------------------------------------------ cpp training pair of the learnable-precision head
+#   precision_nll_train(<the 9 inputs>) -> (loss (B,), coefficients)
+#   precision_nll_train_backward(grad, coefficients, mean, var, k3?, k4?, weight,
+#                                precision_weight, bool[9] needs) -> 9 tensors
+# The forward also returns the unscaled per-pixel coefficients d(pixel loss)/d(contraction)
+# (a flat float32 tensor, float64 for float64 inputs, of B * n * k elements, n = 5 + 3 [k3]
+# + 1 [k4]; layout in csrc/cpu_precision.cpp) so that the backward needs no recomputation.
+# CPU kernels only: the CUDA and Triton backends keep the four ops above.
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_train_coefficients(x, mean, var, k3, k4, *rest) -> Tensor:
+    n = 5 + (3 if k3 is not None else 0) + (1 if k4 is not None else 0)
+    return x.new_empty(x.shape[0] * n * x.shape[1], dtype=_acc_dtype(x.dtype))
+
+
+def _fake_train_backward(grad, coefficients, mean, var, k3, k4, weight, precision_weight, needs):
+    B, (k, d) = grad.shape[0], weight.shape
+    shapes = [(B, k), mean.shape, var.shape, None if k3 is None else k3.shape,
+              None if k4 is None else k4.shape, (k, d), (k,), (k, d), (k,)]
+    return tuple(weight.new_empty(s) if (need and s is not None) else weight.new_empty(0)
+                 for s, need in zip(shapes, needs))
+
+
+def _register_train_once() -> None:
+    if ("precision", "cpp-train") in _OPS:
+        return
+    forward, backward = _NS.precision_nll_train.default, _NS.precision_nll_train_backward.default
+    # The backward takes mean, var, k3, k4, weight, precision_weight after the coefficients.
+    register_saved_coefficient_ops(forward, backward, (1, 2, 3, 4, 5, 7),
+                                   _fake_train_coefficients, _fake_train_backward)
+    _OPS[("precision", "cpp-train")] = (forward, backward)
+
+
+_register_train_once()
+
+
 def _has_kernel(dispatch_key: str) -> bool:
     return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"silent_kernels::{name}", dispatch_key)
                for name in _OP_NAMES)
@@ -78,13 +117,29 @@ def cpp_fixed_nll(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Op
 def cpp_precision_nll(x: Tensor, mean: Tensor, var: Tensor, k3: Optional[Tensor], k4: Optional[Tensor],
                       weight: Tensor, bias: Optional[Tensor], precision_weight: Tensor,
                       precision_bias: Optional[Tensor]) -> Tensor:
-    """Per-sample learnable-precision loss (B,) by the compiled op."""
-    return _NS.precision_nll.default(x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias)
+    """Per-sample learnable-precision loss (B,) by the compiled op.
+
+    When autograd will need a gradient (grad mode on and some input requires grad) and the
+    tensors are on the CPU, the training op is used: its forward saves the per-pixel
+    coefficients so that the backward does not recompute the contractions. Otherwise (e.g.
+    inference) the plain op, which saves nothing.
+    """
+    args = (x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias)
+    if (x.device.type == "cpu" and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in args)):
+        return _NS.precision_nll_train.default(*args)[0]
+    return _NS.precision_nll.default(*args)
 
 
 # Same ops: the dispatcher picks the CUDA kernels for CUDA tensors.
 cuda_fixed_nll = cpp_fixed_nll
-cuda_precision_nll = cpp_precision_nll
+
+
+def cuda_precision_nll(x: Tensor, mean: Tensor, var: Tensor, k3: Optional[Tensor], k4: Optional[Tensor],
+                       weight: Tensor, bias: Optional[Tensor], precision_weight: Tensor,
+                       precision_bias: Optional[Tensor]) -> Tensor:
+    """Per-sample learnable-precision loss (B,) by the compiled op (CUDA kernels)."""
+    return _NS.precision_nll.default(x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias)
 
 
 def linear_offset(row: int, col: int, ld: int) -> int:

@@ -494,3 +494,107 @@ def test_kernel_entry_checks_name_the_argument():
         OPS.fixed_nll_backward(torch.ones(3, dtype=torch.float64), *fargs, [True] * 6)
     with pytest.raises(RuntimeError, match="x: expected dtype"):
         OPS.fixed_nll(fargs[0].int(), *fargs[1:])
+
+
+# ------------------------------------- training pair: forward saves coefficients, backward reuses
+def _train_backward_args(args):
+    x, mean, var, k3, k4, weight, bias, pweight, pbias = args
+    return [mean, var, k3, k4, weight, pweight]
+
+
+@pytest.mark.parametrize("k3, k4, biases", [(True, True, True), (False, False, False), (False, True, True),
+                                            (True, False, False)])
+def test_train_ops_match_the_plain_ops(k3, k4, biases):
+    args = _precision_args(B=6, d=5, k=37, k3=k3, k4=k4, biases=biases, seed=3)
+    loss, coef = OPS.precision_nll_train(*args)
+    torch.testing.assert_close(loss, OPS.precision_nll(*args), rtol=1e-13, atol=1e-13)
+    assert coef.shape == (6 * (5 + 3 * k3 + k4) * 37,) and coef.dtype == torch.float64
+    grad = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0, -0.25], dtype=torch.float64)
+    needs = [True, True, True, k3, k4, True, biases, True, biases]
+    ref = OPS.precision_nll_backward(grad, *args, needs)
+    full = OPS.precision_nll_train_backward(grad, coef, *_train_backward_args(args), needs)
+    for i, (a, b) in enumerate(zip(ref, full)):
+        assert a.shape == b.shape, i
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-13)
+    for i in range(9):  # one gradient at a time: the same values, the rest empty
+        one = [n and j == i for j, n in enumerate(needs)]
+        out = OPS.precision_nll_train_backward(grad, coef, *_train_backward_args(args), one)
+        for j, g in enumerate(out):
+            if one[j]:
+                torch.testing.assert_close(g, full[j], rtol=1e-12, atol=1e-14)
+            else:
+                assert g.shape == (0,), (i, j, g.shape)
+
+
+def test_cpp_entry_uses_the_train_op_only_when_grads_are_needed():
+    args = _precision_args(B=3, d=4, k=5)
+    called = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            called.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        sk_ops.cpp_precision_nll(*args)  # nothing requires grad
+    assert "silent_kernels::precision_nll" in called and "silent_kernels::precision_nll_train" not in called
+    called.clear()
+    leaf = [a.detach().clone().requires_grad_() if a is not None else None for a in args]
+    with torch.no_grad(), Record():
+        sk_ops.cpp_precision_nll(*leaf)
+    assert "silent_kernels::precision_nll_train" not in called
+    called.clear()
+    with Record():
+        sk_ops.cpp_precision_nll(*leaf).sum().backward()
+    assert "silent_kernels::precision_nll_train" in called
+    assert "silent_kernels::precision_nll_train_backward" in called
+    assert "silent_kernels::precision_nll_backward" not in called
+
+
+@pytest.mark.parametrize("k3, k4, biases", [(True, True, True), (False, False, False), (False, True, True)])
+def test_gradcheck_train_op(k3, k4, biases):
+    args = _precision_args(B=3, d=4, k=5, k3=k3, k4=k4, biases=biases, seed=2)
+    inputs = [a.detach().clone().requires_grad_() if a is not None else None for a in args]
+    assert torch.autograd.gradcheck(lambda *t: OPS.precision_nll_train(*t)[0], inputs, eps=1e-6, atol=1e-7)
+    # reduction="none" with a non-uniform upstream gradient through the cpp entry point
+    assert torch.autograd.gradcheck(lambda *t: sk_ops.cpp_precision_nll(*t) * torch.tensor(
+        [1.0, -2.0, 0.5], dtype=torch.float64), inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("variant", ["full", "gaussian_no_bias", "k4_only"])
+def test_opcheck_train_ops(variant):
+    kw = {"full": {}, "gaussian_no_bias": dict(k3=False, k4=False, biases=False),
+          "k4_only": dict(k3=False)}[variant]
+    args = _precision_args(**kw)
+    _opcheck(OPS.precision_nll_train.default, args)
+    grad_args = [a.detach().clone().requires_grad_() if a is not None else None for a in args]
+    _opcheck(OPS.precision_nll_train.default, grad_args)
+    _, coef = OPS.precision_nll_train(*args)
+    needs = [True, False, True, True, False, True, True, False, True]
+    _opcheck(OPS.precision_nll_train_backward.default,
+             [torch.ones(4, dtype=torch.float64), coef, *_train_backward_args(args), needs])
+
+
+def test_train_backward_checks_the_coefficients():
+    args = _precision_args()
+    _, coef = OPS.precision_nll_train(*args)
+    rest = _train_backward_args(args)
+    with pytest.raises(RuntimeError, match="coefficients: expected a 1-D tensor of"):
+        OPS.precision_nll_train_backward(torch.ones(4, dtype=torch.float64), coef[:-1], *rest, [True] * 9)
+    with pytest.raises(RuntimeError, match="coefficients: expected dtype"):
+        OPS.precision_nll_train_backward(torch.ones(4, dtype=torch.float64), coef.float(), *rest, [True] * 9)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-7, 1e-3, 1.0, 1e3, 1e8])
+def test_float32_log_term_over_a_wide_range_of_precisions(scale):
+    # The float32 kernels take log M with their own vectorised log: M from the floor (1e-12)
+    # to ~1e17 must give the float64 loss to float32 accuracy, in both forward ops.
+    g = torch.Generator().manual_seed(1)
+    B, d, k = 16, 8, 333
+    r = lambda *s: torch.rand(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    n = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    args = [r(B, k), r(B, d), 0.1 * r(B, d), None, None, n(k, d), None, scale * n(k, d), scale * n(k)]
+    l64 = OPS.precision_nll(*args)
+    args32 = [a.float() if a is not None else None for a in args]
+    for l32 in (OPS.precision_nll(*args32), OPS.precision_nll_train(*args32)[0]):
+        torch.testing.assert_close(l32.double(), l64, rtol=2e-6, atol=0)
