@@ -124,7 +124,8 @@ def register_saved_coefficient_ops(forward_op, backward_op, saved_inputs: tuple[
 
 
 def _qualname(op) -> str:
-    name = getattr(op, "_qualname", None) or getattr(op, "_name", None)
+    name = (getattr(op, "_qualname", None) or getattr(op, "_name", None)        # custom_op / OpOverload
+            or getattr(op, "_qualified_op_name", None))                          # OpOverloadPacket
     if name is None:
         raise TypeError(f"cannot find the qualified name of {op!r}")
     return name
