@@ -24,25 +24,30 @@ def _clear_grads(leaves) -> None:
 
 
 def _one(runner: Runner, mode: str, leaves, device: str) -> float:
-    """Seconds for one call of `mode` (the forward of a backward-only call is untimed)."""
+    """Seconds for one call of `mode` (the forward of a backward-only call is untimed).
+    CPU: perf_counter wall clock; CUDA: CUDA events around the timed region."""
     _clear_grads(leaves)
+    out = runner.forward() if mode == "backward" else None
+    _sync(device)
+    if device == "cuda":
+        start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start_event.record()
+    start = time.perf_counter()
     if mode == "backward":
-        out = runner.forward()
-        _sync(device)
-        start = time.perf_counter()
         runner.backward(out)
     else:
-        _sync(device)
-        start = time.perf_counter()
         out = runner.forward()
         if mode == "forward+backward":
             runner.backward(out)
-    _sync(device)
+    if device == "cuda":
+        end_event.record()
+        end_event.synchronize()
+        return start_event.elapsed_time(end_event) / 1e3
     return time.perf_counter() - start
 
 
 def time_runner(runner: Runner, mode: str, leaves, device: str, reps: int, warmup: int) -> dict:
-    """Wall-clock samples (CPU: perf_counter; CUDA: perf_counter around synchronised calls)."""
+    """Timing samples in seconds (CPU: wall clock; CUDA: CUDA events)."""
     for _ in range(warmup):
         _one(runner, mode, leaves, device)
     samples = [_one(runner, mode, leaves, device) for _ in range(reps)]
