@@ -34,7 +34,7 @@ def demo_config(estimator: str, epochs: int, seed: int, lr: float, progress: boo
     return make_config("cpu", dict(
         dataset="digits", latent="gaussian", decoder="linear", variance="fixed", sigma2=0.01,
         latent_dim=200, estimator=estimator, epochs=epochs, batch_size=64, lr=lr, seed=seed,
-        enc_channels=[8, 8, 8], figures=False, progress=progress, gradvar_draws=100,
+        figures=False, progress=progress, gradvar_draws=100,
         gradvar_batch=64))
 
 
@@ -59,7 +59,7 @@ def analytic_vs_monte_carlo(model, images, samples: int = 1024, chunk: int = 128
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m silent_kernels.api.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join("runs", "demo"), help="run folder (default runs/demo)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--draws", type=int, default=100, help="latent draws for the gradient variance")
