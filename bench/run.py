@@ -27,7 +27,8 @@ from .problems import HEADS, LATENTS, Problem, make_inputs
 from .providers import PROVIDERS, prepare
 
 SHAPES = {"mnist": (64, 200, 784), "cifar": (128, 256, 3072), "large": (256, 512, 3072)}
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO_ROOT, "bench", "results")
 
 
 def _csv(value: str) -> list[str]:
@@ -72,7 +73,7 @@ def shape_of(name: str) -> tuple[int, int, int]:
 def environment() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(RESULTS_DIR), check=False).stdout.strip()
+                                cwd=REPO_ROOT, check=False).stdout.strip()
     except OSError:
         commit = ""
     env = {"python": sys.version.split()[0], "platform": platform.platform(),
@@ -104,7 +105,8 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"  {p.label:<42} {name:<19} {mode:<17} {1e3 * t['median_s']:9.3f} ms",
                       file=sys.stderr, flush=True)
     add_ratios(records)
-    return {"environment": environment(), "args": vars(args), "records": records, "skipped": skipped}
+    recorded_args = {**vars(args), "out": os.path.relpath(args.out, REPO_ROOT)}
+    return {"environment": environment(), "args": recorded_args, "records": records, "skipped": skipped}
 
 
 def add_ratios(records: list[dict]) -> None:
