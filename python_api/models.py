@@ -198,10 +198,11 @@ class AnalyticLinearDecoder(nn.Module):
             to the constant precision 1/sqrt(sigma2)).
         sigma2: the fixed variance, or the initial variance of the learnable ones.
         backend: passed to ``analytic_nll``.
+        init_scale: multiplies nn.Linear's default initialisation of the mean weights W.
     """
 
     def __init__(self, latent_dim: int, image_shape: Sequence[int], variance: str = "fixed",
-                 sigma2: float = 0.01, backend: str = "auto"):
+                 sigma2: float = 0.01, backend: str = "auto", init_scale: float = 1.0):
         super().__init__()
         if variance not in VARIANCES:
             raise ValueError(f"variance: expected one of {', '.join(VARIANCES)}, got {variance!r}")
@@ -212,6 +213,8 @@ class AnalyticLinearDecoder(nn.Module):
         self.variance = variance
         self.backend = backend
         self.mu = nn.Linear(latent_dim, k)
+        with torch.no_grad():
+            self.mu.weight.mul_(init_scale)
         if variance == "fixed":
             self.register_buffer("sigma2", torch.tensor(float(sigma2)))
         elif variance == "scalar":
@@ -419,6 +422,20 @@ def default_channels(arch: str) -> tuple[list, list]:
     return [64, 128, 256, 512], [512, 256, 128, 64]
 
 
+def linear_init_scale(cfg) -> float:
+    """``cfg.linear_init_scale``, or by default 1 for Gaussian and 0.01 for Bernoulli latents.
+
+    Why: at initialisation E_q[z] = 1/2 for Bernoulli latents (0 for Gaussian ones), so with
+    nn.Linear's default W the residual x - W E[z] - b is dominated by the image-independent
+    -W 1/2 and the exact gradient pushes every logit of every image the same way; with
+    sigma^2 = 0.01 and Adam the codes saturate to one constant code within ~20 steps (measured:
+    validation MSE stuck at 52.2 = the data variance for lr 3e-5 ... 1e-3). At 0.01x the
+    codes become image-dependent first (MSE 19.3 after 2 epochs)."""
+    if cfg.linear_init_scale is not None:
+        return float(cfg.linear_init_scale)
+    return 0.01 if cfg.latent == "bernoulli" else 1.0
+
+
 def build_model(cfg, image_shape: Sequence[int]) -> VAE:
     """The VAE a ``TrainConfig`` describes (see train.TrainConfig for the fields)."""
     arch = resolve_arch(cfg.arch, image_shape)
@@ -433,7 +450,7 @@ def build_model(cfg, image_shape: Sequence[int]) -> VAE:
     linear = nonlinear = None
     if cfg.decoder in ("linear", "dual"):
         linear = AnalyticLinearDecoder(cfg.latent_dim, image_shape, cfg.variance, cfg.sigma2,
-                                       backend=cfg.backend)
+                                       backend=cfg.backend, init_scale=linear_init_scale(cfg))
     if cfg.decoder in ("nonlinear", "dual"):
         floor = LOGVAR_FLOOR if cfg.logvar_floor is None else cfg.logvar_floor
         nonlinear = dec_cls(cfg.latent_dim, image_shape, cfg.variance, channels=dec_ch,

@@ -31,9 +31,11 @@ learning-rate grid; for a GPU). Every cell (arm x grid point x seed) is one ``Tr
 leaves one small JSON file in ``--out/<preset>/<scale>/<cell>.json``; finished cells are skipped,
 so ``run`` can be repeated or split (``--arms``, ``--seeds``). Learning rates (and at ``paper``
 scale the Algorithm 1 annealing rate and cut-off) are chosen per arm like the paper: the grid
-point with the lowest mean final *validation* BPD over seeds (a holdout split of the training
-set at smoke/cpu scale; the paper's validation set = the MNIST test split at paper scale); the
-"with SG" arms take the learning rate chosen for their baseline (paper Appendix B.3). Reported
+point with the lowest mean final *validation* BPD (a holdout split of the training set at
+smoke/cpu scale; the paper's validation set = the MNIST test split at paper scale); the
+"with SG" arms take the learning rate chosen for their baseline (paper Appendix B.3). To fit
+the budget, smoke/cpu scale screen the grid on seed 0 only (``Plan.screen_seeds``) and run the
+other seeds at the chosen point; points are compared on the seeds they all share. Reported
 numbers are then *test* metrics of the chosen point (MNIST t10k at cpu/paper scale).
 
 Report: ``report`` reads the JSON files only (no checkpoints) and writes one Markdown file:
@@ -159,6 +161,23 @@ class Plan:
     source: Optional[str] = None             # table1: its cells live in table2
     ppca: dict = field(default_factory=dict)  # settings of the ppca experiment
     test_split: bool = True                  # evaluate the chosen cells on the test split
+    screen_seeds: Optional[list] = None      # seeds that run every grid point (None: all seeds)
+
+    @property
+    def choice_seeds(self) -> list:
+        """The seeds every grid point runs; the rest run at the chosen point only."""
+        return list(self.screen_seeds) if self.screen_seeds else list(self.seeds)
+
+    def n_cells(self) -> int:
+        n = 0
+        for a in self.arms:
+            points = len(grid_points(a.grid))
+            if a.inherit or not self.screen_seeds:
+                n += points * len(self.seeds)
+            else:
+                screened = [s for s in self.seeds if s in self.screen_seeds]
+                n += points * len(screened) + len(self.seeds) - len(screened)
+        return n
 
 
 _SHORT = {"lr": "lr", "anneal_rate": "ar", "cutoff_epoch": "co"}
@@ -216,6 +235,9 @@ _PAPER = dict(dataset="mnist", val_split="test", latent_dim=200, enc_channels=[3
               gradvar_draws=100, gradvar_batch=64, progress=False, figures=False)
 _LR_GRID = {"smoke": [1e-3, 3e-3], "cpu": [5e-4, 1e-3], "paper": [1e-4, 5e-4, 1e-5, 5e-5]}
 _SEEDS = {"smoke": [0, 1], "cpu": [0, 1, 2], "paper": [0, 1, 2]}
+# Learning-rate screening: every grid point runs these seeds, the chosen point then runs the
+# others (cpu: 4 cells per arm instead of 6; smoke: exercises the same path in CI).
+_SCREEN = {"smoke": [0], "cpu": [0], "paper": None}
 
 
 def _base(scale: str, data_root: Optional[str]) -> dict:
@@ -249,7 +271,7 @@ def _plan_table2(scale: str, data_root, source: Optional[str] = None) -> Plan:
                              ("reinforce", "bernoulli", "reinforce")):
         arms.append(Arm(key, {**base, "latent": latent, "estimator": est}, {"lr": _LR_GRID[scale]}))
     seeds = _SEEDS[scale]
-    n_cells = len(arms) * len(_LR_GRID[scale]) * len(seeds)
+    n_cells = Plan("table2", scale, "train", arms, seeds, "", "", screen_seeds=_SCREEN[scale]).n_cells()
     budget = {"smoke": f"{n_cells} tiny cells, seconds",
               "paper": f"{n_cells} cells of 500 MNIST epochs (GPU)",
               "cpu": _estimate([("linear", epochs, 3, 10_000)] * n_cells, "cpu")}[scale]
@@ -257,12 +279,13 @@ def _plan_table2(scale: str, data_root, source: Optional[str] = None) -> Plan:
         "smoke": "embedded 5,000 digits (64 training images), d = 8, 3 epochs: plumbing only",
         "cpu": ("MNIST: 10,000 training images (2,000 more held out for the learning-rate choice), "
                 "30 epochs (paper: 60,000 images, 500 epochs, i.e. ~100x fewer updates), encoder "
-                "channels 8,16,16, lr grid {5e-4, 1e-3} (paper: {1e-4, 5e-4, 1e-5, 5e-5}), gradient "
+                "channels 8,16,16, lr grid {5e-4, 1e-3} (paper: {1e-4, 5e-4, 1e-5, 5e-5}) screened on "
+                "seed 0 (the continuous arms ran every seed at both points), gradient "
                 "variance at epochs 1 / 12 / 30 standing for the paper's 10 / 200 / 500"),
         "paper": "the paper's schedule (Appendix B.3): 500 epochs, batch 64, lr grid {1e-4, 5e-4, 1e-5, 5e-5}",
     }[scale]
     return Plan(source or "table2", scale, "train", arms, seeds, budget, note,
-                source="table2" if source else None)
+                source="table2" if source else None, screen_seeds=_SCREEN[scale])
 
 
 def _plan_table34(scale: str, data_root, dataset: str = "mnist") -> Plan:
@@ -305,7 +328,8 @@ def _plan_table34(scale: str, data_root, dataset: str = "mnist") -> Plan:
     cells = []
     for a in arms:
         kind = "nonlinear" if a.overrides["decoder"] == "nonlinear" else "dual"
-        cells += [(kind, a.overrides["epochs"], 0, 10_000)] * (len(grid_points(a.grid)) * len(seeds))
+        n = Plan("table34", scale, "train", [a], seeds, "", "", screen_seeds=_SCREEN[scale]).n_cells()
+        cells += [(kind, a.overrides["epochs"], 0, 10_000)] * n
     budget = {"smoke": f"{len(cells)} tiny cells, seconds",
               "paper": f"{len(cells)} cells ({dataset}, GPU)",
               "cpu": _estimate(cells, "cpu")}[scale]
@@ -313,14 +337,15 @@ def _plan_table34(scale: str, data_root, dataset: str = "mnist") -> Plan:
         "smoke": "embedded digits, 64 training images, d = 8, 3 epochs: plumbing only",
         "cpu": ("MNIST: 10,000 training images (+2,000 holdout for the choice), 15 epochs (REINFORCE 22; "
                 "paper: 60,000 images, 200 / 300 epochs), channels enc 8,16,16 / dec 8,16,16,16,16 "
-                "(paper: not stated; our paper scale uses 32,64,64 / 64x5), lr grid {5e-4, 1e-3}; "
+                "(paper: not stated; our paper scale uses 32,64,64 / 64x5), lr grid {5e-4, 1e-3} screened on "
+                "seed 0; "
                 "Algorithm 1 not searched: w_lin annealed to 0 by mid-training (lambda = 2/15), no "
                 "encoder cut-off for the 'with SG' arms, cut-off at epoch 12 for 'SG alone' (paper: "
                 "lambda in {1e-2, 5e-2, 1e-3, 5e-3} x cut-off in {50, 80, 100, 150, 200})"),
         "paper": "the paper's schedule and grids (Appendix B.3)",
     }[scale]
     name = "table34" if dataset == "mnist" else f"table34-{dataset}"
-    return Plan(name, scale, "train", arms, seeds, budget, note)
+    return Plan(name, scale, "train", arms, seeds, budget, note, screen_seeds=_SCREEN[scale])
 
 
 def _plan_m1(scale: str, data_root) -> Plan:
@@ -331,7 +356,7 @@ def _plan_m1(scale: str, data_root) -> Plan:
     arms = [Arm("elbo", {**base, "objective": "elbo"}, {"lr": _LR_GRID[scale]}),
             Arm("m1", {**base, "objective": "m1"}, {"lr": _LR_GRID[scale]})]
     seeds = _SEEDS[scale]
-    n = 2 * len(_LR_GRID[scale]) * len(seeds)
+    n = Plan("m1", scale, "train", arms, seeds, "", "", screen_seeds=_SCREEN[scale]).n_cells()
     budget = {"smoke": f"{n} tiny cells, seconds", "paper": f"{n} cells of 500 MNIST epochs",
               "cpu": _estimate([("linear", epochs, 0, 10_000)] * n, "cpu")}[scale]
     note = {
@@ -339,10 +364,10 @@ def _plan_m1(scale: str, data_root) -> Plan:
         "cpu": ("MNIST 28x28 (10,000 training images, 30 epochs), the paper's linear-decoder VAE with a "
                 "learned scalar variance; that paper used 32x32 MNIST/Fashion/CelebA, DCGAN/ResNet "
                 "decoders, S = 5 samples, J = 5 encoder updates per decoder update and 1,000 epochs "
-                "(ours: analytic, one joint update per batch)"),
+                "(ours: analytic, one joint update per batch); lr grid {5e-4, 1e-3} screened on seed 0"),
         "paper": "500 epochs, batch 64, lr grid of the main paper, linear decoder",
     }[scale]
-    return Plan("m1", scale, "train", arms, seeds, budget, note)
+    return Plan("m1", scale, "train", arms, seeds, budget, note, screen_seeds=_SCREEN[scale])
 
 
 def _plan_ppca(scale: str) -> Plan:
@@ -501,9 +526,11 @@ def _is_done(spec: dict) -> bool:
         res = _read_json(path)
     except (OSError, json.JSONDecodeError):
         return False
-    from .train import make_config
+    from .train import TrainConfig, make_config
     want = _identity(make_config(None, spec["config"]).to_dict())
-    if res.get("config") != want:
+    # a field added after the result was written counts as its default (default = old behaviour)
+    have = {**_identity(TrainConfig().to_dict()), **res.get("config", {})}
+    if have != want:
         print(f"  {spec['name']}: the stored result has a different config; it will be re-run",
               file=sys.stderr)
         return False
@@ -525,27 +552,37 @@ def load_results(folder: str) -> list:
 
 
 def choose(results: list, arm: str, seeds: Optional[list] = None) -> Optional[dict]:
-    """The chosen grid point of ``arm``: among points whose every seed finished with finite
-    values, the lowest mean final validation BPD. Returns {point, score, table} or None."""
+    """The chosen grid point of ``arm``. Eligible: every one of its cells finished with finite
+    values and ``seeds`` (all seeds when None) are among them. Eligible points are compared on
+    the seeds they all share (the screening seeds, or every seed where every point ran them):
+    the lowest mean final validation BPD wins. Returns {point, score, seeds, table} or None."""
     by_point: dict = {}
     for r in results:
         if r.get("arm") != arm:
             continue
-        by_point.setdefault(json.dumps(r["point"], sort_keys=True), []).append(r)
+        by_point.setdefault(json.dumps(r["point"], sort_keys=True), {})[r["seed"]] = r
+    eligible = {}
+    for key, rs in by_point.items():
+        ok = all(r["status"] == "ok" and r["final_val"].get("bpd") is not None for r in rs.values())
+        if ok and (seeds is None or set(seeds) <= set(rs)):
+            eligible[key] = rs
+    shared = set.intersection(*(set(rs) for rs in eligible.values())) if eligible else set()
     table, best = [], None
     for key, rs in sorted(by_point.items()):
-        have = {r["seed"] for r in rs}
-        ok = all(r["status"] == "ok" and r["final_val"].get("bpd") is not None for r in rs)
-        complete = seeds is None or set(seeds) <= have
-        score = (sum(r["final_val"]["bpd"] for r in rs) / len(rs)) if ok else None
-        table.append({"point": json.loads(key), "n": len(rs), "val_bpd": score,
-                      "eligible": ok and complete})
-        if ok and complete and (best is None or score < best["score"]):
-            best = {"point": json.loads(key), "score": score}
+        on = sorted(shared) if key in eligible else sorted(s for s in rs if rs[s]["final_val"].get("bpd") is not None)
+        score = sum(rs[s]["final_val"]["bpd"] for s in on) / len(on) if on else None
+        table.append({"point": json.loads(key), "n": len(rs), "val_bpd": score, "eligible": key in eligible})
+        if key in eligible and (best is None or score < best["score"]):
+            best = {"point": json.loads(key), "score": score, "seeds": sorted(shared)}
     if best is None:
         return None
     best["table"] = table
     return best
+
+
+def _narrow(arm: Arm, point: dict) -> Arm:
+    """``arm`` with its grid reduced to ``point``."""
+    return Arm(arm.key, arm.overrides, {k: [v] for k, v in point.items() if k in arm.grid}, arm.inherit)
 
 
 def run_preset(preset: str, scale: str, *, out_dir: str = "docs/results", runs_dir: str = "runs/reproduce",
@@ -571,16 +608,37 @@ def run_preset(preset: str, scale: str, *, out_dir: str = "docs/results", runs_d
     folder = os.path.join(out_dir, p.source or p.preset, scale)
     selected = [a for a in p.arms if not arms or a.key in arms]
     ran = skipped = 0
-    # phase 1: arms with their own grid; phase 2: arms that inherit a chosen value
+    screen = p.choice_seeds
+    # phase 1: arms with their own grid (every point on the screening seeds, then the other
+    # seeds at the chosen point); phase 2: arms that inherit a chosen value (every seed)
     for phase in (0, 1):
         phase_arms = [a for a in selected if bool(a.inherit) == bool(phase)]
         if not phase_arms:
             continue
         chosen = {}
-        if phase:
+        if not phase:
+            specs = _cells(p, phase_arms, out_dir, runs_dir, chosen, [s for s in seeds if s in screen])
+            todo = [s for s in specs if not _is_done(s)]
+            skipped += len(specs) - len(todo)
+            ran += _execute(todo, jobs, log, f"[{p.preset} {scale}]")
+            rest = [s for s in seeds if s not in screen]
+            if not rest:
+                continue
+            results = load_results(folder)
+            narrowed = []
+            for a in phase_arms:
+                c = choose(results, a.key, screen)
+                if c is None:
+                    log(f"[{p.preset} {scale}] {a.key}: no grid point finished on seeds {screen}; "
+                        f"seeds {rest} not run")
+                else:
+                    narrowed.append(_narrow(a, c["point"]))
+            phase_arms, seeds_now = narrowed, rest
+        else:
+            seeds_now = seeds
             results = load_results(folder)
             for a in p.arms:
-                c = choose(results, a.key, p.seeds)
+                c = choose(results, a.key, screen)
                 chosen[a.key] = c["point"] if c else None
             ready = []
             for a in phase_arms:
@@ -591,7 +649,7 @@ def run_preset(preset: str, scale: str, *, out_dir: str = "docs/results", runs_d
                 else:
                     ready.append(a)
             phase_arms = ready
-        specs = _cells(p, phase_arms, out_dir, runs_dir, chosen, seeds)
+        specs = _cells(p, phase_arms, out_dir, runs_dir, chosen, seeds_now)
         todo = [s for s in specs if not _is_done(s)]
         skipped += len(specs) - len(todo)
         ran += _execute(todo, jobs, log, f"[{p.preset} {scale}]")
@@ -662,7 +720,7 @@ def _reconstruction_figures(p: Plan, folder: str, runs_dir: str, log: Callable) 
     results = load_results(folder)
     models, images = {}, None
     for a in p.arms:
-        c = choose(results, a.key, p.seeds)
+        c = choose(results, a.key, p.choice_seeds)
         if c is None:
             continue
         rs = sorted((r for r in results if r["arm"] == a.key and r["point"] == c["point"]),
@@ -903,7 +961,7 @@ def _section_table2(results_dir, scale, out_path, figures: bool) -> tuple:
     s.add(f"Scale: {p.scale_note}.", "", _describe_ours(results, p) + ".", "")
     rows, per = [], {}
     for a in p.arms:
-        c, rs = _chosen_cells(results, a.key, p.seeds)
+        c, rs = _chosen_cells(results, a.key, p.choice_seeds)
         if c is None:
             rows.append((LABELS[a.key], "no complete result", "", "", "", ""))
             continue
@@ -1040,7 +1098,7 @@ def _section_table34(results_dir, preset, scale, out_path, figures: bool) -> _Se
     s.add(f"Scale: {p.scale_note}.", "", _describe_ours(results, p) + ".", "")
     rows, per = [], {}
     for key in order:
-        c, rs = _chosen_cells(results, key, p.seeds)
+        c, rs = _chosen_cells(results, key, p.choice_seeds)
         if c is None:
             rows.append((LABELS[key], "no complete result", "", "", ""))
             continue
@@ -1139,7 +1197,7 @@ def _section_m1(results_dir, scale, out_path, figures: bool) -> _Section:
     s.add(f"Scale: {p.scale_note}.", "", _describe_ours(results, p) + ".", "")
     rows, per = [], {}
     for key in ("elbo", "m1"):
-        c, rs = _chosen_cells(results, key, p.seeds)
+        c, rs = _chosen_cells(results, key, p.choice_seeds)
         if c is None:
             rows.append((LABELS[key], "no complete result", "", "", "", ""))
             continue
@@ -1264,8 +1322,9 @@ def main(argv=None) -> int:
             if pl.kind == "ppca":
                 print(f"{preset:20s} seeds {pl.seeds}: {pl.budget}")
                 continue
-            cells = sum(len(grid_points(a.grid)) for a in pl.arms) * len(pl.seeds)
-            print(f"{preset:20s} {len(pl.arms)} arms, {cells} cells, seeds {pl.seeds}"
+            cells = pl.n_cells()
+            screened = f", grid screened on seeds {pl.screen_seeds}" if pl.screen_seeds else ""
+            print(f"{preset:20s} {len(pl.arms)} arms, {cells} cells, seeds {pl.seeds}{screened}"
                   f"{' (cells of ' + pl.source + ')' if pl.source else ''}: {pl.budget}")
             for a in pl.arms:
                 print(f"    {a.key:18s} grid {a.grid or '-'}"

@@ -98,6 +98,7 @@ class TrainConfig:
     enc_channels: Optional[list] = None   # None: (8, 16, 16) mnist / (64, 128, 256, 512) strided
     dec_channels: Optional[list] = None   # None: (8, 16, 16, 16, 16) / (512, 256, 128, 64)
     backend: str = "auto"               # analytic_nll backend
+    linear_init_scale: Optional[float] = None  # linear head W init x this (None: 1 Gaussian, 0.01 Bernoulli)
     # estimator
     estimator: str = "silent"           # silent | reparam | gumbel | reinforce | variance-loss
     temperature: float = 0.5            # gumbel
@@ -173,7 +174,7 @@ class TrainConfig:
         for name in ("sigma2", "temperature"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("lr", "lr_mu", "lr_alpha", "weight_decay"):
+        for name in ("lr", "lr_mu", "lr_alpha", "weight_decay", "linear_init_scale"):
             if getattr(self, name) is not None and not float(getattr(self, name)) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.anneal_rate < 0:

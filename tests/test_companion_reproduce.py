@@ -28,12 +28,13 @@ def smoke(tmp_path_factory):
 
 def test_every_preset_ran_at_smoke_scale(smoke):
     ran = smoke["ran"]
-    assert ran["table2"]["ran"] == 5 * 2 * 2            # arms x lr grid x seeds
-    assert ran["table1"] == {**ran["table1"], "ran": 0, "skipped": 20}   # the cells of table2
-    assert ran["table34"]["ran"] == 5 * 2 * 2 + 3 * 2   # grid arms + "with SG" arms (inherited lr)
+    # arms x (lr grid on the screening seed 0 + seed 1 at the chosen point)
+    assert ran["table2"]["ran"] == 5 * (2 + 1)
+    assert ran["table1"] == {**ran["table1"], "ran": 0, "skipped": 15}   # the cells of table2
+    assert ran["table34"]["ran"] == 5 * (2 + 1) + 3 * 2   # grid arms + "with SG" arms (inherited lr)
     assert ran["ppca"]["ran"] == 2
-    assert ran["m1"]["ran"] == 2 * 2 * 2
-    for preset, n in (("table2", 20), ("table34", 26), ("m1", 8), ("ppca", 2)):
+    assert ran["m1"]["ran"] == 2 * (2 + 1)
+    for preset, n in (("table2", 15), ("table34", 21), ("m1", 6), ("ppca", 2)):
         files = [f for f in os.listdir(os.path.join(smoke["out"], preset, "smoke")) if f.endswith(".json")]
         assert len(files) == n
     # results are small JSON files with the curves, the test metrics and the gradient variance
@@ -45,8 +46,17 @@ def test_every_preset_ran_at_smoke_scale(smoke):
     assert os.path.getsize(os.path.join(smoke["out"], "table2", "smoke", "reinforce__lr1e-03__s0.json")) < 20_000
     # the "with SG" arms took the learning rate chosen for their baseline
     res = reproduce.load_results(os.path.join(smoke["out"], "table34", "smoke"))
-    chosen = choose(res, "gumbel", [0, 1])["point"]
+    chosen = choose(res, "gumbel", [0])["point"]
     assert {r["point"]["lr"] for r in res if r["arm"] == "gumbel+sg"} == {chosen["lr"]}
+    # screening: every grid point ran seed 0, only the chosen point ran seed 1
+    for arm in ("reparam", "gumbel", "reinforce", "sg-gaussian", "sg-bernoulli"):
+        c = choose(res, arm, [0])
+        assert c["seeds"] == [0]
+        seeds = {json.dumps(r["point"], sort_keys=True): sorted(x["seed"] for x in res if x["arm"] == arm
+                                                                and x["point"] == r["point"])
+                 for r in res if r["arm"] == arm}
+        assert sorted(seeds.values()) == [[0], [0, 1]]
+        assert seeds[json.dumps(c["point"], sort_keys=True)] == [0, 1]
     # the m1 arm really trained with the M1 objective and the linear head logs the entropy gap
     m1 = json.load(open(os.path.join(smoke["out"], "m1", "smoke", "m1__lr1e-03__s0.json")))
     assert m1["config"]["objective"] == "m1" and "train_m1" in m1["curve"][0]
@@ -56,7 +66,7 @@ def test_every_preset_ran_at_smoke_scale(smoke):
 def test_second_run_skips_finished_cells(smoke):
     res = run_preset("m1", "smoke", out_dir=smoke["out"], runs_dir=smoke["runs"], log=lambda m: None,
                      figures=False)
-    assert res["ran"] == 0 and res["skipped"] == 8
+    assert res["ran"] == 0 and res["skipped"] == 6
 
 
 def test_report_is_generated_from_the_results(smoke):
@@ -129,3 +139,18 @@ def test_choose_takes_the_lowest_mean_validation_bpd_among_complete_points():
     results.append(cell(2e-3, 1, None, status="nonfinite"))         # a diverged seed disqualifies
     assert choose(results, "x", [0, 1])["point"] == {"lr": 1e-3}
     assert choose(results, "y", [0, 1]) is None
+
+
+def test_choose_compares_grid_points_on_the_seeds_they_share():
+    def cell(lr, seed, bpd):
+        return {"arm": "x", "point": {"lr": lr}, "seed": seed, "status": "ok", "final_val": {"bpd": bpd}}
+    # screened: lr 1e-3 won on seed 0 and then ran seeds 1-2 (worse there); the choice must not flip
+    results = [cell(1e-3, 0, 4.0), cell(5e-4, 0, 4.5), cell(1e-3, 1, 9.0), cell(1e-3, 2, 9.0)]
+    c = choose(results, "x", [0])
+    assert c["point"] == {"lr": 1e-3} and c["seeds"] == [0] and c["score"] == pytest.approx(4.0)
+    # every point ran every seed: all of them count
+    results += [cell(5e-4, 1, 4.5), cell(5e-4, 2, 4.5)]
+    c = choose(results, "x", [0])
+    assert c["point"] == {"lr": 5e-4} and c["seeds"] == [0, 1, 2]
+    # the screening seed is required
+    assert choose([cell(1e-3, 1, 1.0)], "x", [0]) is None
