@@ -281,7 +281,11 @@ def _plan_table2(scale: str, data_root, source: Optional[str] = None) -> Plan:
                 "30 epochs (paper: 60,000 images, 500 epochs, i.e. ~100x fewer updates), encoder "
                 "channels 8,16,16, lr grid {5e-4, 1e-3} (paper: {1e-4, 5e-4, 1e-5, 5e-5}) screened on "
                 "seed 0 (the continuous arms ran every seed at both points), gradient "
-                "variance at epochs 1 / 12 / 30 standing for the paper's 10 / 200 / 500"),
+                "variance at epochs 1 / 12 / 30 standing for the paper's 10 / 200 / 500; Bernoulli "
+                "arms initialise the linear decoder's W at 0.01x nn.Linear's default (with the "
+                "default every code saturated to one constant code within ~20 steps and the "
+                "silent-bernoulli arm stayed at the data variance, MSE 52; the paper does not "
+                "state its initialisation)"),
         "paper": "the paper's schedule (Appendix B.3): 500 epochs, batch 64, lr grid {1e-4, 5e-4, 1e-5, 5e-5}",
     }[scale]
     return Plan(source or "table2", scale, "train", arms, seeds, budget, note,
@@ -339,6 +343,7 @@ def _plan_table34(scale: str, data_root, dataset: str = "mnist") -> Plan:
                 "paper: 60,000 images, 200 / 300 epochs), channels enc 8,16,16 / dec 8,16,16,16,16 "
                 "(paper: not stated; our paper scale uses 32,64,64 / 64x5), lr grid {5e-4, 1e-3} screened on "
                 "seed 0; "
+                "Bernoulli arms' linear heads initialised at 0.01x (as in table2); "
                 "Algorithm 1 not searched: w_lin annealed to 0 by mid-training (lambda = 2/15), no "
                 "encoder cut-off for the 'with SG' arms, cut-off at epoch 12 for 'SG alone' (paper: "
                 "lambda in {1e-2, 5e-2, 1e-3, 5e-3} x cut-off in {50, 80, 100, 150, 200})"),
