@@ -211,16 +211,15 @@ def default_data_root(dataset: str = "mnist") -> Optional[str]:
     return None
 
 
-# Measured single-threaded (torch.set_num_threads(1)) on this project's 2-core CPU machine
-# while other jobs kept its load average near 2.5-3 (so on the pessimistic side): seconds per
-# cpu-scale epoch (10,000 training images, batch 64, plus the evaluation of the 2,000 holdout
-# images), per gradient-variance point (100 draws, batch 64, every applicable estimator:
-# 15-33 s) and per final test evaluation (10,000 images). Partial cells (1-2 epochs) of
-# table2 silent-gaussian (epoch 12.8 s, gradvar point 33 s, test 2.6 s), table2 reinforce
-# (epoch + gradvar point 24 s), table34 reparam (nonlinear: epoch 22.2 s, test 14 s) and
-# table34 sg-bernoulli (dual: epoch 19.2 s, test 15 s). Used only for the budget estimates.
-CPU_SECONDS = {"linear": 12.8, "nonlinear": 22.2, "dual": 24.0, "gradvar": 30.0,
-               "test_linear": 3.0, "test_nonlinear": 14.5, "test_dual": 14.5}
+# Seconds per cpu-scale epoch (10,000 training images, batch 64, plus the evaluation of the
+# 2,000 holdout images), per gradient-variance point (100 draws, batch 64, every applicable
+# estimator) and per final test evaluation (10,000 images): medians of the committed cpu-scale
+# cells (docs/results/*/cpu, their "curve" time_s and wall_time_s), each cell single-threaded
+# with two cells in parallel on this project's 2-core machine. Linear epochs took 6.6-7.4 s
+# (Bernoulli) and 9.5-10.2 s (Gaussian), nonlinear 18 s, dual 17.5 s (10 s once the encoder
+# is frozen). Used only for the budget estimates.
+CPU_SECONDS = {"linear": 8.5, "nonlinear": 18.0, "dual": 17.5, "gradvar": 16.0,
+               "test_linear": 2.5, "test_nonlinear": 6.5, "test_dual": 6.5}
 
 _SMOKE = dict(dataset="digits", val_split="holdout", val_size=32, train_limit=64, latent_dim=8,
               enc_channels=[2, 3, 3], dec_channels=[2, 3, 3, 3, 3], batch_size=32,
