@@ -24,7 +24,7 @@ at::Tensor precision_nll(const at::Tensor& x, const at::Tensor& mean, const at::
                          const c10::optional<at::Tensor>& k3, const c10::optional<at::Tensor>& k4,
                          const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          const at::Tensor& precision_weight,
-                         const c10::optional<at::Tensor>& precision_bias);
+                         const c10::optional<at::Tensor>& precision_bias, int64_t head);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor, at::Tensor>
@@ -32,7 +32,8 @@ precision_nll_backward(const at::Tensor& grad, const at::Tensor& x, const at::Te
                        const at::Tensor& var, const c10::optional<at::Tensor>& k3,
                        const c10::optional<at::Tensor>& k4, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& bias, const at::Tensor& precision_weight,
-                       const c10::optional<at::Tensor>& precision_bias, const std::vector<bool>& needs);
+                       const c10::optional<at::Tensor>& precision_bias, const std::vector<bool>& needs,
+                       int64_t head);
 
 // Training forward (learnable precision): the loss and the unscaled per-pixel coefficients
 // (a flat accumulation-dtype tensor of precision_coefficient_count(...) elements, layout in
@@ -43,7 +44,8 @@ std::tuple<at::Tensor, at::Tensor>
 precision_nll_train(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
                     const c10::optional<at::Tensor>& k3, const c10::optional<at::Tensor>& k4,
                     const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                    const at::Tensor& precision_weight, const c10::optional<at::Tensor>& precision_bias);
+                    const at::Tensor& precision_weight, const c10::optional<at::Tensor>& precision_bias,
+                    int64_t head);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor, at::Tensor>
@@ -52,5 +54,16 @@ precision_nll_train_backward(const at::Tensor& grad, const at::Tensor& coefficie
                              const c10::optional<at::Tensor>& k3, const c10::optional<at::Tensor>& k4,
                              const at::Tensor& weight, const at::Tensor& precision_weight,
                              const std::vector<bool>& needs);
+
+// Log-variance head on Bernoulli latents (cpu_logvar.cpp): the fused tilted contraction.
+at::Tensor bernoulli_logvar_nll(const at::Tensor& x, const at::Tensor& logits, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& bias, const at::Tensor& logvar_weight,
+                                const c10::optional<at::Tensor>& logvar_bias);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+bernoulli_logvar_nll_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& logits,
+                              const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                              const at::Tensor& logvar_weight,
+                              const c10::optional<at::Tensor>& logvar_bias, const std::vector<bool>& needs);
 
 }  // namespace silent_kernels::cpu

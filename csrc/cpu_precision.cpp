@@ -1,23 +1,14 @@
-// C++ CPU kernels of the learnable-precision head (MATH.md §2, §4, §5): forward and backward.
+// C++ CPU kernels of the heads that follow the mean-field contraction stage (cpu_meanfield.h):
+// the learnable-precision head (paper's Taylor log term, or the exact log term for Gaussian
+// latents) and the log-variance head on Gaussian latents (MATH.md §4, §10, §11).
 //
-// Per pixel tile (see cpu_common.h) the weight products are stacked by the cumulant they
-// contract, so that each present cumulant costs one GEMM per (batch chunk, tile):
-//
-//   group 0, moment m : [A; C]                 -> ubar, vbar
-//   group 1, moment k2: [A^2; A*C; C^2]        -> Saa, Sac, Scc
-//   group 2, moment k3: [A*C^2; A^2*C; C^3]    -> Tacc, Taac, C3      (only when k3 is given)
-//   group 3, moment k4: [C^4]                  -> C4                  (only when k4 is given)
-//
-// Q = sum_i A^2 C^2 k4 enters the pixel loss linearly with coefficient 1/2 and nothing else,
-// so its sum over pixels is k4 . colsum(A^2 C^2): O(kd + Bd), no GEMM. Likewise its gradient
-// is rank one (dk4 += grad/2 colsum(A^2 C^2), and the weight gradients use k4^T grad / 2).
-//
-// Backward recomputes the contractions of a tile (the op schema passes only the inputs),
-// turns them into per-pixel coefficients g_j = grad[n] * d(pixel loss)/d(contraction j)
-// (epilogue.h, written in place over the contractions), then
-//   moment gradients  d(moment_g)[chunk] += G_g (chunk x rows*np) @ P_g (rows*np x d)
-//   weight partials   H_g (rows*np x d) += G_g^T @ moment_g[chunk]
-// and finally folds the partials into dA, dC with the element-wise factors of MATH.md §5.
+// Training path: the forward contracts a tile, and overwrites the contractions with the
+// per-pixel coefficients g_j = d(pixel loss)/d(contraction j) (epilogue.h), which it saves; the
+// backward then needs only
+//   moment gradients  d(moment_g) = diag(grad) sum over tiles of G_g @ P_g
+//   weight partials   H_g = G_g^T @ (diag(grad) moment_g)
+// and folds the partials into dA, dC with the element-wise factors of MATH.md §5. The op
+// precision_nll_backward (for callers that did not keep the coefficients) runs both.
 #include <ATen/Dispatch.h>
 
 #include <array>
@@ -35,214 +26,12 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 #include "epilogue.h"
+#include "cpu_meanfield.h"
 
 namespace silent_kernels::cpu {
 namespace {
 
-constexpr int kGroups = 4;
-
-struct Groups {
-  std::array<bool, kGroups> on{};
-  std::array<int64_t, kGroups> rows{};  // contractions per group, 0 when absent
-  int64_t total = 0;
-  Groups(bool has3, bool has4) {
-    on = {true, true, has3, has4};
-    const std::array<int64_t, kGroups> full = {2, 3, 3, 1};
-    for (int g = 0; g < kGroups; ++g) {
-      rows[g] = on[g] ? full[g] : 0;
-      total += rows[g];
-    }
-  }
-};
-
-// The inputs as the kernels read them: x and the weights in the input dtype (contiguous),
-// moments and biases converted to the accumulation dtype.
-template <typename scalar_t>
-struct Inputs {
-  using acc_t = at::opmath_type<scalar_t>;
-  at::Tensor x, A, C;              // scalar_t
-  std::array<at::Tensor, kGroups> mom;  // acc_t (undefined when absent)
-  at::Tensor bias, pbias;          // acc_t, zeros when absent
-  int64_t B, k, d;
-
-  Inputs(const at::Tensor& x_, const at::Tensor& mean, const at::Tensor& var,
-         const c10::optional<at::Tensor>& k3, const c10::optional<at::Tensor>& k4,
-         const at::Tensor& weight, const c10::optional<at::Tensor>& bias_,
-         const at::Tensor& pweight, const c10::optional<at::Tensor>& pbias_) {
-    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    x = x_.contiguous();
-    A = weight.contiguous();
-    C = pweight.contiguous();
-    B = x.size(0);
-    k = x.size(1);
-    d = mean.size(1);
-    mom[0] = as_acc(mean, acc);
-    mom[1] = as_acc(var, acc);
-    if (k3.has_value() && k3->defined()) mom[2] = as_acc(*k3, acc);
-    if (k4.has_value() && k4->defined()) mom[3] = as_acc(*k4, acc);
-    const auto opts = x.options().dtype(acc);
-    bias = (bias_.has_value() && bias_->defined()) ? as_acc(*bias_, acc) : at::zeros({k}, opts);
-    pbias = (pbias_.has_value() && pbias_->defined()) ? as_acc(*pbias_, acc) : at::zeros({k}, opts);
-  }
-};
-
-// Per-part workspace carved into the buffers of one tile (sized for the largest tile).
-template <typename acc_t>
-struct Workspace {
-  at::Tensor storage;
-  std::array<acc_t*, kGroups> P{}, Y{}, H{};
-  acc_t* dbias = nullptr;   // (tile,) bias gradient partials
-  acc_t* dpbias = nullptr;
-
-  Workspace(const Groups& gr, const TilePlan& plan, int64_t d, bool with_h) {
-    const int64_t tile = plan.tile, chunk = plan.batch_chunk;
-    const int64_t p_size = gr.total * tile * d, y_size = gr.total * chunk * tile;
-    const int64_t h_size = with_h ? p_size : 0;
-    storage = at::empty({p_size + y_size + h_size + 2 * tile},
-                        at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    acc_t* base = storage.data_ptr<acc_t>();
-    int64_t off_p = 0, off_y = p_size, off_h = p_size + y_size;
-    for (int g = 0; g < kGroups; ++g) {
-      P[g] = base + off_p;
-      Y[g] = base + off_y;
-      H[g] = with_h ? base + off_h : nullptr;
-      off_p += gr.rows[g] * tile * d;
-      off_y += gr.rows[g] * chunk * tile;
-      off_h += with_h ? gr.rows[g] * tile * d : 0;
-    }
-    dbias = base + p_size + y_size + h_size;
-    dpbias = dbias + tile;
-  }
-};
-
-// Weight products of pixels [p0, p0 + np) into P (layout in the file comment);
-// qcol[i] += sum_p A^2 C^2 when H4 (k4 present) and qcol is given.
-template <typename scalar_t, typename acc_t, bool H3, bool H4>
-void form_products(const scalar_t* A, const scalar_t* C, int64_t p0, int64_t np, int64_t d,
-                   const std::array<acc_t*, kGroups>& P, acc_t* qcol) {
-  for (int64_t p = 0; p < np; ++p) {
-    const scalar_t* SK_RESTRICT a = A + linear_offset(p0 + p, 0, d);
-    const scalar_t* SK_RESTRICT c = C + linear_offset(p0 + p, 0, d);
-    acc_t* SK_RESTRICT pa = P[0] + linear_offset(p, 0, d);
-    acc_t* SK_RESTRICT pc = P[0] + linear_offset(np + p, 0, d);
-    acc_t* SK_RESTRICT saa = P[1] + linear_offset(p, 0, d);
-    acc_t* SK_RESTRICT sac = P[1] + linear_offset(np + p, 0, d);
-    acc_t* SK_RESTRICT scc = P[1] + linear_offset(2 * np + p, 0, d);
-    acc_t* SK_RESTRICT tacc = H3 ? P[2] + linear_offset(p, 0, d) : nullptr;
-    acc_t* SK_RESTRICT taac = H3 ? P[2] + linear_offset(np + p, 0, d) : nullptr;
-    acc_t* SK_RESTRICT c3 = H3 ? P[2] + linear_offset(2 * np + p, 0, d) : nullptr;
-    acc_t* SK_RESTRICT c4 = H4 ? P[3] + linear_offset(p, 0, d) : nullptr;
-    acc_t* SK_RESTRICT qc = qcol;
-    const bool with_q = H4 && qcol != nullptr;
-#pragma omp simd
-    for (int64_t i = 0; i < d; ++i) {
-      const acc_t av = static_cast<acc_t>(a[i]);
-      const acc_t cv = static_cast<acc_t>(c[i]);
-      const acc_t aa = av * av, cc = cv * cv, ac = av * cv;
-      pa[i] = av;
-      pc[i] = cv;
-      saa[i] = aa;
-      sac[i] = ac;
-      scc[i] = cc;
-      if constexpr (H3) {
-        tacc[i] = ac * cv;
-        taac[i] = aa * cv;
-        c3[i] = cc * cv;
-      }
-      if constexpr (H4) c4[i] = cc * cc;
-    }
-    if (with_q) {
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) {
-        const acc_t av = static_cast<acc_t>(a[i]), cv = static_cast<acc_t>(c[i]);
-        qc[i] += (av * av) * (cv * cv);
-      }
-    }
-  }
-}
-
-// Contractions of batch rows [n0, n0 + nb) x pixels of the tile: Y_g = moment_g @ P_g^T.
-template <typename acc_t>
-void contract(const Groups& gr, const std::array<at::Tensor, kGroups>& mom,
-              const Workspace<acc_t>& ws, int64_t n0, int64_t nb, int64_t np, int64_t d) {
-  for (int g = 0; g < kGroups; ++g) {
-    if (!gr.on[g]) continue;
-    const int64_t cols = gr.rows[g] * np;
-    at::Tensor y = mat(ws.Y[g], nb, cols, cols);
-    gemm(y, mat(mom[g].template data_ptr<acc_t>() + linear_offset(n0, 0, d), nb, d, d),
-         mat(ws.P[g], cols, d, d).t(), /*accumulate=*/false);
-  }
-}
-
-// The ten contractions of (row r, pixel p) of a tile (Q = 0: handled outside), biases added.
-template <typename acc_t, bool H3, bool H4>
-inline PixelTerms<acc_t> load_terms(const std::array<acc_t*, kGroups>& Y, int64_t r, int64_t p,
-                                    int64_t np, acc_t b, acc_t pb) {
-  PixelTerms<acc_t> c;
-  const acc_t* y0 = Y[0] + linear_offset(r, 0, 2 * np);
-  const acc_t* y1 = Y[1] + linear_offset(r, 0, 3 * np);
-  c.ubar = y0[p] + b;
-  c.vbar = y0[np + p] + pb;
-  c.Saa = y1[p];
-  c.Sac = y1[np + p];
-  c.Scc = y1[2 * np + p];
-  if constexpr (H3) {
-    const acc_t* y2 = Y[2] + linear_offset(r, 0, 3 * np);
-    c.Tacc = y2[p];
-    c.Taac = y2[np + p];
-    c.C3 = y2[2 * np + p];
-  } else {
-    c.Tacc = c.Taac = c.C3 = acc_t(0);
-  }
-  c.Q = acc_t(0);
-  c.C4 = H4 ? Y[3][linear_offset(r, p, np)] : acc_t(0);
-  return c;
-}
-
-// dA, dC of pixels [p0, p0 + np) from the weight partials H of their tile (MATH.md §5);
-// qv: Q's factor 1/2 sum_n grad_n k4_n (H4 only); da / dc null when not needed.
-template <typename scalar_t, typename acc_t, bool H3, bool H4>
-void fold_weight_grads(const scalar_t* A, const scalar_t* C, int64_t p0, int64_t np, int64_t d,
-                       const std::array<acc_t*, kGroups>& H, const acc_t* qv, scalar_t* da_out,
-                       scalar_t* dc_out) {
-  for (int64_t p = 0; p < np; ++p) {
-    const scalar_t* a = A + linear_offset(p0 + p, 0, d);
-    const scalar_t* c = C + linear_offset(p0 + p, 0, d);
-    const acc_t* hu = H[0] + linear_offset(p, 0, d);
-    const acc_t* hv = H[0] + linear_offset(np + p, 0, d);
-    const acc_t* h_saa = H[1] + linear_offset(p, 0, d);
-    const acc_t* h_sac = H[1] + linear_offset(np + p, 0, d);
-    const acc_t* h_scc = H[1] + linear_offset(2 * np + p, 0, d);
-    const acc_t* h_tacc = H3 ? H[2] + linear_offset(p, 0, d) : nullptr;
-    const acc_t* h_taac = H3 ? H[2] + linear_offset(np + p, 0, d) : nullptr;
-    const acc_t* h_c3 = H3 ? H[2] + linear_offset(2 * np + p, 0, d) : nullptr;
-    const acc_t* h_c4 = H4 ? H[3] + linear_offset(p, 0, d) : nullptr;
-    if (da_out != nullptr) {
-      scalar_t* da = da_out + linear_offset(p0 + p, 0, d);
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) {
-        const acc_t av = static_cast<acc_t>(a[i]), cv = static_cast<acc_t>(c[i]);
-        acc_t v = hu[i] + acc_t(2) * av * h_saa[i] + cv * h_sac[i];
-        if constexpr (H3) v += cv * cv * h_tacc[i] + acc_t(2) * av * cv * h_taac[i];
-        if constexpr (H4) v += acc_t(2) * av * cv * cv * qv[i];
-        da[i] = static_cast<scalar_t>(v);
-      }
-    }
-    if (dc_out != nullptr) {
-      scalar_t* dc = dc_out + linear_offset(p0 + p, 0, d);
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) {
-        const acc_t av = static_cast<acc_t>(a[i]), cv = static_cast<acc_t>(c[i]);
-        acc_t v = hv[i] + acc_t(2) * cv * h_scc[i] + av * h_sac[i];
-        if constexpr (H3) {
-          v += acc_t(2) * av * cv * h_tacc[i] + av * av * h_taac[i] + acc_t(3) * cv * cv * h_c3[i];
-        }
-        if constexpr (H4) v += acc_t(2) * av * av * cv * qv[i] + acc_t(4) * cv * cv * cv * h_c4[i];
-        dc[i] = static_cast<scalar_t>(v);
-      }
-    }
-  }
-}
+using namespace meanfield;
 
 // sum_p log(m[p]) over a contiguous buffer of floored M values (all > 0). float: a branch-free
 // log that the compiler vectorises (std::log keeps the per-pixel loops scalar): M = 2^e m with
@@ -280,7 +69,31 @@ inline double sum_log(const double* m, int64_t n) {
 }
 
 // ------------------------------------------------------------------------------ forward
-template <typename scalar_t, bool H3, bool H4>
+// The per-pixel loss of one row of a tile, summed: the Taylor head keeps its log out of the
+// (vectorised) loop, the other heads call their epilogue per pixel (special functions).
+template <Head HD, typename scalar_t, typename acc_t, bool H3, bool H4>
+inline acc_t row_loss(const std::array<acc_t*, kGroups>& Y, int64_t r, int64_t np,
+                      const scalar_t* xr, const acc_t* bp, const acc_t* pbp, acc_t* mb) {
+  acc_t sum = 0;
+  if constexpr (HD == Head::kTaylor) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t p = 0; p < np; ++p) {
+      const PixelTerms<acc_t> c = load_terms<acc_t, H3, H4>(Y, r, p, np, bp[p], pbp[p]);
+      acc_t M;
+      sum += precision_pixel_nll_logfree<acc_t>(static_cast<acc_t>(xr[p]), c, M);
+      mb[p] = M;
+    }
+    return sum - acc_t(0.5) * sum_log(mb, np);
+  } else {
+    for (int64_t p = 0; p < np; ++p) {
+      const PixelTerms<acc_t> c = load_terms<acc_t, H3, H4>(Y, r, p, np, bp[p], pbp[p]);
+      sum += head_pixel_nll<HD, acc_t>(static_cast<acc_t>(xr[p]), c);
+    }
+    return sum;
+  }
+}
+
+template <typename scalar_t, bool H3, bool H4, Head HD>
 at::Tensor forward_impl(const Inputs<scalar_t>& in) {
   using acc_t = at::opmath_type<scalar_t>;
   const Groups gr(H3, H4);
@@ -310,20 +123,9 @@ at::Tensor forward_impl(const Inputs<scalar_t>& in) {
         for (int64_t n0 = 0; n0 < B; n0 += plan.batch_chunk) {
           const int64_t nb = std::min(plan.batch_chunk, B - n0);
           contract(gr, in.mom, ws, n0, nb, np, d);
-          acc_t* SK_RESTRICT mb = mbuf.data();
           for (int64_t r = 0; r < nb; ++r) {
-            const scalar_t* xr = X + linear_offset(n0 + r, p0, k);
-            acc_t sum = 0;
-            // precision_pixel_nll with its log term taken out of the (vectorised) loop
-#pragma omp simd reduction(+ : sum)
-            for (int64_t p = 0; p < np; ++p) {
-              const PixelTerms<acc_t> c =
-                  load_terms<acc_t, H3, H4>(ws.Y, r, p, np, bias[p0 + p], pbias[p0 + p]);
-              acc_t M;
-              sum += precision_pixel_nll_logfree<acc_t>(static_cast<acc_t>(xr[p]), c, M);
-              mb[p] = M;
-            }
-            loss[n0 + r] += sum - acc_t(0.5) * sum_log(mb, np);
+            loss[n0 + r] += row_loss<HD, scalar_t, acc_t, H3, H4>(
+                ws.Y, r, np, X + linear_offset(n0 + r, p0, k), bias + p0, pbias + p0, mbuf.data());
           }
         }
       }
@@ -335,154 +137,7 @@ at::Tensor forward_impl(const Inputs<scalar_t>& in) {
   return loss.to(in.x.scalar_type());
 }
 
-// ----------------------------------------------------------------------------- backward
 enum Need { kX = 0, kMean, kVar, kK3, kK4, kA, kBias, kC, kPBias, kNumInputs };
-
-template <typename scalar_t, bool H3, bool H4>
-std::array<at::Tensor, kNumInputs> backward_impl(const at::Tensor& grad_in, const Inputs<scalar_t>& in,
-                                                 std::array<bool, kNumInputs> need) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const Groups gr(H3, H4);
-  const int64_t B = in.B, k = in.k, d = in.d;
-  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-  const auto acc_opts = in.x.options().dtype(acc);
-  const auto out_opts = in.x.options();
-  const bool need_a = need[kA], need_c = need[kC], need_w = need_a || need_c;
-  const std::array<bool, kGroups> need_mom = {need[kMean], need[kVar], need[kK3], need[kK4]};
-
-  std::array<at::Tensor, kNumInputs> out;
-  // Outputs written tile by tile (each pixel belongs to one tile: no reduction needed).
-  if (need[kX]) out[kX] = at::empty({B, k}, out_opts);
-  if (need[kA]) out[kA] = at::empty({k, d}, out_opts);
-  if (need[kC]) out[kC] = at::empty({k, d}, out_opts);
-  if (need[kBias]) out[kBias] = at::empty({k}, out_opts);
-  if (need[kPBias]) out[kPBias] = at::empty({k}, out_opts);
-  if (B == 0) {  // every gradient is an empty sum
-    for (auto& t : out) if (t.defined()) t.zero_();
-    for (int g = 0; g < kGroups; ++g)
-      if (need_mom[g]) out[kMean + g] = at::zeros({0, d}, out_opts);
-    return out;
-  }
-
-  const at::Tensor grad = as_acc(grad_in, acc);
-  const TilePlan plan = make_plan(B, k, d, need_w ? 2 * gr.total : gr.total, gr.total);
-  // Moment gradients are sums over pixels, i.e. over tiles: one accumulator per part.
-  std::array<at::Tensor, kGroups> dmom_parts;
-  for (int g = 0; g < kGroups; ++g)
-    if (gr.on[g] && need_mom[g]) dmom_parts[g] = at::zeros({plan.nparts, B, d}, acc_opts);
-  const bool need_qcol = H4 && need_mom[3];
-  at::Tensor qcol_parts = at::zeros({plan.nparts, need_qcol ? d : 0}, acc_opts);
-  // Q's weight-gradient factor: q_i = 1/2 sum_n grad_n k4_ni.
-  at::Tensor qh = (H4 && need_w) ? at::mv(in.mom[3].t(), grad).mul_(0.5) : at::Tensor();
-
-  // Rows [lo, hi) of each group whose weight partials H are needed (see the fold below).
-  std::array<int64_t, kGroups> h_lo{}, h_hi{};
-  h_lo = {need_a ? 0 : 1, need_a ? 0 : 1, 0, 0};
-  h_hi = {need_c ? 2 : 1, need_c ? 3 : 2, need_c ? 3 : 2, need_c ? 1 : 0};
-
-  const scalar_t* X = in.x.template data_ptr<scalar_t>();
-  const scalar_t* A = in.A.template data_ptr<scalar_t>();
-  const scalar_t* C = in.C.template data_ptr<scalar_t>();
-  const acc_t* bias = in.bias.template data_ptr<acc_t>();
-  const acc_t* pbias = in.pbias.template data_ptr<acc_t>();
-  const acc_t* G = grad.template data_ptr<acc_t>();
-  scalar_t* dX = need[kX] ? out[kX].template data_ptr<scalar_t>() : nullptr;
-
-  at::parallel_for(0, plan.nparts, 1, [&](int64_t q_begin, int64_t q_end) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    Workspace<acc_t> ws(gr, plan, d, need_w);
-    for (int64_t q = q_begin; q < q_end; ++q) {
-      acc_t* qcol = need_qcol ? qcol_parts.template data_ptr<acc_t>() + linear_offset(q, 0, d) : nullptr;
-      for (int64_t t = plan.tile_begin(q); t < plan.tile_begin(q + 1); ++t) {
-        const int64_t p0 = plan.pixel_begin(t), np = plan.pixel_count(t);
-        form_products<scalar_t, acc_t, H3, H4>(A, C, p0, np, d, ws.P, qcol);
-        for (int64_t p = 0; p < np; ++p) ws.dbias[p] = ws.dpbias[p] = acc_t(0);
-
-        for (int64_t n0 = 0; n0 < B; n0 += plan.batch_chunk) {
-          const int64_t nb = std::min(plan.batch_chunk, B - n0);
-          contract(gr, in.mom, ws, n0, nb, np, d);
-          // Per-pixel coefficients, in place over the contractions.
-          for (int64_t r = 0; r < nb; ++r) {
-            const scalar_t* xr = X + linear_offset(n0 + r, p0, k);
-            const acc_t gn = G[n0 + r];
-            acc_t* y0 = ws.Y[0] + linear_offset(r, 0, 2 * np);
-            acc_t* y1 = ws.Y[1] + linear_offset(r, 0, 3 * np);
-            acc_t* y2 = H3 ? ws.Y[2] + linear_offset(r, 0, 3 * np) : nullptr;
-            acc_t* y3 = H4 ? ws.Y[3] + linear_offset(r, 0, np) : nullptr;
-            acc_t* SK_RESTRICT db = ws.dbias;
-            acc_t* SK_RESTRICT dpb = ws.dpbias;
-            const acc_t* SK_RESTRICT bp = bias + p0;
-            const acc_t* SK_RESTRICT pbp = pbias + p0;
-#pragma omp simd
-            for (int64_t p = 0; p < np; ++p) {
-              const PixelTerms<acc_t> c = load_terms<acc_t, H3, H4>(ws.Y, r, p, np, bp[p], pbp[p]);
-              const PixelTerms<acc_t> g = precision_pixel_grad<acc_t>(static_cast<acc_t>(xr[p]), c);
-              const acc_t gu = g.ubar * gn, gv = g.vbar * gn;
-              y0[p] = gu;
-              y0[np + p] = gv;
-              y1[p] = g.Saa * gn;
-              y1[np + p] = g.Sac * gn;
-              y1[2 * np + p] = g.Scc * gn;
-              if constexpr (H3) {
-                y2[p] = g.Tacc * gn;
-                y2[np + p] = g.Taac * gn;
-                y2[2 * np + p] = g.C3 * gn;
-              }
-              if constexpr (H4) y3[p] = g.C4 * gn;
-              db[p] += gu;
-              dpb[p] += gv;
-            }
-            if (dX != nullptr) {
-              scalar_t* dxr = dX + linear_offset(n0 + r, p0, k);
-              for (int64_t p = 0; p < np; ++p) dxr[p] = static_cast<scalar_t>(-y0[p]);
-            }
-          }
-          for (int g = 0; g < kGroups; ++g) {
-            if (!gr.on[g]) continue;
-            const int64_t cols = gr.rows[g] * np;
-            const at::Tensor yg = mat(ws.Y[g], nb, cols, cols);
-            if (need_mom[g]) {  // d(moment_g)[chunk] += G_g @ P_g
-              at::Tensor dm = mat(dmom_parts[g].template data_ptr<acc_t>() +
-                                      linear_offset(q * B + n0, 0, d), nb, d, d);
-              gemm(dm, yg, mat(ws.P[g], cols, d, d), /*accumulate=*/true);
-            }
-            if (need_w && h_hi[g] > h_lo[g]) {  // H_g += G_g^T @ moment_g[chunk]
-              const int64_t lo = h_lo[g] * np, rows = (h_hi[g] - h_lo[g]) * np;
-              at::Tensor h = mat(ws.H[g] + linear_offset(lo, 0, d), rows, d, d);
-              gemm(h, mat(ws.Y[g] + lo, nb, rows, cols).t(),
-                   mat(in.mom[g].template data_ptr<acc_t>() + linear_offset(n0, 0, d), nb, d, d),
-                   /*accumulate=*/n0 > 0);
-            }
-          }
-        }
-
-        if (need[kBias]) {
-          scalar_t* db = out[kBias].template data_ptr<scalar_t>() + p0;
-          for (int64_t p = 0; p < np; ++p) db[p] = static_cast<scalar_t>(ws.dbias[p]);
-        }
-        if (need[kPBias]) {
-          scalar_t* db = out[kPBias].template data_ptr<scalar_t>() + p0;
-          for (int64_t p = 0; p < np; ++p) db[p] = static_cast<scalar_t>(ws.dpbias[p]);
-        }
-        if (!need_w) continue;
-        // Fold the partials into the weight gradients (MATH.md §5).
-        fold_weight_grads<scalar_t, acc_t, H3, H4>(
-            A, C, p0, np, d, ws.H, H4 ? qh.template data_ptr<acc_t>() : nullptr,
-            need_a ? out[kA].template data_ptr<scalar_t>() : nullptr,
-            need_c ? out[kC].template data_ptr<scalar_t>() : nullptr);
-      }
-    }
-  });
-
-  for (int g = 0; g < kGroups; ++g) {
-    if (!need_mom[g]) continue;
-    if (!gr.on[g]) continue;  // absent optional input: no gradient
-    at::Tensor dm = sum_parts(dmom_parts[g]);
-    if (g == 3) dm.addr_(grad, sum_parts(qcol_parts), /*beta=*/1, /*alpha=*/0.5);  // Q's rank-one part
-    out[kMean + g] = dm.to(in.x.scalar_type());
-  }
-  return out;
-}
 
 // ------------------------------------------------- training forward + saved-coefficient backward
 // The per-pixel coefficients g_j = d(pixel loss)/d(contraction j) do not depend on the upstream
@@ -526,7 +181,7 @@ std::array<int64_t, kGroups> group_row_offsets(const Groups& gr) {
   return off;
 }
 
-template <typename scalar_t, bool H3, bool H4>
+template <typename scalar_t, bool H3, bool H4, Head HD>
 std::tuple<at::Tensor, at::Tensor> forward_train_impl(const Inputs<scalar_t>& in) {
   using acc_t = at::opmath_type<scalar_t>;
   const Groups gr(H3, H4);
@@ -565,22 +220,18 @@ std::tuple<at::Tensor, at::Tensor> forward_train_impl(const Inputs<scalar_t>& in
           contract(gr, in.mom, ws, n0, nb, np, d);
           const acc_t* SK_RESTRICT bp = bias + p0;
           const acc_t* SK_RESTRICT pbp = pbias + p0;
-          acc_t* SK_RESTRICT mb = mbuf.data();
           for (int64_t r = 0; r < nb; ++r) {
             const scalar_t* xr = X + linear_offset(n0 + r, p0, k);
+            // The loss first: the coefficients overwrite the contractions it reads.
+            loss[n0 + r] += row_loss<HD, scalar_t, acc_t, H3, H4>(ws.Y, r, np, xr, bp, pbp, mbuf.data());
             acc_t* y0 = ws.Y[0] + linear_offset(r, 0, 2 * np);
             acc_t* y1 = ws.Y[1] + linear_offset(r, 0, 3 * np);
             acc_t* y2 = H3 ? ws.Y[2] + linear_offset(r, 0, 3 * np) : nullptr;
             acc_t* y3 = H4 ? ws.Y[3] + linear_offset(r, 0, np) : nullptr;
-            acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
+#pragma omp simd
             for (int64_t p = 0; p < np; ++p) {
               const PixelTerms<acc_t> c = load_terms<acc_t, H3, H4>(ws.Y, r, p, np, bp[p], pbp[p]);
-              const acc_t xv = static_cast<acc_t>(xr[p]);
-              acc_t M;
-              sum += precision_pixel_nll_logfree<acc_t>(xv, c, M);
-              mb[p] = M;
-              const PixelTerms<acc_t> g = precision_pixel_grad<acc_t>(xv, c);
+              const PixelTerms<acc_t> g = head_pixel_grad<HD, acc_t>(static_cast<acc_t>(xr[p]), c);
               y0[p] = g.ubar;
               y0[np + p] = g.vbar;
               y1[p] = g.Saa;
@@ -593,7 +244,6 @@ std::tuple<at::Tensor, at::Tensor> forward_train_impl(const Inputs<scalar_t>& in
               }
               if constexpr (H4) y3[p] = g.C4;
             }
-            loss[n0 + r] += sum - acc_t(0.5) * sum_log(mb, np);
           }
         }
       }
@@ -736,15 +386,74 @@ std::array<at::Tensor, kNumInputs> backward_saved_impl(
   return out;
 }
 
-template <typename scalar_t, typename Fn>
-auto dispatch_cumulants(bool has3, bool has4, Fn&& fn) {
-  if (has3 && has4) return fn(std::true_type{}, std::true_type{});
-  if (has3) return fn(std::true_type{}, std::false_type{});
-  if (has4) return fn(std::false_type{}, std::true_type{});
-  return fn(std::false_type{}, std::false_type{});
+// Instantiate an impl for the present cumulants and the head: the Taylor head for every
+// (k3, k4) combination, the other heads only for Gaussian latents (checked by the caller).
+template <typename Fn>
+auto dispatch_stage(bool has3, bool has4, int64_t head, Fn&& fn) {
+  using T = std::true_type;
+  using F = std::false_type;
+  using Taylor = std::integral_constant<Head, Head::kTaylor>;
+  if (head == int64_t(Head::kExactLog))
+    return fn(F{}, F{}, std::integral_constant<Head, Head::kExactLog>{});
+  if (head == int64_t(Head::kLogVar))
+    return fn(F{}, F{}, std::integral_constant<Head, Head::kLogVar>{});
+  if (has3 && has4) return fn(T{}, T{}, Taylor{});
+  if (has3) return fn(T{}, F{}, Taylor{});
+  if (has4) return fn(F{}, T{}, Taylor{});
+  return fn(F{}, F{}, Taylor{});
 }
 
 bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+template <typename scalar_t>
+std::array<at::Tensor, kGroups> acc_moments(const at::Tensor& mean, const at::Tensor& var,
+                                            const c10::optional<at::Tensor>& k3,
+                                            const c10::optional<at::Tensor>& k4) {
+  const auto acc = c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value;
+  std::array<at::Tensor, kGroups> mom;
+  mom[0] = as_acc(mean, acc);
+  mom[1] = as_acc(var, acc);
+  if (given(k3)) mom[2] = as_acc(*k3, acc);
+  if (given(k4)) mom[3] = as_acc(*k4, acc);
+  return mom;
+}
+
+std::array<bool, kNumInputs> needed(const std::vector<bool>& needs, const c10::optional<at::Tensor>& k3,
+                                    const c10::optional<at::Tensor>& k4, bool any_bias, bool* any) {
+  const std::array<bool, kNumInputs> present = {true, true, true, given(k3), given(k4), true,
+                                                any_bias, true, any_bias};
+  std::array<bool, kNumInputs> need{};
+  *any = false;
+  for (int i = 0; i < kNumInputs; ++i) {
+    need[i] = needs[i] && present[i];
+    *any = *any || need[i];
+  }
+  return need;
+}
+
+template <typename scalar_t>
+std::array<at::Tensor, kNumInputs> saved_backward(const at::Tensor& grad, const at::Tensor& coefficients,
+                                                  const at::Tensor& mean, const at::Tensor& var,
+                                                  const c10::optional<at::Tensor>& k3,
+                                                  const c10::optional<at::Tensor>& k4,
+                                                  const at::Tensor& weight, const at::Tensor& precision_weight,
+                                                  const std::array<bool, kNumInputs>& need) {
+  const auto mom = acc_moments<scalar_t>(mean, var, k3, k4);
+  // The saved coefficients already carry the head: the backward GEMMs are head-independent.
+  return dispatch_stage(given(k3), given(k4), 0, [&](auto h3, auto h4, auto) {
+    return backward_saved_impl<scalar_t, decltype(h3)::value, decltype(h4)::value>(
+        grad, coefficients, mom, weight, precision_weight, need);
+  });
+}
+
+using Grads9 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                          at::Tensor, at::Tensor, at::Tensor>;
+
+Grads9 as_tuple(std::array<at::Tensor, kNumInputs>& out, const at::Tensor& like) {
+  for (auto& t : out)
+    if (!t.defined()) t = empty_grad(like);
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
+}
 
 }  // namespace
 
@@ -752,99 +461,74 @@ at::Tensor precision_nll(const at::Tensor& x, const at::Tensor& mean, const at::
                          const c10::optional<at::Tensor>& k3, const c10::optional<at::Tensor>& k4,
                          const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          const at::Tensor& precision_weight,
-                         const c10::optional<at::Tensor>& precision_bias) {
+                         const c10::optional<at::Tensor>& precision_bias, int64_t head) {
   at::Tensor loss;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "precision_nll_cpu", [&] {
     const Inputs<scalar_t> in(x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias);
-    loss = dispatch_cumulants<scalar_t>(given(k3), given(k4), [&](auto h3, auto h4) {
-      return forward_impl<scalar_t, decltype(h3)::value, decltype(h4)::value>(in);
+    loss = dispatch_stage(given(k3), given(k4), head, [&](auto h3, auto h4, auto hd) {
+      return forward_impl<scalar_t, decltype(h3)::value, decltype(h4)::value, decltype(hd)::value>(in);
     });
   });
   return loss;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor>
-precision_nll_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
-                       const at::Tensor& var, const c10::optional<at::Tensor>& k3,
-                       const c10::optional<at::Tensor>& k4, const at::Tensor& weight,
-                       const c10::optional<at::Tensor>& bias, const at::Tensor& precision_weight,
-                       const c10::optional<at::Tensor>& precision_bias, const std::vector<bool>& needs) {
-  std::array<bool, kNumInputs> need{};
-  const std::array<bool, kNumInputs> present = {true, true, true, given(k3), given(k4), true,
-                                                given(bias), true, given(precision_bias)};
-  bool any = false;
-  for (int i = 0; i < kNumInputs; ++i) {
-    need[i] = needs[i] && present[i];
-    any = any || need[i];
-  }
-  std::array<at::Tensor, kNumInputs> out;
-  if (any) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "precision_nll_backward_cpu", [&] {
-      const Inputs<scalar_t> in(x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias);
-      out = dispatch_cumulants<scalar_t>(given(k3), given(k4), [&](auto h3, auto h4) {
-        return backward_impl<scalar_t, decltype(h3)::value, decltype(h4)::value>(grad, in, need);
-      });
-    });
-  }
-  for (auto& t : out)
-    if (!t.defined()) t = empty_grad(x);
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
-}
-
-int64_t precision_coefficient_count(int64_t B, int64_t k, bool has_k3, bool has_k4) {
-  return B * Groups(has_k3, has_k4).total * k;
 }
 
 std::tuple<at::Tensor, at::Tensor>
 precision_nll_train(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
                     const c10::optional<at::Tensor>& k3, const c10::optional<at::Tensor>& k4,
                     const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                    const at::Tensor& precision_weight, const c10::optional<at::Tensor>& precision_bias) {
+                    const at::Tensor& precision_weight, const c10::optional<at::Tensor>& precision_bias,
+                    int64_t head) {
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "precision_nll_train_cpu", [&] {
     const Inputs<scalar_t> in(x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias);
-    out = dispatch_cumulants<scalar_t>(given(k3), given(k4), [&](auto h3, auto h4) {
-      return forward_train_impl<scalar_t, decltype(h3)::value, decltype(h4)::value>(in);
+    out = dispatch_stage(given(k3), given(k4), head, [&](auto h3, auto h4, auto hd) {
+      return forward_train_impl<scalar_t, decltype(h3)::value, decltype(h4)::value, decltype(hd)::value>(in);
     });
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor>
-precision_nll_train_backward(const at::Tensor& grad, const at::Tensor& coefficients,
-                             const at::Tensor& mean, const at::Tensor& var,
-                             const c10::optional<at::Tensor>& k3, const c10::optional<at::Tensor>& k4,
-                             const at::Tensor& weight, const at::Tensor& precision_weight,
-                             const std::vector<bool>& needs) {
-  std::array<bool, kNumInputs> need{};
-  const std::array<bool, kNumInputs> present = {true, true, true, given(k3), given(k4), true,
-                                                true, true, true};
+Grads9 precision_nll_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
+                              const at::Tensor& var, const c10::optional<at::Tensor>& k3,
+                              const c10::optional<at::Tensor>& k4, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias, const at::Tensor& precision_weight,
+                              const c10::optional<at::Tensor>& precision_bias,
+                              const std::vector<bool>& needs, int64_t head) {
   bool any = false;
-  for (int i = 0; i < kNumInputs; ++i) {
-    need[i] = needs[i] && present[i];
-    any = any || need[i];
+  auto need = needed(needs, k3, k4, true, &any);
+  need[kBias] = need[kBias] && given(bias);
+  need[kPBias] = need[kPBias] && given(precision_bias);
+  std::array<at::Tensor, kNumInputs> out;
+  if (any) {
+    // One CPU implementation per head: the training forward's coefficients, then its backward.
+    const at::Tensor coefficients =
+        std::get<1>(precision_nll_train(x, mean, var, k3, k4, weight, bias, precision_weight,
+                                        precision_bias, head));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "precision_nll_backward_cpu", [&] {
+      out = saved_backward<scalar_t>(grad, coefficients, mean, var, k3, k4, weight, precision_weight, need);
+    });
   }
+  return as_tuple(out, x);
+}
+
+int64_t precision_coefficient_count(int64_t B, int64_t k, bool has_k3, bool has_k4) {
+  return B * Groups(has_k3, has_k4).total * k;
+}
+
+Grads9 precision_nll_train_backward(const at::Tensor& grad, const at::Tensor& coefficients,
+                                    const at::Tensor& mean, const at::Tensor& var,
+                                    const c10::optional<at::Tensor>& k3,
+                                    const c10::optional<at::Tensor>& k4, const at::Tensor& weight,
+                                    const at::Tensor& precision_weight, const std::vector<bool>& needs) {
+  bool any = false;
+  const auto need = needed(needs, k3, k4, true, &any);
   std::array<at::Tensor, kNumInputs> out;
   if (any) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "precision_nll_train_backward_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-      std::array<at::Tensor, kGroups> mom;
-      mom[0] = as_acc(mean, acc);
-      mom[1] = as_acc(var, acc);
-      if (given(k3)) mom[2] = as_acc(*k3, acc);
-      if (given(k4)) mom[3] = as_acc(*k4, acc);
-      out = dispatch_cumulants<scalar_t>(given(k3), given(k4), [&](auto h3, auto h4) {
-        return backward_saved_impl<scalar_t, decltype(h3)::value, decltype(h4)::value>(
-            grad, coefficients, mom, weight, precision_weight, need);
-      });
+      out = saved_backward<scalar_t>(grad, coefficients, mean, var, k3, k4, weight, precision_weight, need);
     });
   }
-  for (auto& t : out)
-    if (!t.defined()) t = empty_grad(weight);
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
+  return as_tuple(out, weight);
 }
 
 }  // namespace silent_kernels::cpu

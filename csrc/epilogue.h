@@ -21,6 +21,21 @@ namespace silent_kernels {
 constexpr double kHalfLog2Pi = 0.91893853320467274178032973640562;
 // Floor on M = E[v^2] before the Taylor log term divides by it (reference.PRECISION_SQ_FLOOR).
 constexpr double kPrecisionSqFloor = 1e-12;
+// Floor on Var(v) in the exact log term's convergent series (special.EXACT_LOG_VAR_FLOOR).
+constexpr double kExactLogVarFloor = 1e-30;
+constexpr double kEulerGamma = 0.57721566490153286060651209008240243;
+constexpr double kLog2 = 0.69314718055994530941723212145817657;
+// Crossover x = |m| / sqrt(2 s2) between the convergent and the asymptotic series (special.py).
+constexpr double kSeriesLimit = 6.0;
+constexpr int kSeriesTerms = 110;
+constexpr int kAsymptoticTerms = 36;
+
+// The per-pixel epilogues that follow the mean-field contraction stage (op argument `head`).
+enum class Head : int {
+  kTaylor = 0,    // learnable precision, paper's Taylor log term (any family)
+  kExactLog = 1,  // learnable precision, exact E[log v^2] (Gaussian latents)
+  kLogVar = 2,    // log-variance head, exact (Gaussian latents: tilting is GEMM-shaped)
+};
 
 // ---------------------------------------------------------------- fixed variance
 // Per pixel: ((x - ubar)^2 + Saa) / (2 sigma2) + 0.5 log(2 pi sigma2).
@@ -103,6 +118,172 @@ SK_HOST_DEVICE PixelTerms<T> precision_pixel_grad(T x, const PixelTerms<T>& c) {
   g.Q = T(0.5);
   g.C4 = dl_dV;
   return g;
+}
+
+// ------------------------------------------------------------- exact log term (MATH.md §10)
+// E[log v^2] for v ~ N(m, s2) and its partial derivatives, always in double: with
+// x = |m| / sqrt(2 s2),
+//   x < kSeriesLimit:  log s2 - gamma - log 2 + sum_n P_n h_n,
+//                      D(x) = x sum_n P_n / (2n + 1),  P_n = e^-x^2 x^2n / n!,  h_n = sum_{i<n} 2/(2i+1)
+//   otherwise:         log m^2 - sum_{n>=1} (2n-1)!!/n r^n,   r = s2 / m^2
+// d/dm = 2 sqrt(2) D(x) sign(m) / sqrt(s2), d/ds2 = (1 - 2 x D(x)) / s2 (series); the asymptotic
+// form's own derivatives otherwise. Same pieces as silent_kernels/special.py.
+struct LogSquare {
+  double value, d_mean, d_var;
+};
+
+SK_HOST_DEVICE LogSquare expected_log_square(double m, double s2) {
+  LogSquare out;
+  const double floored = s2 < kExactLogVarFloor ? kExactLogVarFloor : s2;
+  const double m2 = m * m;
+  if (m2 < 2.0 * kSeriesLimit * kSeriesLimit * floored) {
+    const double x = fabs(m) / sqrt(2.0 * floored), x2 = x * x;
+    double w = exp(-x2), dsum = w, fsum = 0.0, h = 0.0;
+    for (int n = 1; n < kSeriesTerms; ++n) {
+      w *= x2 / n;
+      h += 2.0 / (2 * n - 1);
+      dsum += w / (2 * n + 1);
+      fsum += w * h;
+      if (n > x2 && w < 1e-18 * dsum) break;
+    }
+    const double dawson = x * dsum;
+    out.value = log(floored) - kEulerGamma - kLog2 + fsum;
+    out.d_mean = (m < 0 ? -2.0 : 2.0) * 1.41421356237309504880 * dawson / sqrt(floored);
+    out.d_var = s2 < kExactLogVarFloor ? 0.0 : (1.0 - 2.0 * x * dawson) / floored;
+  } else {
+    const double r = s2 / m2;
+    double term = 1.0, tail = 0.0, dtail = 0.0;  // term = (2n-1)!! r^(n-1)
+    for (int n = 1; n <= kAsymptoticTerms; ++n) {
+      term *= (n == 1 ? 1.0 : (2 * n - 1) * r);
+      tail += term * r / n;
+      dtail += term;
+      if (term * r < 1e-18) break;
+    }
+    out.value = log(m2) - tail;
+    out.d_mean = 2.0 / m * (1.0 + r * dtail);
+    out.d_var = -dtail / m2;
+  }
+  return out;
+}
+
+// ----------------------------------------------------------- heads on Gaussian contractions
+// E[(x-u)^2 v^2] with Gaussian latents (T, Q, C3, C4 vanish).
+template <typename T>
+SK_HOST_DEVICE T gaussian_e2v2(T e, const PixelTerms<T>& c) {
+  const T vb2 = c.vbar * c.vbar;
+  return e * e * (vb2 + c.Scc) - T(4) * e * c.vbar * c.Sac + vb2 * c.Saa + c.Saa * c.Scc +
+         T(2) * c.Sac * c.Sac;
+}
+
+// Learnable precision, exact log term: l = 0.5 E[(x-u)^2 v^2] - 0.5 E[log v^2] + 0.5 log 2 pi.
+template <typename T>
+SK_HOST_DEVICE T exact_log_pixel_nll(T x, const PixelTerms<T>& c) {
+  const LogSquare ls = expected_log_square(double(c.vbar), double(c.Scc));
+  return T(0.5) * gaussian_e2v2(x - c.ubar, c) - T(0.5 * ls.value) + T(kHalfLog2Pi);
+}
+
+template <typename T>
+SK_HOST_DEVICE PixelTerms<T> exact_log_pixel_grad(T x, const PixelTerms<T>& c) {
+  const T e = x - c.ubar, vb = c.vbar;
+  const LogSquare ls = expected_log_square(double(vb), double(c.Scc));
+  PixelTerms<T> g;
+  g.ubar = -(e * (vb * vb + c.Scc) - T(2) * vb * c.Sac);
+  g.vbar = e * e * vb - T(2) * e * c.Sac + vb * c.Saa - T(0.5 * ls.d_mean);
+  g.Saa = T(0.5) * (vb * vb + c.Scc);
+  g.Scc = T(0.5) * (e * e + c.Saa) - T(0.5 * ls.d_var);
+  g.Sac = T(2) * (c.Sac - e * vb);
+  g.Tacc = g.Taac = g.C3 = g.Q = g.C4 = T(0);
+  return g;
+}
+
+// Log-variance head (MATH.md §11) on the Gaussian contractions with C = H (log-variance
+// weights), vbar = E[s] = H m + h0, Scc = H^2 k2, Sac = (A H) k2:
+//   E[e^-s] scale = exp(-vbar + Scc / 2), tilted residual r = x - ubar + Sac,
+//   l = 0.5 (log 2 pi + vbar + scale (r^2 + Saa)).
+template <typename T>
+SK_HOST_DEVICE T logvar_pixel_nll(T x, const PixelTerms<T>& c) {
+  const T r = x - c.ubar + c.Sac;
+  return T(0.5) * (c.vbar + exp(T(0.5) * c.Scc - c.vbar) * (r * r + c.Saa)) + T(kHalfLog2Pi);
+}
+
+template <typename T>
+SK_HOST_DEVICE PixelTerms<T> logvar_pixel_grad(T x, const PixelTerms<T>& c) {
+  const T r = x - c.ubar + c.Sac;
+  const T scale = exp(T(0.5) * c.Scc - c.vbar);
+  const T weighted = scale * (r * r + c.Saa);
+  PixelTerms<T> g;
+  g.ubar = -scale * r;
+  g.vbar = T(0.5) - T(0.5) * weighted;
+  g.Saa = T(0.5) * scale;
+  g.Scc = T(0.25) * weighted;
+  g.Sac = scale * r;
+  g.Tacc = g.Taac = g.C3 = g.Q = g.C4 = T(0);
+  return g;
+}
+
+// ----------------------------------------------- log-variance head on tilted latents (§11)
+// Bernoulli latent with logits l tilted by t = -h: K(t) = log(q + p e^t) (p = sigmoid(l),
+// q = 1 - p) = max(log p + t, log q) + log1p(e^-|l + t|), since log p - log q = l; its tilted
+// mean sigmoid(l + t) and variance sigmoid(l + t) sigmoid(-(l + t)). One exp and one log1p,
+// exact at saturated and infinite logits (log p, log q precomputed per sample and latent).
+template <typename T>
+struct LatentTilt {
+  T log_mgf, mean, var;
+};
+
+template <typename T>
+SK_HOST_DEVICE LatentTilt<T> bernoulli_tilt(T logit, T log_p, T log_q, T h) {
+  const T s = logit - h;
+  const T e = exp(-fabs(s));
+  const T inv = T(1) / (T(1) + e);
+  const T shifted = log_p - h;
+  LatentTilt<T> out;
+  out.log_mgf = (shifted > log_q ? shifted : log_q) + log1p(e);
+  out.mean = s >= T(0) ? inv : e * inv;
+  out.var = e * inv * inv;
+  return out;
+}
+
+// What the tilted contraction accumulates per (sample, pixel) over the latents:
+// hm = sum_i h_i E[z_i], S = sum_i K_i(-h_i), T1 = sum_i a_i mean'_i, T2 = sum_i a_i^2 var'_i.
+template <typename T>
+struct TiltedSums {
+  T hm, S, T1, T2;
+};
+
+// l = 0.5 (log 2 pi + hm + h0 + exp(S - h0) ((x - b - T1)^2 + T2)).
+template <typename T>
+SK_HOST_DEVICE T tilted_logvar_pixel_nll(T x, T b, T h0, const TiltedSums<T>& s) {
+  const T r = x - b - s.T1;
+  return T(0.5) * (s.hm + h0 + exp(s.S - h0) * (r * r + s.T2)) + T(kHalfLog2Pi);
+}
+
+// d l / d(hm, S, T1, T2); d l/d b = d l/d T1, d l/d x = -d l/d T1, d l/d h0 = 1/2 - d l/d S.
+template <typename T>
+SK_HOST_DEVICE TiltedSums<T> tilted_logvar_pixel_grad(T x, T b, T h0, const TiltedSums<T>& s) {
+  const T r = x - b - s.T1;
+  const T scale = exp(s.S - h0);
+  TiltedSums<T> g;
+  g.hm = T(0.5);
+  g.S = T(0.5) * scale * (r * r + s.T2);
+  g.T1 = -scale * r;
+  g.T2 = T(0.5) * scale;
+  return g;
+}
+
+// Dispatch on the head at compile time (kernels are instantiated per head).
+template <Head H, typename T>
+SK_HOST_DEVICE T head_pixel_nll(T x, const PixelTerms<T>& c) {
+  if constexpr (H == Head::kExactLog) return exact_log_pixel_nll(x, c);
+  else if constexpr (H == Head::kLogVar) return logvar_pixel_nll(x, c);
+  else return precision_pixel_nll(x, c);
+}
+
+template <Head H, typename T>
+SK_HOST_DEVICE PixelTerms<T> head_pixel_grad(T x, const PixelTerms<T>& c) {
+  if constexpr (H == Head::kExactLog) return exact_log_pixel_grad(x, c);
+  else if constexpr (H == Head::kLogVar) return logvar_pixel_grad(x, c);
+  else return precision_pixel_grad(x, c);
 }
 
 }  // namespace silent_kernels

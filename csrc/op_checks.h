@@ -104,4 +104,31 @@ inline void check_precision_inputs(const char* op, c10::DeviceType device, const
   check_optional_like_x(op, "precision_bias", precision_bias, {k}, x);
 }
 
+// head: 0 Taylor log term (any cumulants), 1 exact log term, 2 log-variance (Gaussian only).
+inline void check_head(const char* op, int64_t head, const c10::optional<at::Tensor>& k3,
+                       const c10::optional<at::Tensor>& k4) {
+  TORCH_CHECK(head >= 0 && head <= 2, op, ": head: expected 0 (Taylor log term), 1 (exact log term) "
+              "or 2 (log-variance head), got ", head);
+  const bool higher = (k3.has_value() && k3->defined()) || (k4.has_value() && k4->defined());
+  TORCH_CHECK(head == 0 || !higher, op, ": head=", head, " needs Gaussian latents: k3 and k4 must be "
+              "None (the exact log term and the GEMM-shaped log-variance head hold only for them)");
+}
+
+inline void check_bernoulli_logvar_inputs(const char* op, c10::DeviceType device, const at::Tensor& x,
+                                          const at::Tensor& logits, const at::Tensor& weight,
+                                          const c10::optional<at::Tensor>& bias,
+                                          const at::Tensor& logvar_weight,
+                                          const c10::optional<at::Tensor>& logvar_bias) {
+  check_x(op, x, device);
+  const int64_t B = x.size(0), k = x.size(1);
+  TORCH_CHECK(logits.defined() && logits.dim() == 2 && logits.size(0) == B, op,
+              ": logits: expected shape (B=", B, ", d), got ", shape_str(logits.sizes()));
+  const int64_t d = logits.size(1);
+  check_like_x(op, "logits", logits, {B, d}, x);
+  check_like_x(op, "weight", weight, {k, d}, x);
+  check_optional_like_x(op, "bias", bias, {k}, x);
+  check_like_x(op, "logvar_weight", logvar_weight, {k, d}, x);
+  check_optional_like_x(op, "logvar_bias", logvar_bias, {k}, x);
+}
+
 }  // namespace silent_kernels

@@ -38,10 +38,12 @@ at::Tensor precision_nll_cpu(const at::Tensor& x, const at::Tensor& mean, const 
                              const c10::optional<at::Tensor>& k4, const at::Tensor& weight,
                              const c10::optional<at::Tensor>& bias,
                              const at::Tensor& precision_weight,
-                             const c10::optional<at::Tensor>& precision_bias) {
-  check_precision_inputs("silent_kernels::precision_nll", c10::DeviceType::CPU, x, mean, var, k3,
-                         k4, weight, bias, precision_weight, precision_bias);
-  return cpu::precision_nll(x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias);
+                             const c10::optional<at::Tensor>& precision_bias, int64_t head) {
+  const char* op = "silent_kernels::precision_nll";
+  check_precision_inputs(op, c10::DeviceType::CPU, x, mean, var, k3, k4, weight, bias,
+                         precision_weight, precision_bias);
+  check_head(op, head, k3, k4);
+  return cpu::precision_nll(x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias, head);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -52,15 +54,16 @@ precision_nll_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at
                            const c10::optional<at::Tensor>& bias,
                            const at::Tensor& precision_weight,
                            const c10::optional<at::Tensor>& precision_bias,
-                           const c10::List<bool>& needs_list) {
+                           const c10::List<bool>& needs_list, int64_t head) {
   const char* op = "silent_kernels::precision_nll_backward";
   check_precision_inputs(op, c10::DeviceType::CPU, x, mean, var, k3, k4, weight, bias,
                          precision_weight, precision_bias);
+  check_head(op, head, k3, k4);
   check_grad(op, grad, x);
   const std::vector<bool> needs = needs_list.vec();
   check_needs(op, needs, 9);
   return cpu::precision_nll_backward(grad, x, mean, var, k3, k4, weight, bias, precision_weight,
-                                     precision_bias, needs);
+                                     precision_bias, needs, head);
 }
 
 // Training pair of the learnable-precision head (CPU only, used by the cpp backend when
@@ -71,11 +74,13 @@ precision_nll_train_cpu(const at::Tensor& x, const at::Tensor& mean, const at::T
                         const c10::optional<at::Tensor>& k3, const c10::optional<at::Tensor>& k4,
                         const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                         const at::Tensor& precision_weight,
-                        const c10::optional<at::Tensor>& precision_bias) {
-  check_precision_inputs("silent_kernels::precision_nll_train", c10::DeviceType::CPU, x, mean, var,
-                         k3, k4, weight, bias, precision_weight, precision_bias);
+                        const c10::optional<at::Tensor>& precision_bias, int64_t head) {
+  const char* op = "silent_kernels::precision_nll_train";
+  check_precision_inputs(op, c10::DeviceType::CPU, x, mean, var, k3, k4, weight, bias,
+                         precision_weight, precision_bias);
+  check_head(op, head, k3, k4);
   return cpu::precision_nll_train(x, mean, var, k3, k4, weight, bias, precision_weight,
-                                  precision_bias);
+                                  precision_bias, head);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -121,6 +126,31 @@ precision_nll_train_backward_cpu(const at::Tensor& grad, const at::Tensor& coeff
                                            precision_weight, needs);
 }
 
+at::Tensor bernoulli_logvar_nll_cpu(const at::Tensor& x, const at::Tensor& logits,
+                                    const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                    const at::Tensor& logvar_weight,
+                                    const c10::optional<at::Tensor>& logvar_bias) {
+  check_bernoulli_logvar_inputs("silent_kernels::bernoulli_logvar_nll", c10::DeviceType::CPU, x, logits,
+                                weight, bias, logvar_weight, logvar_bias);
+  return cpu::bernoulli_logvar_nll(x, logits, weight, bias, logvar_weight, logvar_bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+bernoulli_logvar_nll_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& logits,
+                                  const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                  const at::Tensor& logvar_weight,
+                                  const c10::optional<at::Tensor>& logvar_bias,
+                                  const c10::List<bool>& needs_list) {
+  const char* op = "silent_kernels::bernoulli_logvar_nll_backward";
+  check_bernoulli_logvar_inputs(op, c10::DeviceType::CPU, x, logits, weight, bias, logvar_weight,
+                                logvar_bias);
+  check_grad(op, grad, x);
+  const std::vector<bool> needs = needs_list.vec();
+  check_needs(op, needs, 6);
+  return cpu::bernoulli_logvar_nll_backward(grad, x, logits, weight, bias, logvar_weight, logvar_bias,
+                                            needs);
+}
+
 // Debug op: the kernels' offset arithmetic (cpu_index.h), so a test can check it beyond 2^31.
 int64_t linear_offset_op(int64_t row, int64_t col, int64_t ld) {
   return linear_offset(row, col, ld);
@@ -133,15 +163,20 @@ TORCH_LIBRARY(silent_kernels, m) {
   m.def("fixed_nll_backward(Tensor grad, Tensor x, Tensor mean, Tensor var, Tensor weight, Tensor? bias, "
         "Tensor sigma2, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("precision_nll(Tensor x, Tensor mean, Tensor var, Tensor? k3, Tensor? k4, Tensor weight, "
-        "Tensor? bias, Tensor precision_weight, Tensor? precision_bias) -> Tensor");
+        "Tensor? bias, Tensor precision_weight, Tensor? precision_bias, int head=0) -> Tensor");
   m.def("precision_nll_backward(Tensor grad, Tensor x, Tensor mean, Tensor var, Tensor? k3, Tensor? k4, "
-        "Tensor weight, Tensor? bias, Tensor precision_weight, Tensor? precision_bias, bool[] needs) "
+        "Tensor weight, Tensor? bias, Tensor precision_weight, Tensor? precision_bias, bool[] needs, int head=0) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("precision_nll_train(Tensor x, Tensor mean, Tensor var, Tensor? k3, Tensor? k4, Tensor weight, "
-        "Tensor? bias, Tensor precision_weight, Tensor? precision_bias) -> (Tensor, Tensor)");
+        "Tensor? bias, Tensor precision_weight, Tensor? precision_bias, int head=0) -> (Tensor, Tensor)");
   m.def("precision_nll_train_backward(Tensor grad, Tensor coefficients, Tensor mean, Tensor var, Tensor? k3, "
         "Tensor? k4, Tensor weight, Tensor precision_weight, bool[] needs) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("bernoulli_logvar_nll(Tensor x, Tensor logits, Tensor weight, Tensor? bias, Tensor logvar_weight, "
+        "Tensor? logvar_bias) -> Tensor");
+  m.def("bernoulli_logvar_nll_backward(Tensor grad, Tensor x, Tensor logits, Tensor weight, Tensor? bias, "
+        "Tensor logvar_weight, Tensor? logvar_bias, bool[] needs) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("_linear_offset(int row, int col, int ld) -> int", &linear_offset_op);
 }
 
@@ -152,6 +187,8 @@ TORCH_LIBRARY_IMPL(silent_kernels, CPU, m) {
   m.impl("precision_nll_backward", &precision_nll_backward_cpu);
   m.impl("precision_nll_train", &precision_nll_train_cpu);
   m.impl("precision_nll_train_backward", &precision_nll_train_backward_cpu);
+  m.impl("bernoulli_logvar_nll", &bernoulli_logvar_nll_cpu);
+  m.impl("bernoulli_logvar_nll_backward", &bernoulli_logvar_nll_backward_cpu);
 }
 
 }  // namespace silent_kernels

@@ -13,6 +13,7 @@ from .moments import LatentMoments, _values_checkable
 
 REDUCTIONS = ("none", "sum", "mean")
 BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
+LOG_TERM_CHOICES = ("auto", "exact", "taylor")
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -78,3 +79,15 @@ def check_sigma2(sigma2, k: int, dtype, device) -> Tensor:
 def check_optional_bias(name: str, bias: Optional[Tensor], k: int, dtype, device) -> None:
     if bias is not None:
         check_tensor(name, bias, (k,), dtype, device)
+
+
+def check_second_head(name: str, head_weight, bias_name: str, head_bias: Optional[Tensor],
+                      weight: Tensor, dtype, device) -> None:
+    """The precision / log-variance weights: (k, d) like ``weight``, optional (k,) bias."""
+    if not isinstance(head_weight, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(head_weight).__name__}")
+    if tuple(head_weight.shape) != tuple(weight.shape):
+        raise ValueError(f"{name}: expected shape {tuple(weight.shape)} (the shape of weight), "
+                         f"got {tuple(head_weight.shape)}")
+    check_tensor(name, head_weight, tuple(weight.shape), dtype, device)
+    check_optional_bias(bias_name, head_bias, weight.shape[0], dtype, device)

@@ -1,18 +1,29 @@
 """Fake (meta) kernels, autograd registration and public ``torch.autograd.Function``s
 for the fused loss ops, shared by every kernel backend.
 
-Each backend provides a pair of registered ops with these schemas (namespace
+Each backend provides pairs of registered ops with these schemas (namespace
 ``silent_kernels``; the triton ops carry a ``triton_`` prefix):
 
     fixed_nll(x, mean, var, weight, bias?, sigma2) -> loss (B,)
     fixed_nll_backward(grad (B,), <the 6 inputs>, bool[6] needs) -> 6 tensors
-    precision_nll(x, mean, var, k3?, k4?, weight, bias?, precision_weight, precision_bias?) -> loss (B,)
-    precision_nll_backward(grad (B,), <the 9 inputs>, bool[9] needs) -> 9 tensors
+    precision_nll(x, mean, var, k3?, k4?, weight, bias?, precision_weight, precision_bias?,
+                  int head) -> loss (B,)
+    precision_nll_backward(grad (B,), <the 9 tensor inputs>, bool[9] needs, int head) -> 9 tensors
+    bernoulli_logvar_nll(x, logits, weight, bias?, logvar_weight, logvar_bias?) -> loss (B,)
+    bernoulli_logvar_nll_backward(grad (B,), <the 6 inputs>, bool[6] needs) -> 6 tensors
 
-Shapes: x (B, k); moments (B, d); weights (k, d); biases and sigma2 (k,). A backward
-op returns, for each input, its gradient (the input's shape) where ``needs`` is true
-and an empty (0,) tensor otherwise, so a frozen decoder or detached moments cost
-nothing. ``grad`` is the upstream gradient of each sample's loss.
+``head`` picks the per-pixel epilogue after the mean-field contraction stage (see HEADS):
+0 the paper's Taylor log term, 1 the exact log term, 2 the log-variance head (then
+precision_weight / precision_bias hold the log-variance weights H, h0). Shapes: x (B, k);
+moments and logits (B, d); weights (k, d); biases and sigma2 (k,). A backward op returns,
+for each tensor input, its gradient where ``needs`` is true and an empty (0,) tensor
+otherwise, so a frozen decoder or detached moments cost nothing. ``grad`` is the upstream
+gradient of each sample's loss.
+
+Double backward: the backward ops are not themselves differentiable. When autograd asks for
+a differentiable gradient (``create_graph=True``, i.e. grad mode is on inside backward), the
+registered backward instead differentiates the pure-torch reference of the same loss with
+``create_graph=True``: same first derivatives (to rounding), and correct second ones.
 """
 
 from __future__ import annotations
@@ -22,20 +33,68 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import reference
+
 __all__ = [
+    "HEADS",
     "FIXED_INPUTS",
     "PRECISION_INPUTS",
+    "BERNOULLI_LOGVAR_INPUTS",
     "register_loss_ops",
     "register_saved_coefficient_ops",
+    "reference_loss",
     "FixedNLLFunction",
     "PrecisionNLLFunction",
 ]
 
+# The precision op's ``head`` argument.
+HEADS = {"taylor": 0, "exact": 1, "logvar": 2}
+
 FIXED_INPUTS = ("x", "mean", "var", "weight", "bias", "sigma2")
 PRECISION_INPUTS = ("x", "mean", "var", "k3", "k4", "weight", "bias", "precision_weight", "precision_bias")
+BERNOULLI_LOGVAR_INPUTS = ("x", "logits", "weight", "bias", "logvar_weight", "logvar_bias")
+_TENSOR_INPUTS = {"fixed": len(FIXED_INPUTS), "precision": len(PRECISION_INPUTS),
+                  "bernoulli_logvar": len(BERNOULLI_LOGVAR_INPUTS)}
 
-# (head, backend) -> (forward op, backward op)
+# (kind, backend) -> (forward op, backward op)
 _OPS: dict[tuple[str, str], tuple[Callable, Callable]] = {}
+
+
+def _reference_precision(x, mean, var, k3, k4, weight, bias, second_weight, second_bias, head):
+    if head == HEADS["logvar"]:
+        t = reference.gaussian_logvar_terms(mean, var, weight, bias, second_weight, second_bias)
+        return reference.logvar_pixel_nll(x, t).sum(-1)
+    log_term = "exact" if head == HEADS["exact"] else "taylor"
+    return reference.precision_nll(x, mean, var, k3, k4, weight, bias, second_weight, second_bias, log_term)
+
+
+def _reference_bernoulli_logvar(x, logits, weight, bias, logvar_weight, logvar_bias):
+    from .moments import LatentMoments  # the op layer sees tensors; the reference wants a family
+    q = LatentMoments.bernoulli(logits=logits)
+    return reference.logvar_nll(x, q, weight, bias, logvar_weight, logvar_bias)
+
+
+# kind -> the reference loss (B,) of the same arguments as the op (tensors, then extras)
+_REFERENCE = {"fixed": reference.fixed_nll, "precision": _reference_precision,
+              "bernoulli_logvar": _reference_bernoulli_logvar}
+
+
+def reference_loss(kind: str) -> Callable:
+    """The pure-torch loss with the same arguments as the ``kind`` op (for tests and tools)."""
+    return _REFERENCE[kind]
+
+
+def _differentiable_grads(kind: str, inputs, extra, grad: Tensor, needs) -> list:
+    """Gradients of the reference loss with create_graph=True (double backward)."""
+    with torch.enable_grad():
+        loss = _REFERENCE[kind](*inputs, *extra)
+        wanted = [t for t, need in zip(inputs, needs) if need]
+        grads = iter(torch.autograd.grad(loss, wanted, grad, create_graph=True, allow_unused=True))
+    out = []
+    for t, need in zip(inputs, needs):
+        g = next(grads) if need else None
+        out.append(torch.zeros_like(t) if (need and g is None) else g)
+    return out
 
 
 def _fake_forward(x: Tensor, *rest) -> Tensor:
@@ -43,42 +102,50 @@ def _fake_forward(x: Tensor, *rest) -> Tensor:
 
 
 def _fake_backward(grad: Tensor, *args) -> tuple[Tensor, ...]:
-    *inputs, needs = args
+    needs_at = next(i for i, a in enumerate(args) if isinstance(a, (list, tuple)))
+    inputs, needs = args[:needs_at], args[needs_at]
     return tuple(t.new_empty(t.shape) if (need and t is not None) else grad.new_empty(0)
                  for t, need in zip(inputs, needs))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
+def _make_autograd(kind: str, backward_op: Callable) -> tuple[Callable, Callable]:
+    """(setup_context, backward) for a (forward, backward) op pair of ``kind``."""
+    n = _TENSOR_INPUTS[kind]
 
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs[:n])
+        ctx.extra = tuple(inputs[n:])
 
-def _make_backward(backward_op: Callable) -> Callable:
     def backward(ctx, grad: Tensor):
         inputs = ctx.saved_tensors
-        needs = [bool(n) and t is not None for n, t in zip(ctx.needs_input_grad, inputs)]
+        needs = [bool(need) and t is not None for need, t in zip(ctx.needs_input_grad, inputs)]
+        nones = (None,) * len(ctx.extra)
         if not any(needs):
-            return (None,) * len(inputs)
-        grads = backward_op(grad.contiguous(), *inputs, needs)
-        return tuple(g if need else None for g, need in zip(grads, needs))
+            return (None,) * len(inputs) + nones
+        if torch.is_grad_enabled():
+            grads = _differentiable_grads(kind, inputs, ctx.extra, grad, needs)
+        else:
+            grads = backward_op(grad.contiguous(), *inputs, needs, *ctx.extra)
+        return tuple(g if need else None for g, need in zip(grads, needs)) + nones
 
-    return backward
+    return setup_context, backward
 
 
-def register_loss_ops(head: str, backend: str, forward_op, backward_op) -> None:
+def register_loss_ops(kind: str, backend: str, forward_op, backward_op) -> None:
     """Register fake kernels and autograd for one backend's (forward, backward) op pair.
 
-    ``forward_op`` / ``backward_op`` are ``torch.ops.silent_kernels.*`` overload packets
-    (or ``custom_op`` objects); head is "fixed" or "precision".
+    ``forward_op`` / ``backward_op`` are ``torch.ops.silent_kernels.*`` overloads (or
+    ``custom_op`` objects); kind is "fixed", "precision" or "bernoulli_logvar".
     """
     torch.library.register_fake(_qualname(forward_op), _fake_forward)
     torch.library.register_fake(_qualname(backward_op), _fake_backward)
-    torch.library.register_autograd(_qualname(forward_op), _make_backward(backward_op),
-                                    setup_context=_setup_context)
-    _OPS[(head, backend)] = (forward_op, backward_op)
+    setup_context, backward = _make_autograd(kind, backward_op)
+    torch.library.register_autograd(_qualname(forward_op), backward, setup_context=setup_context)
+    _OPS[(kind, backend)] = (forward_op, backward_op)
 
 
 # ----------------------------------------------- training ops that save their coefficients
-# A backend may also provide a training pair (the cpp backend's learnable-precision head):
+# A backend may also provide a training pair (the cpp backend's precision ops):
 #
 #     <name>(<the forward op's inputs>) -> (loss (B,), coefficients)
 #     <name>_backward(grad (B,), coefficients, <saved_inputs>, bool[n] needs) -> n tensors
@@ -87,17 +154,17 @@ def register_loss_ops(head: str, backend: str, forward_op, backward_op) -> None:
 # by ``fake_coefficients``) that the forward computes anyway and the backward uses instead of
 # recomputing the forward; it carries no gradient. ``saved_inputs`` are the indices of the
 # forward's inputs that the backward op takes after ``coefficients``; it returns one gradient
-# per forward input in the forward's order (empty (0,) tensors where not needed), so its fake
-# kernel can shape them from the forward's inputs. This does not touch register_loss_ops.
+# per forward tensor input in the forward's order (empty (0,) tensors where not needed).
 
 
-def register_saved_coefficient_ops(forward_op, backward_op, saved_inputs: tuple[int, ...],
+def register_saved_coefficient_ops(kind: str, forward_op, backward_op, saved_inputs: tuple[int, ...],
                                    fake_coefficients: Callable, fake_backward: Callable) -> None:
     """Register fake kernels and autograd for a (training forward, saved backward) op pair.
 
     ``fake_coefficients(*inputs)`` returns the coefficients' fake tensor; ``fake_backward`` is
     the backward op's fake kernel (same arguments as the op).
     """
+    n = _TENSOR_INPUTS[kind]
 
     def fake_forward(x: Tensor, *rest) -> tuple[Tensor, Tensor]:
         return x.new_empty(x.shape[0]), fake_coefficients(x, *rest)
@@ -107,16 +174,20 @@ def register_saved_coefficient_ops(forward_op, backward_op, saved_inputs: tuple[
         ctx.mark_non_differentiable(coefficients)
         # No (B * n * k) zero gradient for the coefficients: they are only read by the backward.
         ctx.set_materialize_grads(False)
-        ctx.present = [t is not None for t in inputs]
-        ctx.save_for_backward(coefficients, *(inputs[i] for i in saved_inputs))
+        ctx.save_for_backward(coefficients, *inputs[:n])
+        ctx.extra = tuple(inputs[n:])
 
     def backward(ctx, grad, _grad_coefficients):
-        needs = [bool(n) and p for n, p in zip(ctx.needs_input_grad, ctx.present)]
+        coefficients, *inputs = ctx.saved_tensors
+        needs = [bool(need) and t is not None for need, t in zip(ctx.needs_input_grad, inputs)]
+        nones = (None,) * len(ctx.extra)
         if grad is None or not any(needs):  # grad None: the loss was not used (zero gradient)
-            return (None,) * len(needs)
-        coefficients, *saved = ctx.saved_tensors
-        grads = backward_op(grad.contiguous(), coefficients, *saved, needs)
-        return tuple(g if need else None for g, need in zip(grads, needs))
+            return (None,) * len(needs) + nones
+        if torch.is_grad_enabled():
+            grads = _differentiable_grads(kind, inputs, ctx.extra, grad, needs)
+        else:
+            grads = backward_op(grad.contiguous(), coefficients, *(inputs[i] for i in saved_inputs), needs)
+        return tuple(g if need else None for g, need in zip(grads, needs)) + nones
 
     torch.library.register_fake(_qualname(forward_op), fake_forward)
     torch.library.register_fake(_qualname(backward_op), fake_backward)
@@ -140,23 +211,24 @@ def registered_ops(head: str, backend: str) -> tuple[Callable, Callable]:
 
 
 class _LossFunction(torch.autograd.Function):
-    """forward(*inputs, backend) -> per-sample loss (B,); backward calls the backend's backward op."""
+    """forward(*inputs, backend) -> per-sample loss (B,); backward calls the backend's backward
+    op, or differentiates the reference when a differentiable gradient is asked for."""
 
-    head: str = ""
+    kind: str = ""
 
     @classmethod
     def forward(cls, ctx, *args):
         *inputs, backend = args
-        forward_op, backward_op = registered_ops(cls.head, backend)
-        ctx.backward_op = backward_op
-        ctx.save_for_backward(*inputs)
+        n = _TENSOR_INPUTS[cls.kind]
+        forward_op, backward_op = registered_ops(cls.kind, backend)
+        ctx.setup, ctx.run_backward = _make_autograd(cls.kind, backward_op)
+        ctx.save_for_backward(*inputs[:n])
+        ctx.extra = tuple(inputs[n:])
         return forward_op(*inputs)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        grads = _make_backward(ctx.backward_op)(ctx, grad)
-        return (*grads, None)
+        return (*ctx.run_backward(ctx, grad), None)
 
 
 class FixedNLLFunction(_LossFunction):
@@ -166,11 +238,12 @@ class FixedNLLFunction(_LossFunction):
     (backend: "cpp", "cuda" or "triton"); sigma2 must be a (k,) tensor, bias may be None.
     """
 
-    head = "fixed"
+    kind = "fixed"
 
 
 class PrecisionNLLFunction(_LossFunction):
     """``PrecisionNLLFunction.apply(x, mean, var, k3, k4, weight, bias, precision_weight,
-    precision_bias, backend)`` -> (B,); k3, k4 and the biases may be None."""
+    precision_bias, head, backend)`` -> (B,); k3, k4 and the biases may be None; head is
+    ``HEADS[...]`` (0 Taylor log term, 1 exact log term, 2 log-variance head)."""
 
-    head = "precision"
+    kind = "precision"

@@ -21,28 +21,46 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from . import reference
+from .autograd import reference_loss
 
-__all__ = ["Backend", "info", "resolve", "available"]
+__all__ = ["Backend", "KINDS", "info", "resolve", "available"]
+
+# What a backend can implement; each entry point returns the per-sample loss (B,):
+#   fixed             (x, mean, var, weight, bias, sigma2)
+#   precision         (x, mean, var, k3, k4, weight, bias, second_weight, second_bias, head):
+#                     the mean-field contraction stage, then the epilogue autograd.HEADS[head]
+#   bernoulli_logvar  (x, logits, weight, bias, logvar_weight, logvar_bias): fused tilting
+#   tilted_logvar     (x, q, weight, bias, logvar_weight, logvar_bias): any family (reference)
+KINDS = ("fixed", "precision", "bernoulli_logvar", "tilted_logvar")
 
 
 class Backend(NamedTuple):
-    """A backend's two entry points; both return the per-sample loss (B,)."""
+    """A backend: the device types it runs on and its entry point per kind of loss."""
 
     name: str
-    devices: tuple  # device types it runs on
-    fixed_nll: Callable
-    precision_nll: Callable
+    devices: tuple
+    kernels: dict
+
+    def has(self, kind: str) -> bool:
+        return kind in self.kernels
+
+
+def _tilted_logvar(x, q, weight, bias, logvar_weight, logvar_bias):
+    return reference.logvar_nll(x, q, weight, bias, logvar_weight, logvar_bias)
 
 
 def _load_torch() -> Backend:
-    return Backend("torch", ("cpu", "cuda"), reference.fixed_nll, reference.precision_nll)
+    return Backend("torch", ("cpu", "cuda"), {
+        "fixed": reference.fixed_nll, "precision": reference_loss("precision"),
+        "bernoulli_logvar": reference_loss("bernoulli_logvar"), "tilted_logvar": _tilted_logvar})
 
 
 def _load_cpp() -> Backend:
     ops = importlib.import_module("silent_kernels.ops")
     if not ops.cpp_ops_registered():
         raise RuntimeError("the compiled extension silent_kernels._C has no CPU kernels")
-    return Backend("cpp", ("cpu",), ops.cpp_fixed_nll, ops.cpp_precision_nll)
+    return Backend("cpp", ("cpu",), {"fixed": ops.cpp_fixed_nll, "precision": ops.cpp_precision_nll,
+                                     "bernoulli_logvar": ops.cpp_bernoulli_logvar_nll})
 
 
 def _load_cuda() -> Backend:
@@ -52,7 +70,10 @@ def _load_cuda() -> Backend:
             "silent_kernels._C was built without CUDA (torch has no CUDA, or nvcc was not found "
             "at install time); reinstall with a CUDA build of torch to get it"
         )
-    return Backend("cuda", ("cuda",), ops.cuda_fixed_nll, ops.cuda_precision_nll)
+    kernels = {"fixed": ops.cuda_fixed_nll, "precision": ops.cuda_precision_nll}
+    if ops.cuda_ops_registered("bernoulli_logvar"):
+        kernels["bernoulli_logvar"] = ops.cuda_bernoulli_logvar_nll
+    return Backend("cuda", ("cuda",), kernels)
 
 
 def _load_triton() -> Backend:
@@ -62,7 +83,10 @@ def _load_triton() -> Backend:
         raise RuntimeError(f"triton is not installed ({exc}); pip install triton") from exc
     mod = importlib.import_module("silent_kernels.triton_ops")
     devices = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
-    return Backend("triton", devices, mod.triton_fixed_nll, mod.triton_precision_nll)
+    kernels = {"fixed": mod.triton_fixed_nll, "precision": mod.triton_precision_nll}
+    if hasattr(mod, "triton_bernoulli_logvar_nll"):
+        kernels["bernoulli_logvar"] = mod.triton_bernoulli_logvar_nll
+    return Backend("triton", devices, kernels)
 
 
 _LOADERS = {"torch": _load_torch, "cpp": _load_cpp, "cuda": _load_cuda, "triton": _load_triton}
@@ -93,10 +117,10 @@ def available(name: str) -> bool:
 _AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
 
 
-def _auto(device_type: str) -> Backend:
+def _auto(device_type: str, kind: str = "fixed") -> Backend:
     for name in _AUTO_ORDER.get(device_type, ("torch",)):
         backend, _ = _load(name)
-        if backend is not None and device_type in backend.devices:
+        if backend is not None and device_type in backend.devices and backend.has(kind):
             return backend
     return _load("torch")[0]
 
@@ -105,14 +129,15 @@ _ERROR = "!"  # prefix of an error returned by _choose (no backend name starts w
 
 
 @torch.compiler.assume_constant_result
-def _choose(name: str, device_type: str) -> str:
-    """The name of the backend that runs a call on `device_type`, or _ERROR + kind + message.
+def _choose(name: str, device_type: str, kind: str, what: str) -> str:
+    """The name of the backend that runs a call on `device_type`, or _ERROR + error + message.
 
     Returns a string so that torch.compile can run it eagerly while tracing (it may import
     the backend's module) and treat the result as a constant: ``analytic_nll`` then traces
-    into the chosen backend's registered op with no graph break."""
+    into the chosen backend's registered op with no graph break. ``what`` names the loss
+    (head and latent family) for the error message."""
     if name == "auto":
-        return _auto(device_type).name
+        return _auto(device_type, kind).name
     backend, reason = _load(name)
     if backend is None:
         return (f"{_ERROR}RuntimeError:backend={name!r} is not available: {reason}. "
@@ -120,15 +145,18 @@ def _choose(name: str, device_type: str) -> str:
     if device_type not in backend.devices:
         return (f"{_ERROR}ValueError:backend={name!r} runs on {', '.join(backend.devices)} tensors, "
                 f"got tensors on {device_type}")
+    if not backend.has(kind):
+        return (f"{_ERROR}ValueError:backend={name!r} has no kernel for {what}; use backend='auto' "
+                "or backend='torch' (the reference computes it exactly)")
     return name
 
 
-def resolve(name: str, device: torch.device) -> Backend:
-    """The backend that runs a call on `device`; a clear error if it cannot."""
-    choice = _choose(name, device.type)
+def resolve(name: str, device: torch.device, kind: str = "fixed", what: str = "") -> Backend:
+    """The backend that runs a ``kind`` loss (see KINDS) on `device`; a clear error if it cannot."""
+    choice = _choose(name, device.type, kind, what or kind)
     if choice.startswith(_ERROR):
-        kind, message = choice[len(_ERROR):].split(":", 1)
-        raise (ValueError if kind == "ValueError" else RuntimeError)(message)
+        error, message = choice[len(_ERROR):].split(":", 1)
+        raise (ValueError if error == "ValueError" else RuntimeError)(message)
     return _LOADED[choice][0]
 
 
@@ -142,6 +170,7 @@ def info() -> dict:
             entry["reason"] = reason
         else:
             entry["devices"] = list(backend.devices)
+            entry["kinds"] = sorted(backend.kernels)
         report["backends"][name] = entry
     report["auto"] = {dev: _auto(dev).name for dev in ("cpu", "cuda")}
     try:

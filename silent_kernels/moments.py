@@ -13,13 +13,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch import distributions as D
 
-__all__ = ["LatentMoments", "as_latent_moments", "SUPPORTED_DISTRIBUTIONS"]
+__all__ = ["LatentMoments", "as_latent_moments", "SUPPORTED_DISTRIBUTIONS", "FAMILIES", "LOG_2PI"]
+
+# The latent families the package knows, and the natural parameters each carries in
+# ``LatentMoments.params`` (all (B, d)). "cumulants" is a mean-field law given only by its
+# four cumulants (no moment generating function known).
+FAMILIES = {
+    "gaussian": (),
+    "bernoulli": ("logits",),
+    "uniform": ("low", "high"),
+    "laplace": ("loc", "scale"),
+    "poisson": ("rate",),
+    "gamma": ("concentration", "rate"),
+    "cumulants": (),
+}
 
 SUPPORTED_DISTRIBUTIONS = (
     "Normal",
@@ -41,14 +54,38 @@ class LatentMoments:
         var: Var(z_i) >= 0.
         k3: E[(z_i - m_i)^3], or None for zero.
         k4: E[(z_i - m_i)^4] - 3 Var(z_i)^2, or None for zero.
+        family: which law the cumulants belong to (a key of ``FAMILIES``). Heads that need
+            more than four cumulants (the log-variance head needs the moment generating
+            function; the exact log term needs Gaussian latents) read it. Default: "gaussian"
+            when k3 and k4 are None, else "cumulants".
+        params: the family's natural parameters, in the order ``FAMILIES[family]`` names them.
     """
 
     mean: Tensor
     var: Tensor
     k3: Optional[Tensor] = None
     k4: Optional[Tensor] = None
+    family: Optional[str] = None
+    params: Tuple[Tensor, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.family is None:
+            object.__setattr__(self, "family",
+                               "gaussian" if self.k3 is None and self.k4 is None else "cumulants")
+        if self.family not in FAMILIES:
+            raise ValueError(f"LatentMoments.family: expected one of {', '.join(map(repr, FAMILIES))}, "
+                             f"got {self.family!r}")
+        names = FAMILIES[self.family]
+        if len(self.params) != len(names):
+            raise ValueError(f"LatentMoments.params: family {self.family!r} needs {len(names)} "
+                             f"parameter(s) {names}, got {len(self.params)}")
+        if self.family == "gaussian" and not (self.k3 is None and self.k4 is None):
+            raise ValueError("LatentMoments: family 'gaussian' has k3 = k4 = 0; pass k3=None, k4=None")
+        for name, value in zip(names, self.params):
+            if not isinstance(value, Tensor) or value.shape != self.mean.shape:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"LatentMoments.params ({name}): expected a tensor of shape "
+                                 f"{tuple(self.mean.shape)} (the shape of mean), got {shape}")
         for name in ("mean", "var", "k3", "k4"):
             value = getattr(self, name)
             if value is None and name in ("k3", "k4"):
@@ -81,14 +118,25 @@ class LatentMoments:
         """True when no higher cumulant is given (the cheaper kernels apply)."""
         return self.k3 is None and self.k4 is None
 
+    def param(self, name: str) -> Tensor:
+        """The natural parameter ``name`` of this family (e.g. "logits" of a Bernoulli)."""
+        return self.params[FAMILIES[self.family].index(name)]
+
     def tensors(self) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
         return self.mean, self.var, self.k3, self.k4
 
     # ------------------------------------------------------------- constructors
     @classmethod
     def gaussian(cls, mu: Tensor, logvar: Tensor) -> "LatentMoments":
-        """Gaussian latents from an encoder's (mu, logvar), both (B, d)."""
-        return cls(mu, torch.exp(logvar))
+        """Gaussian latents from an encoder's (mu, logvar), both (B, d): Var = exp(logvar).
+
+        If your encoder returns a standard deviation instead, use ``from_std``."""
+        return cls(mu, torch.exp(logvar), family="gaussian")
+
+    @classmethod
+    def from_std(cls, mu: Tensor, std: Tensor) -> "LatentMoments":
+        """Gaussian latents from a mean and a standard deviation (B, d): Var = std^2."""
+        return cls(mu, std.square(), family="gaussian")
 
     @classmethod
     def bernoulli(cls, logits: Optional[Tensor] = None, probs: Optional[Tensor] = None) -> "LatentMoments":
@@ -102,7 +150,8 @@ class LatentMoments:
             _check_probs(probs)
             p = probs
             pq = probs * (1 - probs)
-        return cls(p, pq, pq * (1 - 2 * p), pq * (1 - 6 * pq))
+            logits = torch.logit(probs)  # +-inf at 0 / 1: the log-variance head still works
+        return cls(p, pq, pq * (1 - 2 * p), pq * (1 - 6 * pq), "bernoulli", (logits,))
 
     @classmethod
     def from_distribution(cls, dist: D.Distribution) -> "LatentMoments":
@@ -117,7 +166,7 @@ class LatentMoments:
             return cls.from_distribution(base)
         if isinstance(dist, D.Normal):
             loc, scale = torch.broadcast_tensors(dist.loc, dist.scale)
-            return cls(loc, scale.square())
+            return cls(loc, scale.square(), family="gaussian")
         if isinstance(dist, D.Bernoulli):
             # Use the parameter the distribution was built with (torch keeps it as `_param`);
             # both may be cached (e.g. .sample() caches probs), and going through probs
@@ -130,19 +179,20 @@ class LatentMoments:
         if isinstance(dist, D.Uniform):
             low, high = torch.broadcast_tensors(dist.low, dist.high)
             width = high - low
-            return cls((low + high) / 2, width.square() / 12, None, -width.pow(4) / 120)
+            return cls((low + high) / 2, width.square() / 12, None, -width.pow(4) / 120,
+                       "uniform", (low, high))
         if isinstance(dist, D.Laplace):
             loc, scale = torch.broadcast_tensors(dist.loc, dist.scale)
-            return cls(loc, 2 * scale.square(), None, 12 * scale.pow(4))
+            return cls(loc, 2 * scale.square(), None, 12 * scale.pow(4), "laplace", (loc, scale))
         if isinstance(dist, D.Poisson):
             rate = dist.rate
-            return cls(rate, rate, rate, rate)
+            return cls(rate, rate, rate, rate, "poisson", (rate,))
         if isinstance(dist, D.Gamma):
             shape, rate = torch.broadcast_tensors(dist.concentration, dist.rate)
             mean = shape / rate
             var = mean / rate
             k3 = 2 * var / rate
-            return cls(mean, var, k3, 3 * k3 / rate)
+            return cls(mean, var, k3, 3 * k3 / rate, "gamma", (shape, rate))
         raise TypeError(
             f"q: unsupported distribution {type(dist).__name__}; supported families are "
             f"{', '.join(SUPPORTED_DISTRIBUTIONS)} (or pass LatentMoments directly)"

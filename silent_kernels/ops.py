@@ -7,8 +7,11 @@ dispatcher sends CPU tensors to the CPU kernels and CUDA tensors to the CUDA ker
 
     torch.ops.silent_kernels.fixed_nll(x, mean, var, weight, bias?, sigma2) -> (B,)
     torch.ops.silent_kernels.precision_nll(x, mean, var, k3?, k4?, weight, bias?,
-                                           precision_weight, precision_bias?) -> (B,)
-    (+ their ``*_backward`` ops, and the debug op ``_linear_offset(row, col, ld)``)
+                                           precision_weight, precision_bias?, head) -> (B,)
+    torch.ops.silent_kernels.bernoulli_logvar_nll(x, logits, weight, bias?, logvar_weight,
+                                                  logvar_bias?) -> (B,)
+    (+ their ``*_backward`` ops, and the debug op ``_linear_offset(row, col, ld)``;
+    ``head`` as in ``autograd.HEADS``)
 
 The entry points below call the registered ops directly, so ``torch.compile(fullgraph=True)``
 sees them as single graph nodes.
@@ -29,13 +32,15 @@ __all__ = [
     "cuda_ops_registered",
     "cpp_fixed_nll",
     "cpp_precision_nll",
+    "cpp_bernoulli_logvar_nll",
     "cuda_fixed_nll",
     "cuda_precision_nll",
+    "cuda_bernoulli_logvar_nll",
     "linear_offset",
 ]
 
 _NS = torch.ops.silent_kernels
-_OP_NAMES = ("fixed_nll", "fixed_nll_backward", "precision_nll", "precision_nll_backward")
+_KINDS = ("fixed", "precision", "bernoulli_logvar")
 
 
 def _register_once() -> None:
@@ -43,12 +48,12 @@ def _register_once() -> None:
     # share the ops, so the second one is only recorded.
     if ("fixed", "cpp") in _OPS:
         return
-    for head in ("fixed", "precision"):
+    for kind in _KINDS:
         # OpOverloads (``.default``): autograd's registration needs their qualified name.
-        forward = getattr(_NS, f"{head}_nll").default
-        backward = getattr(_NS, f"{head}_nll_backward").default
-        register_loss_ops(head, "cpp", forward, backward)
-        _OPS[(head, "cuda")] = (forward, backward)
+        forward = getattr(_NS, f"{kind}_nll").default
+        backward = getattr(_NS, f"{kind}_nll_backward").default
+        register_loss_ops(kind, "cpp", forward, backward)
+        _OPS[(kind, "cuda")] = (forward, backward)
 
 
 _register_once()
@@ -67,7 +72,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fake_train_coefficients(x, mean, var, k3, k4, *rest) -> Tensor:
+def _fake_train_coefficients(x, mean, var, k3, k4, *rest) -> Tensor:  # rest ends with head
     n = 5 + (3 if k3 is not None else 0) + (1 if k4 is not None else 0)
     return x.new_empty(x.shape[0] * n * x.shape[1], dtype=_acc_dtype(x.dtype))
 
@@ -85,7 +90,7 @@ def _register_train_once() -> None:
         return
     forward, backward = _NS.precision_nll_train.default, _NS.precision_nll_train_backward.default
     # The backward takes mean, var, k3, k4, weight, precision_weight after the coefficients.
-    register_saved_coefficient_ops(forward, backward, (1, 2, 3, 4, 5, 7),
+    register_saved_coefficient_ops("precision", forward, backward, (1, 2, 3, 4, 5, 7),
                                    _fake_train_coefficients, _fake_train_backward)
     _OPS[("precision", "cpp-train")] = (forward, backward)
 
@@ -93,19 +98,20 @@ def _register_train_once() -> None:
 _register_train_once()
 
 
-def _has_kernel(dispatch_key: str) -> bool:
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"silent_kernels::{name}", dispatch_key)
-               for name in _OP_NAMES)
+def _has_kernel(dispatch_key: str, kinds) -> bool:
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"silent_kernels::{kind}_nll{suffix}", dispatch_key)
+               for kind in kinds for suffix in ("", "_backward"))
 
 
 def cpp_ops_registered() -> bool:
-    """True when the extension has CPU kernels for all four ops."""
-    return _has_kernel("CPU")
+    """True when the extension has CPU kernels for every op."""
+    return _has_kernel("CPU", _KINDS)
 
 
-def cuda_ops_registered() -> bool:
-    """True when the extension was built with CUDA kernels for all four ops."""
-    return _has_kernel("CUDA")
+def cuda_ops_registered(*kinds: str) -> bool:
+    """True when the extension was built with CUDA kernels for the ops of ``kinds`` (default:
+    the fixed and precision ops)."""
+    return _has_kernel("CUDA", kinds or ("fixed", "precision"))
 
 
 def cpp_fixed_nll(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -116,8 +122,9 @@ def cpp_fixed_nll(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Op
 
 def cpp_precision_nll(x: Tensor, mean: Tensor, var: Tensor, k3: Optional[Tensor], k4: Optional[Tensor],
                       weight: Tensor, bias: Optional[Tensor], precision_weight: Tensor,
-                      precision_bias: Optional[Tensor]) -> Tensor:
-    """Per-sample learnable-precision loss (B,) by the compiled op.
+                      precision_bias: Optional[Tensor], head: int = 0) -> Tensor:
+    """Per-sample loss (B,) of a head on the mean-field contractions by the compiled op
+    (``head`` as in ``autograd.HEADS``: Taylor or exact log term, or the log-variance head).
 
     When autograd will need a gradient (grad mode on and some input requires grad) and the
     tensors are on the CPU, the training op is used: its forward saves the per-pixel
@@ -127,19 +134,27 @@ def cpp_precision_nll(x: Tensor, mean: Tensor, var: Tensor, k3: Optional[Tensor]
     args = (x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias)
     if (x.device.type == "cpu" and torch.is_grad_enabled()
             and any(t is not None and t.requires_grad for t in args)):
-        return _NS.precision_nll_train.default(*args)[0]
-    return _NS.precision_nll.default(*args)
+        return _NS.precision_nll_train.default(*args, head)[0]
+    return _NS.precision_nll.default(*args, head)
+
+
+def cpp_bernoulli_logvar_nll(x: Tensor, logits: Tensor, weight: Tensor, bias: Optional[Tensor],
+                             logvar_weight: Tensor, logvar_bias: Optional[Tensor]) -> Tensor:
+    """Per-sample log-variance-head loss (B,) with Bernoulli latents (fused tilted kernel)."""
+    return _NS.bernoulli_logvar_nll.default(x, logits, weight, bias, logvar_weight, logvar_bias)
 
 
 # Same ops: the dispatcher picks the CUDA kernels for CUDA tensors.
 cuda_fixed_nll = cpp_fixed_nll
+cuda_bernoulli_logvar_nll = cpp_bernoulli_logvar_nll
 
 
 def cuda_precision_nll(x: Tensor, mean: Tensor, var: Tensor, k3: Optional[Tensor], k4: Optional[Tensor],
                        weight: Tensor, bias: Optional[Tensor], precision_weight: Tensor,
-                       precision_bias: Optional[Tensor]) -> Tensor:
-    """Per-sample learnable-precision loss (B,) by the compiled op (CUDA kernels)."""
-    return _NS.precision_nll.default(x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias)
+                       precision_bias: Optional[Tensor], head: int = 0) -> Tensor:
+    """Per-sample loss (B,) of a head on the mean-field contractions (CUDA kernels)."""
+    return _NS.precision_nll.default(x, mean, var, k3, k4, weight, bias, precision_weight,
+                                     precision_bias, head)
 
 
 def linear_offset(row: int, col: int, ld: int) -> int:
