@@ -26,5 +26,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# On a machine with a CUDA GPU (and a CUDA torch: see TORCH_SPEC above): build check, GPU
+# tests, benchmarks and a short training run, results in bench/results/gpu-<device>/.
+# Without a GPU it prints one line and exits 0. Steps and limits: python -m bench.gpu_check --plan
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	@$(PY) -m bench.gpu_check
+
 clean:
 	rm -rf $(VENV) build *.egg-info silent_kernels/_C*.so

@@ -85,7 +85,9 @@ def environment() -> dict:
     return env
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, on_problem_done=None) -> dict:
+    """Time every (problem, provider, mode). ``on_problem_done(partial_result)`` is called
+    after each problem, so a caller can keep what finished if the run is cut short."""
     problems = [Problem(*shape_of(s), head=h, latent=lat, dtype=dtype, device=args.device)
                 for s in args.shapes for dtype in args.dtypes for lat in args.latents for h in args.heads]
     records, skipped = [], []
@@ -104,9 +106,16 @@ def run(args: argparse.Namespace) -> dict:
                                 "flops": p.flops(mode), "peak_extra_bytes_fwd_bwd": mem, **t})
                 print(f"  {p.label:<42} {name:<19} {mode:<17} {1e3 * t['median_s']:9.3f} ms",
                       file=sys.stderr, flush=True)
+        if on_problem_done is not None:
+            on_problem_done(_result(args, [dict(r) for r in records], skipped, complete=False))
+    return _result(args, records, skipped, complete=True)
+
+
+def _result(args: argparse.Namespace, records: list, skipped: list, complete: bool) -> dict:
     add_ratios(records)
     recorded_args = {**vars(args), "out": os.path.relpath(args.out, REPO_ROOT)}
-    return {"environment": environment(), "args": recorded_args, "records": records, "skipped": skipped}
+    return {"environment": environment(), "args": recorded_args, "records": records, "skipped": skipped,
+            "complete": complete}
 
 
 def add_ratios(records: list[dict]) -> None:
@@ -151,16 +160,23 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _write_json(path: str, result: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    result = run(args)
-    table = markdown_table(result)
-    print(table)
     os.makedirs(args.out, exist_ok=True)
     name = args.name or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = os.path.join(args.out, f"{name}.json")
-    with open(path, "w") as fh:
-        json.dump(result, fh, indent=1)
+    # The file holds what has finished so far ("complete": false) until the run ends.
+    result = run(args, on_problem_done=lambda partial: _write_json(path, partial))
+    table = markdown_table(result)
+    print(table)
+    _write_json(path, result)
     print(f"\nresults: {path}", file=sys.stderr)
     if args.markdown:
         with open(args.markdown, "w") as fh:
