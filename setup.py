@@ -58,7 +58,7 @@ def extension_modules():
 ext_modules, cmdclass = extension_modules()
 
 setup(
-    packages=["silent_kernels", "silent_kernels.api"],
+    packages=["silent_kernels", "silent_kernels.api", "silent_kernels.api.reproduce"],
     package_dir={"silent_kernels": "silent_kernels", "silent_kernels.api": "python_api"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

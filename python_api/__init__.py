@@ -10,11 +10,12 @@ Modules:
     train      ``TrainConfig``, presets, ``Trainer`` (Algorithm 1, checkpoints, resume, DDP)
     evaluate   BPD / MSE / KLD and the Table 1 gradient variance
     plots      reconstructions (with the learned std row) and training curves
+    runs       ``load_run``: the config, model and data of a run folder
     cli        the ``silent-vae`` console script: train, eval, gradvar, plot, reproduce
     entropies  the three-entropies sum (MATH.md §8) and its gap to the ELBO
     ppca       the companion pPCA experiment (linear VAE -> closed-form pPCA optimum)
     objectives the analytic M1 score-matching objective
-    reproduce  presets per paper table (smoke / cpu / paper scale) and the report generator
+    reproduce  presets per paper table (smoke / cpu / paper scale), runner and report (a package)
     demo       ``python -m silent_kernels.api.demo``: silent vs reparam on the embedded digits
 
 Quick start::

@@ -5,7 +5,7 @@
     silent-vae eval runs/reparam [--split test]
     silent-vae gradvar runs/reparam [--estimators silent reparam] [--draws 100]
     silent-vae plot runs/silent runs/reparam --out runs/figures
-    silent-vae reproduce run table2 --scale cpu ; silent-vae reproduce report   # issue 6 (reproduce.py)
+    silent-vae reproduce run table2 --scale cpu ; silent-vae reproduce report   # reproduce/ package
     torchrun --nproc_per_node 2 -m silent_kernels.api.cli train --preset cpu ...   # data parallel
 
 Every ``TrainConfig`` field is a ``train`` flag (``--latent-dim 200``, ``--enc-channels 8,16,16``,
@@ -20,9 +20,11 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Optional
-
 import torch
+
+from .reproduce.command import add_parser as add_reproduce_parser
+from .reproduce.command import run_command as run_reproduce
+from .runs import load_run
 
 __all__ = ["main", "build_parser", "load_run"]
 
@@ -164,29 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="images per row")
     p.add_argument("--checkpoint-name", default="last.pt")
 
-    # issue 6: the reproduction presets and report (reproduce.py parses its own arguments)
-    p = sub.add_parser("reproduce", add_help=False,
-                       help="reproduce the paper's tables and companion results (list | run | report)")
-    p.add_argument("reproduce_args", nargs=argparse.REMAINDER)
+    add_reproduce_parser(sub)
     return parser
 
 
 # ------------------------------------------------------------------------ helpers
-
-def load_run(run_dir: str, checkpoint: Optional[str] = None, device="cpu", with_data: bool = True):
-    """(cfg, model, data, checkpoint dict) of a run folder."""
-    from .models import build_model
-    from .train import TrainConfig, load_checkpoint, prepare_data
-
-    path = checkpoint or os.path.join(run_dir, "checkpoints", "last.pt")
-    ckpt = load_checkpoint(path, map_location=device)
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_model(cfg, tuple(ckpt["image_shape"]))
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
-    data = prepare_data(cfg) if with_data else None
-    return cfg, model, data, ckpt
-
 
 def _default_run_dir(cfg) -> str:
     return os.path.join("runs", f"{cfg.latent}-{cfg.decoder}-{cfg.estimator}-s{cfg.seed}")
@@ -327,18 +311,10 @@ def cmd_plot(args) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["reproduce"]:   # issue 6: delegated whole to reproduce.main
-        from .reproduce import main as reproduce_main
-        try:
-            return reproduce_main(argv[1:])
-        except (ValueError, FileNotFoundError, LookupError) as exc:
-            if os.environ.get("SILENT_VAE_DEBUG"):
-                raise
-            print(f"silent-vae reproduce: {exc}", file=sys.stderr)
-            return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"train": cmd_train, "eval": cmd_eval, "gradvar": cmd_gradvar, "plot": cmd_plot}[args.command]
+    handler = {"train": cmd_train, "eval": cmd_eval, "gradvar": cmd_gradvar, "plot": cmd_plot,
+               "reproduce": run_reproduce}[args.command]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:

@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .evaluate import eval_images
 
-__all__ = ["reconstruction_figure", "curves_figure", "image_grid_rows"]
+__all__ = ["reconstruction_figure", "curves_figure", "image_grid_rows", "save_figure"]
 
 
 def _to_display(img: torch.Tensor):
@@ -74,7 +74,7 @@ def reconstruction_figure(models: Mapping[str, torch.nn.Module], images_u8: torc
     h = fig.get_figheight()
     fig.subplots_adjust(left=1.5 / fig.get_figwidth(), right=0.99, bottom=0.05 / h,
                         top=1 - (0.45 if title else 0.05) / h, wspace=0.05, hspace=0.08)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def curves_figure(runs: Mapping[str, Sequence[dict]], path: str,
@@ -100,10 +100,11 @@ def curves_figure(runs: Mapping[str, Sequence[dict]], path: str,
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig: Figure, path: str) -> str:
+def save_figure(fig: Figure, path: str) -> str:
+    """Write ``fig`` as a PNG at ``path`` (a temp file, then a rename); returns ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)

@@ -238,7 +238,7 @@ def ppca_figure(results: list, path: str, title: Optional[str] = None) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .plots import _save
+    from .plots import save_figure
 
     fig = Figure(figsize=(10, 3.6))
     FigureCanvasAgg(fig)
@@ -277,7 +277,7 @@ def ppca_figure(results: list, path: str, title: Optional[str] = None) -> str:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -195,14 +195,16 @@ PRESETS = {
     "cpu": dict(dataset="digits", epochs=20, batch_size=64, lr=5e-4, latent_dim=200,
                 enc_channels=[8, 16, 16], dec_channels=[8, 16, 16, 16, 16], eval_batch_size=500),
     # The paper's settings (Appendix B.3), for a GPU. Epochs and batch sizes depend on the
-    # data set and experiment; see _paper_schedule. Learning rate: the middle of the paper's
+    # data set and experiment; see paper_schedule. Learning rate: the middle of the paper's
     # grid {1e-4, 5e-4, 1e-5, 5e-5}; search it per method as the paper did.
     "paper": dict(dataset="mnist", latent_dim=200, lr=1e-4, sigma2=0.01,
                   eval_batch_size=1000),
 }
 
 
-def _paper_schedule(values: dict) -> dict:
+def paper_schedule(values: dict) -> dict:
+    """The paper's epochs, batch size and channel widths (Appendix B.3) for the data set,
+    decoder, variance and estimator in ``values``."""
     dataset = values.get("dataset", "mnist")
     decoder = values.get("decoder", "linear")
     estimator = values.get("estimator", "silent")
@@ -229,7 +231,7 @@ def make_config(preset: Optional[str] = None, overrides: Optional[dict] = None) 
             raise ValueError(f"preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
         values.update(PRESETS[preset])
         if preset == "paper":
-            values.update(_paper_schedule({**values, **overrides}))
+            values.update(paper_schedule({**values, **overrides}))
     values.update(overrides)
     return TrainConfig.from_dict(values).validate()
 

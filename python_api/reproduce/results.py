@@ -1,0 +1,99 @@
+"""Result files: one small JSON per cell (``<out>/<preset>/<scale>/<cell>.json``), written
+by the runner and read by the report, and the grid point each arm chose from them.
+
+The rule of ``choose`` is the paper's: the grid point with the lowest mean final *validation*
+BPD; screened grids (``Plan.screen_seeds``) are compared on the seeds every point ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+__all__ = ["RESULT_FORMAT", "write_json", "read_json", "load_results", "choose", "chosen_cells",
+           "per_seed"]
+
+RESULT_FORMAT = 1
+
+
+def write_json(path: str, obj) -> None:
+    """Write ``obj`` to ``path`` atomically (temp file + rename), creating the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=False)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str):
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def load_results(folder: str) -> list:
+    """Every cell JSON in ``folder`` (sorted by name)."""
+    if not os.path.isdir(folder):
+        return []
+    out = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".json"):
+            try:
+                out.append(read_json(os.path.join(folder, name)))
+            except (OSError, json.JSONDecodeError):
+                continue
+    return out
+
+
+def choose(results: list, arm: str, seeds: Optional[list] = None) -> Optional[dict]:
+    """The chosen grid point of ``arm``. Eligible: every one of its cells finished with finite
+    values and ``seeds`` (all seeds when None) are among them. Eligible points are compared on
+    the seeds they all share (the screening seeds, or every seed where every point ran them):
+    the lowest mean final validation BPD wins. Returns {point, score, seeds, table} or None."""
+    by_point: dict = {}
+    for r in results:
+        if r.get("arm") != arm:
+            continue
+        by_point.setdefault(json.dumps(r["point"], sort_keys=True), {})[r["seed"]] = r
+    eligible = {}
+    for key, rs in by_point.items():
+        ok = all(r["status"] == "ok" and r["final_val"].get("bpd") is not None for r in rs.values())
+        if ok and (seeds is None or set(seeds) <= set(rs)):
+            eligible[key] = rs
+    shared = set.intersection(*(set(rs) for rs in eligible.values())) if eligible else set()
+    table, best = [], None
+    for key, rs in sorted(by_point.items()):
+        on = sorted(shared) if key in eligible else sorted(s for s in rs if rs[s]["final_val"].get("bpd") is not None)
+        score = sum(rs[s]["final_val"]["bpd"] for s in on) / len(on) if on else None
+        table.append({"point": json.loads(key), "n": len(rs), "val_bpd": score, "eligible": key in eligible})
+        if key in eligible and (best is None or score < best["score"]):
+            best = {"point": json.loads(key), "score": score, "seeds": sorted(shared)}
+    if best is None:
+        return None
+    best["table"] = table
+    return best
+
+
+def chosen_cells(results: list, arm: str, seeds: list):
+    """(``choose``'s answer, the finished cells of the chosen point sorted by seed), or
+    (None, []) when ``arm`` has no eligible point."""
+    c = choose(results, arm, seeds)
+    if c is None:
+        return None, []
+    rs = [r for r in results if r["arm"] == arm and r["point"] == c["point"] and r["status"] == "ok"]
+    return c, sorted(rs, key=lambda r: r["seed"])
+
+
+def per_seed(rs: list, fn) -> dict:
+    """``{seed: float(fn(result))}`` over the results ``rs``, skipping those where ``fn`` finds
+    no value (None, a missing key)."""
+    out = {}
+    for r in rs:
+        try:
+            v = fn(r)
+        except (KeyError, TypeError):
+            v = None
+        if v is not None:
+            out[r["seed"]] = float(v)
+    return out
