@@ -27,8 +27,10 @@ from silent_kernels import LatentMoments, analytic_nll, reference
 
 triton = pytest.importorskip("triton")
 
-from silent_kernels import triton_kernels as tk  # noqa: E402  (after TRITON_INTERPRET is set)
-from silent_kernels import triton_ops  # noqa: E402  (also registers the ops)
+import triton.language as tl  # noqa: E402
+
+from silent_kernels import triton_common, triton_ops  # noqa: E402  (after TRITON_INTERPRET is set; registers the ops)
+from silent_kernels.triton_common import offsets, plane, tile_index  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = torch.ops.silent_kernels
@@ -158,6 +160,30 @@ ILL_CONDITIONED: list = []  # fp32 comparisons that needed the fp32-reference ba
 
 
 # --------------------------------------------------------------- index arithmetic
+def tile_offsets(pid: int, block: int, col: int, stride_r: int, stride_c: int,
+                 plane_index: int = 0, plane_stride: int = 0) -> list[int]:
+    """Plain-Python twin of ``plane + offsets(tile_index(pid, block), col)``: the exact
+    (unbounded) offsets the kernels compute."""
+    return [plane_index * plane_stride + (pid * block + i) * stride_r + col * stride_c for i in range(block)]
+
+
+@triton.jit(do_not_specialize=["pid"])  # a pid of 1 must stay a tensor, as program_id is
+def _offset_probe_kernel(out_ptr, pid, col, stride_r, stride_c, plane_stride,
+                         PLANE: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tile_index(pid, BLOCK)
+    cols = tl.full([1], 0, tl.int32) + col
+    offs = offsets(rows, cols, stride_r, stride_c) + plane(PLANE, plane_stride)  # (BLOCK, 1)
+    tl.store(out_ptr + tl.arange(0, BLOCK)[:, None], offs)
+
+
+def probe_offsets(pid, block, col, stride_r, stride_c, plane_index=0, plane_stride=0, device="cpu"):
+    """Run the kernels' index helpers for one tile with the given (int32-sized) program id and
+    strides and return the int64 offsets they produce; no big tensor is needed."""
+    out = torch.empty(block, dtype=torch.int64, device=device)
+    _offset_probe_kernel[(1,)](out, pid, col, stride_r, stride_c, plane_stride, PLANE=plane_index, BLOCK=block)
+    return out
+
+
 @pytest.mark.parametrize("pid,block,col,stride_r,stride_c,plane,plane_stride", [
     (3, 16, 5, 7, 1, 0, 0),                         # small: sanity
     (2**25, 128, 3, 1, 1, 0, 0),                    # pid * BLOCK = 2^32 (int32 program-id overflow)
@@ -167,8 +193,8 @@ ILL_CONDITIONED: list = []  # fp32 comparisons that needed the fp32-reference ba
     (3, 16, 0, 1, 1, 2, 1),                         # plane stride specialised to 1 on GPU
 ])
 def test_offsets_beyond_int32(pid, block, col, stride_r, stride_c, plane, plane_stride):
-    got = tk.probe_offsets(pid, block, col, stride_r, stride_c, plane, plane_stride, device=DEVICE)
-    want = tk.tile_offsets(pid, block, col, stride_r, stride_c, plane, plane_stride)
+    got = probe_offsets(pid, block, col, stride_r, stride_c, plane, plane_stride, device=DEVICE)
+    want = tile_offsets(pid, block, col, stride_r, stride_c, plane, plane_stride)
     assert got.dtype == torch.int64
     assert got.cpu().tolist() == want
 
@@ -218,7 +244,7 @@ def test_odd_shapes(B, k, d, head, family):
 def test_gpu_block_table(monkeypatch, dtype, head, family):
     """The GPU block configurations (smaller tiles than the interpreter's), run here with
     several ragged tiles along every dimension of every kernel."""
-    monkeypatch.setattr(tk, "_USE_GPU_TABLE", True)
+    monkeypatch.setattr(triton_common, "_sized_to_problem", lambda device: False)
     leaves = make_leaves(family, head, 37, 70, 35, seed=41)
     compare(leaves, family, head, dtype=dtype, upstream=torch.linspace(-1.0, 1.0, 37, dtype=torch.float64))
 
@@ -520,20 +546,22 @@ def test_torch_compile_fullgraph():
 
 # ------------------------------------------------------ GPU build check (no GPU needed)
 _COMPILE_SCRIPT = r"""
-import json, os, re, subprocess, sys, tempfile
+import importlib, json, os, re, subprocess, sys, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
-from silent_kernels import triton_kernels as K
-assert not K.INTERPRET
+from silent_kernels import triton_common as common
+assert not common.INTERPRET
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-ACC_PTRS = ("g_ptr", "part_ptr", "db_ptr", "dbc_ptr", "ds_ptr")  # buffers in the accumulation dtype
+ACC_PTRS = ("g_ptr", "part_ptr", "db_ptr", "dbc_ptr", "ds_ptr", "dh0_ptr")  # buffers in the accumulation dtype
 PTR = {"float32": "*fp32", "float64": "*fp64", "bfloat16": "*bf16"}
 res = {}
-for name, kind, dtype, arch, consts in json.loads(sys.argv[1]):
-    fn = getattr(K, name)
+for i, (module, name, kind, dtype, arch, consts) in enumerate(json.loads(sys.argv[1])):
+    mod = importlib.import_module("silent_kernels." + module)
+    fn = getattr(mod, name)
     dt = getattr(torch, dtype)
-    acc_tl, _ = K._acc(dt)
-    cfg = K._config(kind, 4096, 4096, 4096, dt, torch.device("cuda"))
+    acc_tl, _ = common.acc_dtypes(dt)
+    cfg = common.block_config(mod.GPU_CONFIGS, kind, 4096, 4096, 4096, dt, torch.device("cuda"),
+                              lo=getattr(mod, "MIN_BLOCK", 16))
     meta = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     consts = dict(consts, ACC=acc_tl, **cfg)
     sig = {a: "constexpr" if a in consts else
@@ -546,25 +574,42 @@ for name, kind, dtype, arch, consts in json.loads(sys.argv[1]):
         f.write(binary.asm["cubin"])
     usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
     os.unlink(f.name)
-    res[f"{name}/{kind}/{dtype}/sm_{arch}"] = [int(re.search(r"REG:(\d+)", usage).group(1)),
-                                               int(re.search(r"STACK:(\d+)", usage).group(1))]
+    res[f"{i}:{name}/{kind}/{dtype}/sm_{arch}"] = [
+        int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))]
 print(json.dumps(res))
 """
 
 _BERNOULLI = dict(HAS_K3=True, HAS_K4=True, P_K3=5, P_K4=8)
+_PREC_GRAD = dict(HAS_BIAS=True, HAS_PBIAS=True, GRAD=True, STORE_G=True, NEED_X=True, NEED_B=True, NEED_BC=True)
+_PREC_FWD = dict(HAS_BIAS=True, HAS_PBIAS=True, GRAD=False, STORE_G=False, NEED_X=False, NEED_B=False,
+                 NEED_BC=False)
+_GAUSS = dict(HAS_K3=False, HAS_K4=False, P_K3=5, P_K4=5)
+_LOGVAR_GRAD = dict(HAS_BIAS=True, HAS_H0=True, GRAD=True, STORE_G=True, NEED_X=True, NEED_B=True, NEED_H0=True)
 _COMPILE_CASES = [
-    ("_fixed_fwd_kernel", "fixed", "float32", 90, dict(HAS_BIAS=True)),
-    ("_precision_fwd_kernel", "prec", "float32", 90,
-     dict(_BERNOULLI, HAS_BIAS=True, HAS_PBIAS=True, GRAD=True, STORE_G=True, NEED_X=True, NEED_B=True,
-          NEED_BC=True)),
-    ("_precision_moment_grad_kernel", "mom", "float32", 90,
+    ("triton_fixed", "_fixed_fwd_kernel", "fixed", "float32", 90, dict(HAS_BIAS=True)),
+    ("triton_precision", "_precision_fwd_kernel", "prec", "float32", 90, dict(_BERNOULLI, HEAD=0, **_PREC_GRAD)),
+    ("triton_precision", "_precision_moment_grad_kernel", "mom", "float32", 90,
      dict(NEED_M=True, NEED_K2=True, NEED_K3=True, NEED_K4=True, P_K3=5, P_K4=8)),
-    ("_precision_weight_grad_kernel", "w", "float32", 90, dict(_BERNOULLI, NEED_A=True, NEED_C=True)),
-    ("_precision_fwd_kernel", "prec", "float64", 90,
-     dict(_BERNOULLI, HAS_BIAS=True, HAS_PBIAS=True, GRAD=False, STORE_G=False, NEED_X=False, NEED_B=False,
-          NEED_BC=False)),
-    ("_precision_moment_grad_kernel", "mom", "bfloat16", 80,
+    ("triton_precision", "_precision_weight_grad_kernel", "w", "float32", 90,
+     dict(_BERNOULLI, NEED_A=True, NEED_C=True)),
+    ("triton_precision", "_precision_fwd_kernel", "prec", "float64", 90, dict(_BERNOULLI, HEAD=0, **_PREC_FWD)),
+    ("triton_precision", "_precision_moment_grad_kernel", "mom", "bfloat16", 80,
      dict(NEED_M=True, NEED_K2=True, NEED_K3=True, NEED_K4=True, P_K3=5, P_K4=8)),
+    # the new heads: the exact log term's float64 series and the log-variance epilogue
+    ("triton_precision", "_precision_fwd_kernel", "prec_exact", "float32", 90, dict(_GAUSS, HEAD=1, **_PREC_FWD)),
+    ("triton_precision", "_precision_fwd_kernel", "prec_exact", "float32", 90, dict(_GAUSS, HEAD=1, **_PREC_GRAD)),
+    ("triton_precision", "_precision_fwd_kernel", "prec_exact", "float64", 90, dict(_GAUSS, HEAD=1, **_PREC_GRAD)),
+    ("triton_precision", "_precision_fwd_kernel", "prec_g", "float32", 90, dict(_GAUSS, HEAD=2, **_PREC_GRAD)),
+    # the fused Bernoulli log-variance kernels
+    ("triton_logvar", "_fwd_kernel", "fwd", "float32", 90,
+     dict(HAS_BIAS=True, HAS_H0=True, GRAD=False, STORE_G=False, NEED_X=False, NEED_B=False, NEED_H0=False)),
+    ("triton_logvar", "_fwd_kernel", "fwd", "float32", 90, _LOGVAR_GRAD),
+    ("triton_logvar", "_fwd_kernel", "fwd", "float64", 90, _LOGVAR_GRAD),
+    ("triton_logvar", "_logits_grad_kernel", "logits", "float32", 90, {}),
+    ("triton_logvar", "_logits_grad_kernel", "logits", "float64", 90, {}),
+    ("triton_logvar", "_weight_grad_kernel", "w", "float32", 90, dict(NEED_A=True, NEED_H=True)),
+    ("triton_logvar", "_weight_grad_kernel", "w", "float64", 90, dict(NEED_A=True, NEED_H=True)),
+    ("triton_logvar", "_weight_grad_kernel", "w", "bfloat16", 80, dict(NEED_A=True, NEED_H=True)),
 ]
 
 

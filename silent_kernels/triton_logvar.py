@@ -1,0 +1,311 @@
+"""Fused Triton kernels of the log-variance head on Bernoulli latents (MATH.md §11) and their
+launchers.
+
+The tilted contraction is not GEMM-shaped: every (sample n, pixel p, latent i) triple needs
+one exp and one log (s = l_i - h_pi, softplus(s), sigmoid(s)), reduced over i to
+
+    hm = sum_i h_pi p_i, S = sum_i [softplus(s) - softplus(l_i)],
+    T1 = sum_i a_pi sigmoid(s), T2 = sum_i a_pi^2 sigmoid(s) sigmoid(-s)
+
+and l_np = 0.5 (log 2pi + hm + h0 + exp(S - h0) ((x - b - T1)^2 + T2)) (triton_heads).
+Every kernel works on (BLOCK_B, BLOCK_K, BLOCK_D) register tiles of those triples and reduces
+one axis in registers: no (B, k, d) tensor is ever stored.
+
+* forward, grid (batch tiles, pixel tiles), loop over latents: the four sums, the epilogue,
+  one partial loss per sample and pixel tile ((num_pixel_tiles, B), summed by torch).
+* backward 1, the same kernel with GRAD=True: per (n, p) coefficients
+  cS = 0.5 E R, c1 = -E r, c2 = 0.5 E (E = exp(S - h0), r = x - b - T1, R = r^2 + T2) times
+  grad[n], stored once as (3, B, k) in the accumulation dtype; dx = -c1, and per-batch-tile
+  partial column sums for the biases (dbias = c1, dh0 = grad/2 - cS).
+* backward 2, grid (batch tiles, latent tiles), loop over pixels: with mu' = sigmoid(s),
+  v' = mu'(1 - mu') and w = cS mu' + c1 a v' + c2 a^2 v' (1 - 2 mu'),
+  dlogits_i = sum_p [w - cS p_i + grad/2 h p_i (1 - p_i)].
+* backward 3, grid (pixel tiles, latent tiles), loop over the batch:
+  dH_pi = sum_n [-w + grad/2 p_i], dA_pi = sum_n [c1 mu' + 2 c2 a v'].
+
+Cost: the forward is one pass of O(B k d) transcendental work; a full backward three (the
+coefficients need a complete pass over d before any gradient can be formed, and the two
+gradient kernels reduce over different axes; each is skipped when its gradients are not
+needed). A Gaussian log-variance head is five GEMMs instead: this head is bounded by the
+exp/log throughput, not by memory or FMA.
+
+Stability: everything is formed from exp(-|s|) and exp(-|l|) (no overflow at saturated or
+infinite logits), log(1 + e) by Goldberg's formula, and softplus(l - h) - softplus(l) without
+rounding l - h where both are positive (triton_heads.bernoulli_tilt).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_common import (acc_dtypes, block_config, cdiv, check_grad, check_shapes, grad_outputs,
+                            launch, offsets, opt, plane, store_out, tile_index, vec_stride)
+from .triton_heads import (bernoulli_tilt, log1p_unit, tilted_mean_var, tilted_pixel_coef,
+                           tilted_pixel_loss)
+
+__all__ = ["bernoulli_logvar_forward", "bernoulli_logvar_backward", "GPU_CONFIGS", "MIN_BLOCK"]
+
+# GPU blocks (BLOCK_B, BLOCK_K, BLOCK_D, num_warps, num_stages) per kernel and accumulator
+# width; a program holds several BLOCK_B x BLOCK_K x BLOCK_D register tiles, so they are
+# small. Chosen so that the sm_90 build needs no local memory; not timed (no GPU here).
+GPU_CONFIGS = {
+    4: {"fwd": (16, 16, 16, 4, 1), "logits": (16, 16, 16, 4, 1), "w": (16, 16, 16, 4, 1)},
+    8: {"fwd": (8, 16, 8, 4, 1), "logits": (8, 16, 16, 8, 1), "w": (8, 16, 16, 8, 1)},
+}
+# No tl.dot here, so blocks may be smaller than 16 (the table's fp64 BLOCK_B is 8).
+MIN_BLOCK = 4
+# Interpreter: blocks sized to the problem, capped so that a 3-D tile stays ~16k elements.
+_INTERP_MAX = (16, 64, 16)
+
+
+@triton.jit
+def _sigmoid_and_log1p(logit):
+    """sigmoid(l) and log(1 + exp(-|l|)) of the (untilted) logits."""
+    el = tl.exp(-tl.abs(logit))
+    inv = 1.0 / (1.0 + el)
+    return tl.where(logit >= 0.0, inv, el * inv), log1p_unit(el)
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, l_ptr, a_ptr, b_ptr, h_ptr, h0_ptr, go_ptr,
+                part_ptr, g_ptr, dx_ptr, db_ptr, dh0_ptr,
+                B, K, D, sxb, sxk, slb, sld, sak, sad, sb, shk, shd, sh0, sgo, plane_stride,
+                HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, GRAD: tl.constexpr,
+                STORE_G: tl.constexpr, NEED_X: tl.constexpr, NEED_B: tl.constexpr,
+                NEED_H0: tl.constexpr, ACC: tl.constexpr,
+                BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Forward (GRAD=False: per-tile partial losses) or backward coefficients (GRAD=True:
+    (cS, c1, c2) times grad[n] into the (3, B, k) buffer, dx, bias partial sums)."""
+    pid_b = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = tile_index(pid_b, BLOCK_B)
+    pix = tile_index(pid_k, BLOCK_K)
+    rmask = rows < B
+    pmask = pix < K
+
+    hm = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
+    S = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
+    T1 = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
+    T2 = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        lat = d0 + tl.arange(0, BLOCK_D)
+        dmask = lat < D
+        w_mask = pmask[:, None] & dmask[None, :]
+        logit = tl.load(l_ptr + offsets(rows, lat, slb, sld), mask=rmask[:, None] & dmask[None, :],
+                        other=0.0).to(ACC)
+        h = tl.load(h_ptr + offsets(pix, lat, shk, shd), mask=w_mask, other=0.0).to(ACC)
+        a = tl.load(a_ptr + offsets(pix, lat, sak, sad), mask=w_mask, other=0.0).to(ACC)
+        p, lp = _sigmoid_and_log1p(logit)
+        a3 = a[None, :, :]
+        # padded latents, pixels or rows have l = h = a = 0: every term below is exactly 0
+        kt, mean, var = bernoulli_tilt(logit[:, None, :], h[None, :, :], lp[:, None, :])
+        S += tl.sum(kt, axis=2)
+        T1 += tl.sum(a3 * mean, axis=2)
+        T2 += tl.sum(a3 * a3 * var, axis=2)
+        if not GRAD:
+            hm += tl.sum(h[None, :, :] * p[:, None, :], axis=2)
+
+    tile_mask = rmask[:, None] & pmask[None, :]
+    S = tl.where(tile_mask, S, 0.0)     # padded rows (l = 0) may have a large S: keep exp finite
+    x = tl.load(x_ptr + offsets(rows, pix, sxb, sxk), mask=tile_mask, other=0.0).to(ACC)
+    if HAS_BIAS:
+        x -= tl.load(b_ptr + pix * sb, mask=pmask, other=0.0).to(ACC)[None, :]
+    resid = x - T1
+    h0 = tl.zeros((BLOCK_K,), dtype=ACC)
+    if HAS_H0:
+        h0 = tl.load(h0_ptr + pix * sh0, mask=pmask, other=0.0).to(ACC)
+    h0 = h0[None, :]
+    if not GRAD:
+        pixel = tl.where(tile_mask, tilted_pixel_loss(resid, h0, hm, S, T2), 0.0)
+        tl.store(part_ptr + pid_k.to(tl.int64) * B + rows, tl.sum(pixel, axis=1), mask=rmask)
+    else:
+        go = tl.load(go_ptr + rows * sgo, mask=rmask, other=0.0).to(ACC)[:, None]
+        c_s, c_1, c_2 = tilted_pixel_coef(resid, h0, S, T2)
+        c_s = tl.where(tile_mask, go * c_s, 0.0)
+        c_1 = tl.where(tile_mask, go * c_1, 0.0)
+        if NEED_X:
+            store_out(dx_ptr + offsets(rows, pix, K, 1), -c_1, tile_mask)
+        if NEED_B:
+            tl.store(db_ptr + pid_b.to(tl.int64) * K + pix, tl.sum(c_1, axis=0), mask=pmask)
+        if NEED_H0:
+            dh0 = tl.where(tile_mask, 0.5 * go - c_s, 0.0)
+            tl.store(dh0_ptr + pid_b.to(tl.int64) * K + pix, tl.sum(dh0, axis=0), mask=pmask)
+        if STORE_G:
+            g_offs = g_ptr + offsets(rows, pix, K, 1)
+            tl.store(g_offs + plane(0, plane_stride), c_s, mask=tile_mask)
+            tl.store(g_offs + plane(1, plane_stride), c_1, mask=tile_mask)
+            tl.store(g_offs + plane(2, plane_stride), go * c_2, mask=tile_mask)
+
+
+@triton.jit
+def _tilted_w(c_s, c_1, c_2, a3, mean, var, one_m2):
+    """w = d l / d s of one triple: cS mu' + c1 a v' + c2 a^2 v' (1 - 2 mu')."""
+    return c_s * mean + (c_1 + c_2 * a3 * one_m2) * a3 * var
+
+
+@triton.jit
+def _logits_grad_kernel(g_ptr, l_ptr, a_ptr, h_ptr, go_ptr, dl_ptr,
+                        B, K, D, slb, sld, sak, sad, shk, shd, sgo, plane_stride, ACC: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dlogits_i = sum_p w - p_i sum_p cS + grad/2 p_i (1 - p_i) sum_p h_pi."""
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = tile_index(pid_b, BLOCK_B)
+    lat = tile_index(pid_d, BLOCK_D)
+    rmask = rows < B
+    dmask = lat < D
+    out_mask = rmask[:, None] & dmask[None, :]
+    logit = tl.load(l_ptr + offsets(rows, lat, slb, sld), mask=out_mask, other=0.0).to(ACC)
+    l3 = logit[:, None, :]
+    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC)
+    cs_sum = tl.zeros((BLOCK_B,), dtype=ACC)
+    h_sum = tl.zeros((BLOCK_D,), dtype=ACC)
+    for p0 in range(0, K, BLOCK_K):
+        pix = p0 + tl.arange(0, BLOCK_K)
+        pmask = pix < K
+        w_mask = pmask[:, None] & dmask[None, :]
+        g_mask = rmask[:, None] & pmask[None, :]
+        h = tl.load(h_ptr + offsets(pix, lat, shk, shd), mask=w_mask, other=0.0).to(ACC)
+        a = tl.load(a_ptr + offsets(pix, lat, sak, sad), mask=w_mask, other=0.0).to(ACC)
+        g_offs = g_ptr + offsets(rows, pix, K, 1)
+        c_s = tl.load(g_offs + plane(0, plane_stride), mask=g_mask, other=0.0)
+        c_1 = tl.load(g_offs + plane(1, plane_stride), mask=g_mask, other=0.0)
+        c_2 = tl.load(g_offs + plane(2, plane_stride), mask=g_mask, other=0.0)
+        mean, var, one_m2, _ = tilted_mean_var(l3 - h[None, :, :])
+        w = _tilted_w(c_s[:, :, None], c_1[:, :, None], c_2[:, :, None], a[None, :, :], mean, var, one_m2)
+        acc += tl.sum(w, axis=1)
+        cs_sum += tl.sum(c_s, axis=1)
+        h_sum += tl.sum(h, axis=0)
+    p, _ = _sigmoid_and_log1p(logit)
+    go = tl.load(go_ptr + rows * sgo, mask=rmask, other=0.0).to(ACC)
+    acc += p * (0.5 * go[:, None] * (1.0 - p) * h_sum[None, :] - cs_sum[:, None])
+    store_out(dl_ptr + offsets(rows, lat, D, 1), acc, out_mask)
+
+
+@triton.jit
+def _weight_grad_kernel(g_ptr, l_ptr, a_ptr, h_ptr, go_ptr, da_ptr, dh_ptr,
+                        B, K, D, slb, sld, sak, sad, shk, shd, sgo, plane_stride,
+                        NEED_A: tl.constexpr, NEED_H: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dH_pi = sum_n [-w + grad/2 p_i], dA_pi = sum_n [c1 mu' + 2 c2 a v']."""
+    pid_k = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pix = tile_index(pid_k, BLOCK_K)
+    lat = tile_index(pid_d, BLOCK_D)
+    pmask = pix < K
+    dmask = lat < D
+    w_mask = pmask[:, None] & dmask[None, :]
+    h = tl.load(h_ptr + offsets(pix, lat, shk, shd), mask=w_mask, other=0.0).to(ACC)
+    a = tl.load(a_ptr + offsets(pix, lat, sak, sad), mask=w_mask, other=0.0).to(ACC)
+    h3 = h[None, :, :]
+    a3 = a[None, :, :]
+    d_a = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
+    d_h = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
+    gp = tl.zeros((BLOCK_D,), dtype=ACC)
+    for n0 in range(0, B, BLOCK_B):
+        rows = n0 + tl.arange(0, BLOCK_B)
+        rmask = rows < B
+        g_mask = rmask[:, None] & pmask[None, :]
+        logit = tl.load(l_ptr + offsets(rows, lat, slb, sld), mask=rmask[:, None] & dmask[None, :],
+                        other=0.0).to(ACC)
+        g_offs = g_ptr + offsets(rows, pix, K, 1)
+        c_1 = tl.load(g_offs + plane(1, plane_stride), mask=g_mask, other=0.0)[:, :, None]
+        c_2 = tl.load(g_offs + plane(2, plane_stride), mask=g_mask, other=0.0)[:, :, None]
+        mean, var, one_m2, _ = tilted_mean_var(logit[:, None, :] - h3)
+        if NEED_H:
+            c_s = tl.load(g_offs + plane(0, plane_stride), mask=g_mask, other=0.0)[:, :, None]
+            d_h -= tl.sum(_tilted_w(c_s, c_1, c_2, a3, mean, var, one_m2), axis=0)
+            p, _ = _sigmoid_and_log1p(logit)
+            go = tl.load(go_ptr + rows * sgo, mask=rmask, other=0.0).to(ACC)
+            gp += tl.sum(go[:, None] * p, axis=0)
+        if NEED_A:
+            d_a += tl.sum(c_1 * mean + 2.0 * c_2 * a3 * var, axis=0)
+    out_offs = offsets(pix, lat, D, 1)
+    if NEED_A:
+        store_out(da_ptr + out_offs, d_a, w_mask)
+    if NEED_H:
+        store_out(dh_ptr + out_offs, d_h + 0.5 * gp[None, :], w_mask)
+
+
+# ------------------------------------------------------------------- host side
+def _config(kernel: str, x: Tensor, D: int) -> dict:
+    return block_config(GPU_CONFIGS, kernel, x.shape[0], x.shape[1], D, x.dtype, x.device,
+                        lo=MIN_BLOCK, interp_max=_INTERP_MAX)
+
+
+def _shapes(x, logits, weight, bias, logvar_weight, logvar_bias) -> tuple[int, int, int]:
+    return check_shapes(x, (logits,), (weight, logvar_weight), (bias, logvar_bias))
+
+
+def _launch_fwd(x, logits, weight, bias, hw, hb, *, grad=None, part=None, g=None, dx=None,
+                db=None, dh0=None, cfg, acc_tl):
+    B, K = x.shape
+    D = weight.shape[1]
+    launch(_fwd_kernel, (cdiv(B, cfg["BLOCK_B"]), cdiv(K, cfg["BLOCK_K"])), x.device,
+           x, logits, weight, opt(bias, x), hw, opt(hb, x), opt(grad, x),
+           opt(part, x), opt(g, x), opt(dx, x), opt(db, x), opt(dh0, x),
+           B, K, D, *x.stride(), *logits.stride(), *weight.stride(), vec_stride(bias),
+           *hw.stride(), vec_stride(hb), grad.stride(0) if grad is not None else 0, B * K,
+           HAS_BIAS=bias is not None, HAS_H0=hb is not None, GRAD=grad is not None,
+           STORE_G=g is not None, NEED_X=dx is not None, NEED_B=db is not None,
+           NEED_H0=dh0 is not None, ACC=acc_tl, **cfg)
+
+
+def bernoulli_logvar_forward(x: Tensor, logits: Tensor, weight: Tensor, bias: Optional[Tensor],
+                             logvar_weight: Tensor, logvar_bias: Optional[Tensor]) -> Tensor:
+    """Per-sample NLL (B,) of the log-variance head on Bernoulli latents, in x's dtype."""
+    B, K, D = _shapes(x, logits, weight, bias, logvar_weight, logvar_bias)
+    if B == 0 or K == 0:
+        return x.new_zeros(B)
+    acc_tl, acc_torch = acc_dtypes(x.dtype)
+    cfg = _config("fwd", x, D)
+    part = torch.empty((cdiv(K, cfg["BLOCK_K"]), B), dtype=acc_torch, device=x.device)
+    _launch_fwd(x, logits, weight, bias, logvar_weight, logvar_bias, part=part, cfg=cfg, acc_tl=acc_tl)
+    return part.sum(0).to(x.dtype)
+
+
+def bernoulli_logvar_backward(grad: Tensor, x: Tensor, logits: Tensor, weight: Tensor,
+                              bias: Optional[Tensor], logvar_weight: Tensor, logvar_bias: Optional[Tensor],
+                              needs: Sequence[bool]) -> tuple[Tensor, ...]:
+    """Gradients w.r.t. (x, logits, weight, bias, logvar_weight, logvar_bias); (0,) tensors
+    where not needed."""
+    B, K, D = _shapes(x, logits, weight, bias, logvar_weight, logvar_bias)
+    check_grad(grad, B)
+    degenerate = B == 0 or K == 0
+    need, outs = grad_outputs(grad, (x, logits, weight, bias, logvar_weight, logvar_bias), needs,
+                              degenerate)
+    if degenerate or not any(need):
+        return tuple(outs)
+    need_x, need_l, need_a, need_b, need_h, need_h0 = need
+    dx, dl, da, db, dh, dh0 = outs
+    acc_tl, acc_torch = acc_dtypes(x.dtype)
+    dev = x.device
+    cfg = _config("fwd", x, D)
+    n_b = cdiv(B, cfg["BLOCK_B"])
+    store_g = (need_l or need_a or need_h) and D > 0
+    g = torch.empty((3, B, K), dtype=acc_torch, device=dev) if store_g else None
+    db_part = torch.empty((n_b, K), dtype=acc_torch, device=dev) if need_b else None
+    dh0_part = torch.empty((n_b, K), dtype=acc_torch, device=dev) if need_h0 else None
+    _launch_fwd(x, logits, weight, bias, logvar_weight, logvar_bias, grad=grad, g=g,
+                dx=dx if need_x else None, db=db_part, dh0=dh0_part, cfg=cfg, acc_tl=acc_tl)
+    strides = (*logits.stride(), *weight.stride(), *logvar_weight.stride(), grad.stride(0), B * K)
+    if need_l and D > 0:
+        cfg_l = _config("logits", x, D)
+        launch(_logits_grad_kernel, (cdiv(B, cfg_l["BLOCK_B"]), cdiv(D, cfg_l["BLOCK_D"])), dev,
+               g, logits, weight, logvar_weight, grad, dl, B, K, D, *strides, ACC=acc_tl, **cfg_l)
+    if (need_a or need_h) and D > 0:
+        cfg_w = _config("w", x, D)
+        launch(_weight_grad_kernel, (cdiv(K, cfg_w["BLOCK_K"]), cdiv(D, cfg_w["BLOCK_D"])), dev,
+               g, logits, weight, logvar_weight, grad, opt(da if need_a else None, x),
+               opt(dh if need_h else None, x), B, K, D, *strides,
+               NEED_A=need_a, NEED_H=need_h, ACC=acc_tl, **cfg_w)
+    if need_b:
+        db.copy_(db_part.sum(0))
+    if need_h0:
+        dh0.copy_(dh0_part.sum(0))
+    return tuple(outs)
