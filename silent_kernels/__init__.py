@@ -5,11 +5,14 @@ Gaussian decoder ("Silent Gradients"), with zero-variance encoder gradients.
     loss = analytic_nll(x, LatentMoments.gaussian(mu, logvar), decoder.weight, decoder.bias, sigma2=0.01)
 """
 
+from . import nn
 from .backends import info
 from .functional import analytic_nll
 from .moments import LatentMoments, as_latent_moments
 from .reference import PRECISION_SQ_FLOOR
+from .special import expected_log_square
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["analytic_nll", "LatentMoments", "as_latent_moments", "info", "PRECISION_SQ_FLOOR", "__version__"]
+__all__ = ["analytic_nll", "LatentMoments", "as_latent_moments", "info", "nn", "expected_log_square",
+           "PRECISION_SQ_FLOOR", "__version__"]

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import reference
+from . import categorical, reference
 from .autograd import reference_loss
 
 __all__ = ["Backend", "KINDS", "info", "resolve", "available"]
@@ -31,7 +31,10 @@ __all__ = ["Backend", "KINDS", "info", "resolve", "available"]
 #                     the mean-field contraction stage, then the epilogue autograd.HEADS[head]
 #   bernoulli_logvar  (x, logits, weight, bias, logvar_weight, logvar_bias): fused tilting
 #   tilted_logvar     (x, q, weight, bias, logvar_weight, logvar_bias): any family (reference)
-KINDS = ("fixed", "precision", "bernoulli_logvar", "tilted_logvar")
+#   categorical_fixed / _precision / _logvar
+#                     (x, logits (B, G, K), weight, bias, sigma2 | second_weight, second_bias)
+KINDS = ("fixed", "precision", "bernoulli_logvar", "tilted_logvar", "categorical_fixed",
+         "categorical_precision", "categorical_logvar")
 
 
 class Backend(NamedTuple):
@@ -52,7 +55,10 @@ def _tilted_logvar(x, q, weight, bias, logvar_weight, logvar_bias):
 def _load_torch() -> Backend:
     return Backend("torch", ("cpu", "cuda"), {
         "fixed": reference.fixed_nll, "precision": reference_loss("precision"),
-        "bernoulli_logvar": reference_loss("bernoulli_logvar"), "tilted_logvar": _tilted_logvar})
+        "bernoulli_logvar": reference_loss("bernoulli_logvar"), "tilted_logvar": _tilted_logvar,
+        "categorical_fixed": categorical.categorical_fixed_nll,
+        "categorical_precision": categorical.categorical_precision_nll,
+        "categorical_logvar": categorical.categorical_logvar_nll})
 
 
 def _load_cpp() -> Backend:

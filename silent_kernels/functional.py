@@ -99,7 +99,10 @@ def analytic_nll(x: Tensor, q, weight: Tensor, bias: Optional[Tensor] = None, *,
         raise ValueError(f"log_term: only the precision head (precision_weight) has a log term; "
                          f"got log_term={log_term!r} with {given[0]}")
 
-    if sigma2 is not None:
+    if q.family == "categorical":
+        per_sample = _categorical(x, q, weight, bias, sigma2, precision_weight, precision_bias,
+                                  logvar_weight, logvar_bias, log_term, backend, device)
+    elif sigma2 is not None:
         sigma2 = check_sigma2(sigma2, k, dtype, device)
         impl = backends.resolve(backend, device, "fixed", "the fixed-variance head")
         per_sample = impl.kernels["fixed"](x, q.mean, q.var, weight, bias, sigma2)
@@ -116,6 +119,27 @@ def analytic_nll(x: Tensor, q, weight: Tensor, bias: Optional[Tensor] = None, *,
                           weight, dtype, device)
         per_sample = _logvar(x, q, weight, bias, logvar_weight, logvar_bias, backend, device)
     return _reduce(per_sample, reduction)
+
+
+def _categorical(x, q: LatentMoments, weight, bias, sigma2, precision_weight, precision_bias,
+                 logvar_weight, logvar_bias, log_term, backend, device) -> Tensor:
+    """One-hot categorical latents: the per-group contraction stage, then the usual epilogues."""
+    logits = q.param("logits")
+    G, K = logits.shape[1:]
+    if sigma2 is not None:
+        sigma2 = check_sigma2(sigma2, x.shape[1], x.dtype, device)
+        impl = backends.resolve(backend, device, "categorical_fixed", "the fixed-variance head with categorical latents")
+        return impl.kernels["categorical_fixed"](x, logits, weight, bias, sigma2)
+    if precision_weight is not None:
+        check_second_head("precision_weight", precision_weight, "precision_bias", precision_bias,
+                          weight, x.dtype, device)
+        resolve_log_term(log_term, q)     # "exact" is refused: the precision is not Gaussian
+        impl = backends.resolve(backend, device, "categorical_precision",
+                                "the precision head with categorical latents")
+        return impl.kernels["categorical_precision"](x, logits, weight, bias, precision_weight, precision_bias)
+    check_second_head("logvar_weight", logvar_weight, "logvar_bias", logvar_bias, weight, x.dtype, device)
+    impl = backends.resolve(backend, device, "categorical_logvar", "the log-variance head with categorical latents")
+    return impl.kernels["categorical_logvar"](x, logits, weight, bias, logvar_weight, logvar_bias)
 
 
 def resolve_log_term(log_term: str, q: LatentMoments) -> str:

@@ -31,10 +31,12 @@ FAMILIES = {
     "laplace": ("loc", "scale"),
     "poisson": ("rate",),
     "gamma": ("concentration", "rate"),
+    "categorical": ("logits",),   # (B, G, K): G independent one-hot groups of K categories
     "cumulants": (),
 }
 
 SUPPORTED_DISTRIBUTIONS = (
+    "OneHotCategorical (batch (B, G), event (K,))",
     "Normal",
     "Independent(Normal)",
     "Bernoulli",
@@ -81,6 +83,15 @@ class LatentMoments:
                              f"parameter(s) {names}, got {len(self.params)}")
         if self.family == "gaussian" and not (self.k3 is None and self.k4 is None):
             raise ValueError("LatentMoments: family 'gaussian' has k3 = k4 = 0; pass k3=None, k4=None")
+        if self.family == "categorical":
+            logits = self.params[0]
+            B, d = self.mean.shape
+            if not (isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[0] == B
+                    and logits.shape[1] * logits.shape[2] == d):
+                shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+                raise ValueError(f"LatentMoments.params (logits): expected shape (B={B}, G, K) with "
+                                 f"G * K = d = {d} (the width of mean), got {shape}")
+            return
         for name, value in zip(names, self.params):
             if not isinstance(value, Tensor) or value.shape != self.mean.shape:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -154,6 +165,25 @@ class LatentMoments:
         return cls(p, pq, pq * (1 - 2 * p), pq * (1 - 6 * pq), "bernoulli", (logits,))
 
     @classmethod
+    def categorical(cls, logits: Optional[Tensor] = None, probs: Optional[Tensor] = None) -> "LatentMoments":
+        """G independent one-hot groups of K categories from logits (preferred) or probs, (B, G, K).
+
+        The latent vector is z.flatten(1) (group-major: column g*K + j is group g, category j).
+        Coordinates of one group are dependent, so ``var`` holds only the marginal variances; the
+        losses use the per-group contraction stage (docs/math.md), never per-coordinate cumulants."""
+        if (logits is None) == (probs is None):
+            raise ValueError("LatentMoments.categorical: give exactly one of logits or probs")
+        if logits is None:
+            _check_categorical_probs(probs)
+            logits = torch.log(probs)
+        if not isinstance(logits, Tensor) or logits.dim() != 3:
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"LatentMoments.categorical: expected logits of shape (B, G, K), got {shape}")
+        logits = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+        p = torch.softmax(logits, dim=-1) if probs is None else probs
+        return cls(p.flatten(1), (p * (1 - p)).flatten(1), family="categorical", params=(logits,))
+
+    @classmethod
     def from_distribution(cls, dist: D.Distribution) -> "LatentMoments":
         """Cumulants of a supported ``torch.distributions`` object with batch shape (B, d)."""
         if isinstance(dist, D.Independent):
@@ -167,6 +197,15 @@ class LatentMoments:
         if isinstance(dist, D.Normal):
             loc, scale = torch.broadcast_tensors(dist.loc, dist.scale)
             return cls(loc, scale.square(), family="gaussian")
+        if isinstance(dist, (D.OneHotCategorical, D.OneHotCategoricalStraightThrough)):
+            if len(dist.batch_shape) != 2:
+                raise ValueError(f"q: OneHotCategorical needs batch shape (B, G) and event shape (K,), "
+                                 f"got batch shape {tuple(dist.batch_shape)}")
+            base = dist._categorical
+            if "logits" in base.__dict__ and (getattr(base, "_param", None) is base.__dict__["logits"]
+                                              or "probs" not in base.__dict__):
+                return cls.categorical(logits=base.logits)
+            return cls.categorical(probs=base.probs)
         if isinstance(dist, D.Bernoulli):
             # Use the parameter the distribution was built with (torch keeps it as `_param`);
             # both may be cached (e.g. .sample() caches probs), and going through probs
@@ -203,6 +242,20 @@ def _check_probs(probs: Tensor) -> None:
     if _values_checkable(probs) and not bool(((probs >= 0) & (probs <= 1)).all()):
         lo, hi = float(probs.min()), float(probs.max())
         raise ValueError(f"Bernoulli probs: expected values in [0, 1], got range [{lo:g}, {hi:g}]")
+
+
+def _check_categorical_probs(probs: Tensor) -> None:
+    if not isinstance(probs, Tensor) or probs.dim() != 3:
+        raise ValueError("LatentMoments.categorical: expected probs of shape (B, G, K)")
+    if _values_checkable(probs):
+        if not bool(((probs >= 0) & (probs <= 1)).all()):
+            raise ValueError(f"categorical probs: expected values in [0, 1], got range "
+                             f"[{float(probs.min()):g}, {float(probs.max()):g}]")
+        worst = float((probs.sum(-1) - 1).abs().max())
+        tol = 1e-3 if probs.dtype in (torch.float16, torch.bfloat16) else 1e-5
+        if worst > tol:
+            raise ValueError(f"categorical probs: each group must sum to 1 over its K categories; "
+                             f"the largest deviation is {worst:g}")
 
 
 def _values_checkable(t: Tensor) -> bool:

@@ -37,6 +37,7 @@ __all__ = [
     "PRECISION_SQ_FLOOR",
     "LOG_TERMS",
     "fixed_nll",
+    "fixed_pixel_nll",
     "precision_nll",
     "Contractions",
     "precision_contractions",
@@ -67,9 +68,13 @@ def fixed_nll(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor,
     """
     ubar = F.linear(mean, weight, bias)                 # E[u_p]
     saa = F.linear(var, weight.square())                # sum_i a_pi^2 k2_i   (Eq. 4, 2nd term)
+    return fixed_pixel_nll(x, ubar, saa, sigma2).sum(dim=-1)
+
+
+def fixed_pixel_nll(x: Tensor, ubar: Tensor, saa: Tensor, sigma2: Tensor) -> Tensor:
+    """Per-pixel fixed-variance epilogue (B, k): ((x - ubar)^2 + Saa) / (2 sigma2) + log(2 pi sigma2)/2."""
     expected_sq_err = (x - ubar).square() + saa         # residual first (MATH.md §4)
-    per_pixel = expected_sq_err / (2 * sigma2) + 0.5 * (LOG_2PI + torch.log(sigma2))
-    return per_pixel.sum(dim=-1)
+    return expected_sq_err / (2 * sigma2) + 0.5 * (LOG_2PI + torch.log(sigma2))
 
 
 class Contractions(NamedTuple):
