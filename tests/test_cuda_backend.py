@@ -5,9 +5,9 @@
    k3-only moments), reductions, requires_grad subsets, non-contiguous inputs, empty batch,
    odd shapes, plus ``torch.library.opcheck`` of the four ops.
 2. Without one (always): the very same ``.cu`` sources compiled for the host by g++ with a
-   small CUDA emulation shim (one std::thread per CUDA thread of a block, a std::barrier for
-   __syncthreads, a per-warp barrier for __shfl_xor_sync, ``__shared__`` as static storage,
-   blocks run one after another), called through ctypes. This exercises the tiling,
+   small CUDA emulation shim (tests/cuda_emulation: one std::thread per CUDA thread of a block,
+   a std::barrier for __syncthreads, a per-warp barrier for __shfl_xor_sync, ``__shared__`` as
+   static storage, blocks run one after another), called through ctypes. This exercises the tiling,
    ragged edges, plans, split reductions, scratch layout (filled with NaN, so reading an
    unwritten slot shows), dtype conversions and the math of every kernel; it says nothing
    about performance or the GPU memory model. Both tile configurations and the split
@@ -22,23 +22,13 @@ once on store).
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import math
-import os
-import re
-import shutil
-import subprocess
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from silent_kernels import LatentMoments, analytic_nll, reference
-
-ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), ".."))
-CSRC = os.path.join(ROOT, "csrc")
-CUDA_DIR = os.path.join(CSRC, "cuda")
+from tests.cuda_emulation import emulation
 
 FIXED_INPUTS = ("x", "mean", "var", "weight", "bias", "sigma2")
 PRECISION_INPUTS = ("x", "mean", "var", "k3", "k4", "weight", "bias", "precision_weight", "precision_bias")
@@ -117,326 +107,13 @@ def assert_close(name: str, actual, expected, dtype):
 
 
 # ------------------------------------------------------------------------------ host emulation
-EMUL_SHIM = r"""
-// Host emulation of the CUDA features the kernels use (tests only; see test_cuda_backend.py).
-#pragma once
-#define __shared__ static
-#define __launch_bounds__(...)
-#define cudaGetLastError sk_emul_cudaGetLastError
-#define cudaMemsetAsync sk_emul_cudaMemsetAsync
-#define cudaGetDevice sk_emul_cudaGetDevice
-#define cudaDeviceGetAttribute sk_emul_cudaDeviceGetAttribute
-#include <cuda_runtime.h>
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <barrier>
-#include <cstring>
-#include <memory>
-#include <thread>
-#include <vector>
-
-inline thread_local uint3 threadIdx, blockIdx;
-inline thread_local dim3 blockDim, gridDim;
-
-namespace sk_emul {
-struct Warp {
-  std::barrier<> bar{32};
-  double buf[32];
-};
-inline thread_local std::barrier<>* block_barrier = nullptr;
-inline thread_local Warp* warp = nullptr;
-inline int device = 0;
-inline int sm_count[64] = {};
-inline long launches = 0;
-
-struct Cfg {
-  dim3 grid, block;
-  Cfg(dim3 g, dim3 b, size_t = 0, cudaStream_t = nullptr) : grid(g), block(b) {}
-};
-
-// One std::thread per thread of a block; the blocks run one after another (a barrier between
-// them keeps the static "__shared__" storage of one block from being overwritten early).
-template <typename K, typename... A>
-void launch(Cfg c, K kernel, const A&... args) {
-  ++launches;
-  const unsigned n = c.block.x * c.block.y * c.block.z;
-  std::barrier<> bar(n);
-  std::vector<std::unique_ptr<Warp>> warps;
-  for (unsigned w = 0; w < (n + 31) / 32; ++w) warps.emplace_back(new Warp());
-  std::vector<std::thread> threads;
-  threads.reserve(n);
-  for (unsigned t = 0; t < n; ++t)
-    threads.emplace_back([&, t] {
-      threadIdx = uint3{t % c.block.x, (t / c.block.x) % c.block.y, t / (c.block.x * c.block.y)};
-      blockDim = c.block;
-      gridDim = c.grid;
-      block_barrier = &bar;
-      warp = warps[t / 32].get();
-      for (unsigned z = 0; z < c.grid.z; ++z)
-        for (unsigned y = 0; y < c.grid.y; ++y)
-          for (unsigned x = 0; x < c.grid.x; ++x) {
-            blockIdx = uint3{x, y, z};
-            kernel(args...);
-            bar.arrive_and_wait();
-          }
-    });
-  for (auto& th : threads) th.join();
-}
-}  // namespace sk_emul
-
-inline void __syncthreads() { sk_emul::block_barrier->arrive_and_wait(); }
-
-template <typename V>
-inline V __shfl_xor_sync(unsigned, V v, int lane_mask) {
-  const unsigned lane = threadIdx.x & 31;
-  sk_emul::warp->buf[lane] = static_cast<double>(v);
-  sk_emul::warp->bar.arrive_and_wait();
-  const V r = static_cast<V>(sk_emul::warp->buf[lane ^ lane_mask]);
-  sk_emul::warp->bar.arrive_and_wait();
-  return r;
-}
-
-inline cudaError_t sk_emul_cudaGetLastError() { return cudaSuccess; }
-inline cudaError_t sk_emul_cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
-  std::memset(p, v, n);
-  return cudaSuccess;
-}
-inline cudaError_t sk_emul_cudaGetDevice(int* d) {
-  *d = sk_emul::device;
-  return cudaSuccess;
-}
-inline cudaError_t sk_emul_cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int d) {
-  *v = sk_emul::sm_count[d];
-  return cudaSuccess;
-}
-"""
-
-EMUL_API = r"""
-// ctypes entry points of the host-emulated CUDA backend (tests only).
-#include <limits>
-#include <vector>
-
-#include "kernels.h"
-
-using namespace silent_kernels::cuda;
-
-namespace {
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-template <typename F>
-int with_dtype(int dtype, F f) {
-  switch (dtype) {
-    case 0: return f(Tag<float>{});
-    case 1: return f(Tag<double>{});
-    case 2: return f(Tag<__half>{});
-    case 3: return f(Tag<__nv_bfloat16>{});
-    default: return -1;
-  }
-}
-
-template <typename Acc>
-std::vector<Acc> scratch(int64_t n) {  // NaN-filled: reading an unwritten slot shows up
-  return std::vector<Acc>(n > 0 ? n : 1, std::numeric_limits<Acc>::quiet_NaN());
-}
-}  // namespace
-
-extern "C" {
-
-void emu_set_device(int device, int sm_count) {
-  sk_emul::device = device;
-  sk_emul::sm_count[device] = sm_count;
-}
-
-long emu_launches() { return sk_emul::launches; }
-
-int emu_fixed_forward(int dtype, const void* x, const void* mean, const void* var,
-                      const void* weight, const void* bias, const void* sigma2, int64_t B,
-                      int64_t k, int64_t d, void* loss, int64_t* info) {
-  return with_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const FixedArgs<T> a{(const T*)x, (const T*)mean, (const T*)var, (const T*)weight,
-                         (const T*)bias, (const T*)sigma2, nullptr, B, k, d};
-    const ForwardPlan p = plan_fixed_forward(B, k, d, sizeof(T) == 8);
-    info[0] = p.cfg;
-    info[1] = p.pixel_tiles;
-    auto ws = scratch<acc_t<T>>(p.workspace);
-    return int(fixed_forward<T>(a, p, ws.data(), (T*)loss, nullptr));
-  });
-}
-
-int emu_precision_forward(int dtype, const void* x, const void* mean, const void* var,
-                          const void* k3, const void* k4, const void* weight, const void* bias,
-                          const void* pweight, const void* pbias, int64_t B, int64_t k, int64_t d,
-                          void* loss, int64_t* info) {
-  return with_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const PrecisionArgs<T> a{(const T*)x, (const T*)mean, (const T*)var, (const T*)k3,
-                             (const T*)k4, (const T*)weight, (const T*)bias, (const T*)pweight,
-                             (const T*)pbias, nullptr, B, k, d};
-    const ForwardPlan p = plan_precision_forward(B, k, d, sizeof(T) == 8);
-    info[0] = p.cfg;
-    info[1] = p.pixel_tiles;
-    auto ws = scratch<acc_t<T>>(p.workspace);
-    return int(precision_forward<T>(a, p, ws.data(), (T*)loss, nullptr));
-  });
-}
-
-// outs: x, mean, var, weight, bias, sigma2 (null = not needed)
-int emu_fixed_backward(int dtype, const void* grad, const void* x, const void* mean,
-                       const void* var, const void* weight, const void* bias, const void* sigma2,
-                       int64_t B, int64_t k, int64_t d, void* const* outs, int64_t* info) {
-  return with_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const FixedArgs<T> a{(const T*)x, (const T*)mean, (const T*)var, (const T*)weight,
-                         (const T*)bias, (const T*)sigma2, (const T*)grad, B, k, d};
-    const FixedNeeds n{outs[0] != nullptr, outs[1] != nullptr, outs[2] != nullptr,
-                       outs[3] != nullptr, outs[4] != nullptr, outs[5] != nullptr};
-    const BackwardPlan p = plan_fixed_backward(B, k, d, sizeof(T) == 8, n);
-    info[0] = p.coef_cfg;
-    info[1] = p.mom_split;
-    info[2] = p.w_split;
-    info[3] = p.nplanes;
-    auto ws = scratch<acc_t<T>>(p.workspace);
-    const FixedGrads<T> g{(T*)outs[0], (T*)outs[1], (T*)outs[2],
-                          (T*)outs[3], (T*)outs[4], (T*)outs[5]};
-    return int(fixed_backward<T>(a, p, ws.data(), g, nullptr));
-  });
-}
-
-// outs: x, mean, var, k3, k4, weight, bias, pweight, pbias (null = not needed)
-int emu_precision_backward(int dtype, const void* grad, const void* x, const void* mean,
-                           const void* var, const void* k3, const void* k4, const void* weight,
-                           const void* bias, const void* pweight, const void* pbias, int64_t B,
-                           int64_t k, int64_t d, void* const* outs, int64_t* info) {
-  return with_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const PrecisionArgs<T> a{(const T*)x, (const T*)mean, (const T*)var, (const T*)k3,
-                             (const T*)k4, (const T*)weight, (const T*)bias, (const T*)pweight,
-                             (const T*)pbias, (const T*)grad, B, k, d};
-    const PrecisionNeeds n{outs[0] != nullptr, outs[1] != nullptr, outs[2] != nullptr,
-                           outs[3] != nullptr, outs[4] != nullptr, outs[5] != nullptr,
-                           outs[6] != nullptr, outs[7] != nullptr, outs[8] != nullptr};
-    const BackwardPlan p =
-        plan_precision_backward(B, k, d, sizeof(T) == 8, k3 != nullptr, k4 != nullptr, n);
-    info[0] = p.coef_cfg;
-    info[1] = p.mom_split;
-    info[2] = p.w_split;
-    info[3] = p.nplanes;
-    auto ws = scratch<acc_t<T>>(p.workspace);
-    const PrecisionGrads<T> g{(T*)outs[0], (T*)outs[1], (T*)outs[2], (T*)outs[3], (T*)outs[4],
-                              (T*)outs[5], (T*)outs[6], (T*)outs[7], (T*)outs[8]};
-    return int(precision_backward<T>(a, p, ws.data(), g, nullptr));
-  });
-}
-
-}  // extern "C"
-"""
-
-# kernel<...><<<grid, block, smem, stream>>>(args) -> ::sk_emul::launch(Cfg(grid, ...), kernel<...>, args)
-_LAUNCH = re.compile(r"(\b\w+(?:<[^;{}]*?>)?)<<<(.*?)>>>\(", re.S)
-DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-
-
-def _cuda_include():
-    for cand in (os.environ.get("CUDA_HOME"), "/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"))):
-        if cand and os.path.isfile(os.path.join(cand, "include", "cuda_fp16.h")):
-            return os.path.join(cand, "include")
-    return None
-
-
-class Emulated:
-    """The CUDA launchers of kernels.h, host-compiled, called on CPU tensors."""
-
-    def __init__(self, lib):
-        self.lib = lib
-        v, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.emu_fixed_forward.argtypes = [ctypes.c_int] + [v] * 6 + [i64] * 3 + [v, v]
-        lib.emu_precision_forward.argtypes = [ctypes.c_int] + [v] * 9 + [i64] * 3 + [v, v]
-        lib.emu_fixed_backward.argtypes = [ctypes.c_int] + [v] * 7 + [i64] * 3 + [v, v]
-        lib.emu_precision_backward.argtypes = [ctypes.c_int] + [v] * 10 + [i64] * 3 + [v, v]
-        lib.emu_launches.restype = ctypes.c_long
-
-    def set_device(self, device: int, sm_count: int):
-        self.lib.emu_set_device(device, sm_count)
-
-    @staticmethod
-    def _ptr(t):
-        return None if t is None else t.data_ptr()
-
-    def forward(self, head, case):
-        x = case["x"]
-        B, k = x.shape
-        d = case["mean"].shape[1]
-        loss = torch.full((B,), float("nan"), dtype=x.dtype)
-        info = (ctypes.c_int64 * 8)()
-        fn = self.lib.emu_fixed_forward if head == "fixed" else self.lib.emu_precision_forward
-        rc = fn(DTYPE_CODE[x.dtype], *[self._ptr(t) for t in case.values()], B, k, d,
-                loss.data_ptr(), info)
-        assert rc == 0, f"launcher returned CUDA error {rc}"
-        return loss, list(info)
-
-    def backward(self, head, case, grad, needs):
-        x = case["x"]
-        B, k = x.shape
-        d = case["mean"].shape[1]
-        outs = {name: torch.full(t.shape, float("nan"), dtype=x.dtype)
-                for name, t in case.items() if name in needs and t is not None}
-        ptrs = [outs[name].data_ptr() if name in outs else None for name in case]
-        arr = (ctypes.c_void_p * len(ptrs))(*ptrs)
-        info = (ctypes.c_int64 * 8)()
-        fn = self.lib.emu_fixed_backward if head == "fixed" else self.lib.emu_precision_backward
-        rc = fn(DTYPE_CODE[x.dtype], grad.data_ptr(), *[self._ptr(t) for t in case.values()],
-                B, k, d, arr, info)
-        assert rc == 0, f"launcher returned CUDA error {rc}"
-        return outs, list(info)
-
-    def launches(self) -> int:
-        return self.lib.emu_launches()
-
-
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ not found")
-    cuda_inc = _cuda_include()
-    if cuda_inc is None:
-        pytest.skip("CUDA headers (cuda_fp16.h) not found")
-    build = tmp_path_factory.mktemp("cuda_emul")
-    (build / "sk_emul.h").write_text(EMUL_SHIM)
-    sources = []
-    for path in sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu"))):
-        text = _LAUNCH.sub(r"::sk_emul::launch(::sk_emul::Cfg(\2), \1, ", open(path).read())
-        dst = build / (os.path.basename(path)[:-3] + ".cpp")
-        dst.write_text(f'#line 1 "{path}"\n' + text)
-        sources.append(dst)
-    api = build / "emu_api.cpp"
-    api.write_text(EMUL_API)
-    sources.append(api)
-    flags = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-w", "-include", str(build / "sk_emul.h"),
-             f"-I{CSRC}", f"-I{CUDA_DIR}", f"-I{cuda_inc}"]
-
-    def compile_one(src):
-        obj = str(src) + ".o"
-        proc = subprocess.run([gxx, *flags, "-c", str(src), "-o", obj], capture_output=True, text=True,
-                              timeout=600)
-        return obj, proc
-
-    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
-        results = list(pool.map(compile_one, sources))
-    for obj, proc in results:
-        if proc.returncode != 0:
-            if "<barrier>" in proc.stderr or "std::barrier" in proc.stderr:
-                pytest.skip("g++ without C++20 <barrier>")
-            pytest.fail(f"host compile of the CUDA sources failed ({obj}):\n{proc.stderr[-6000:]}")
-    lib_path = str(build / "libsk_cuda_emul.so")
-    proc = subprocess.run([gxx, "-shared", "-pthread", *[o for o, _ in results], "-o", lib_path],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return Emulated(ctypes.CDLL(lib_path))
+def emu():
+    """The emulated CUDA backend (tests/cuda_emulation), built once per session."""
+    try:
+        return emulation.build()
+    except emulation.Unavailable as exc:
+        pytest.skip(str(exc))
 
 
 # device id -> multiprocessor count: 1 SM gives the large tiles and no split reductions,

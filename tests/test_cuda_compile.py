@@ -8,7 +8,10 @@
 - ``csrc/cuda/ops_cuda.cpp`` (the torch glue) passes ``g++ -fsyntax-only -DWITH_CUDA``
   against the installed torch's headers, and compiles to nothing without WITH_CUDA;
 - the int64 offset functions of ``csrc/cuda/index.h`` give exact values beyond 2^31;
-- the derivatives in ``csrc/epilogue.h`` match central finite differences of the losses.
+- the derivatives in ``csrc/epilogue.h`` (fixed, Taylor precision, exact log term, Gaussian and
+  tilted log-variance heads, the Bernoulli tilt) match central finite differences.
+
+The C++ host programs live in tests/cuda_emulation/*.cpp.
 
 Everything is skipped cleanly (with the reason) when nvcc or g++ is missing.
 """
@@ -31,7 +34,7 @@ CU_FILES = sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu")))
 CU_NAMES = [os.path.basename(p) for p in CU_FILES]
 ARCHS = ("sm_89", "sm_90")
 # kernels whose registers must fit without spilling (the forward pass)
-NO_SPILL_KERNELS = ("fixed_forward_kernel", "precision_forward_kernel")
+NO_SPILL_KERNELS = ("fixed_forward_kernel", "precision_forward_kernel", "bernoulli_logvar_forward_kernel")
 COMPILE_TIMEOUT = 600
 
 
@@ -101,7 +104,10 @@ def demangle(names):
     if not names or CXXFILT is None:
         return {n: n for n in names}
     out = subprocess.run([CXXFILT], input="\n".join(names), capture_output=True, text=True).stdout
-    pretty = [re.sub(r"\(anonymous namespace\)::|silent_kernels::cuda::", "", s) for s in out.splitlines()]
+    heads = ("kTaylor", "kExactLog", "kLogVar")
+    pretty = [re.sub(r"\((?:silent_kernels::)?Head\)(\d)", lambda m: "Head::" + heads[int(m.group(1))], s)
+              for s in out.splitlines()]  # enum template arguments print as (silent_kernels::Head)1
+    pretty = [re.sub(r"\(anonymous namespace\)::|silent_kernels::cuda::|silent_kernels::", "", s) for s in pretty]
     pretty = [s.split("(")[0].replace("void ", "", 1) for s in pretty]
     return dict(zip(names, pretty)) if len(pretty) == len(names) else {n: n for n in names}
 
@@ -169,100 +175,7 @@ def test_cu_compiles(compiled, cu, arch, record_property):
 
 
 # ------------------------------------------------------------------------------ link + plans
-PLAN_PROGRAM = r"""
-#include <cstdio>
-#include <vector>
-#include "cuda/kernels.h"
-using namespace silent_kernels::cuda;
-static int fails = 0, checked = 0;
-#define CHECK(c) do { if (!(c)) { ++fails; std::printf("FAIL line %d: %s (B=%lld k=%lld d=%lld)\n", \
-    __LINE__, #c, (long long)B, (long long)k, (long long)d); } } while (0)
-
-static void check_split(int64_t split, int64_t chunk, int64_t red, int64_t B, int64_t k, int64_t d) {
-  CHECK(split >= 1 && split <= 65535 && chunk >= 1);
-  if (red > 0) { CHECK(split * chunk >= red); CHECK((split - 1) * chunk < red); }
-}
-
-static void check_backward(const BackwardPlan& p, int64_t B, int64_t k, int64_t d) {
-  ++checked;
-  std::vector<int> seen(16, 0);
-  for (int q = 0; q < kNumPlanes; ++q) if (p.slots.slot[q] >= 0) {
-    CHECK(p.slots.slot[q] < p.nplanes); seen[p.slots.slot[q]]++; }
-  for (int q = 0; q < p.nplanes; ++q) CHECK(seen[q] == 1);
-  std::vector<int> cs(4, 0);
-  for (int q = 0; q < kNumColSums; ++q) if (p.colsums.slot[q] >= 0) {
-    CHECK(p.colsums.slot[q] < p.ncolsums); cs[p.colsums.slot[q]]++; }
-  for (int q = 0; q < p.ncolsums; ++q) CHECK(cs[q] == 1);
-  std::vector<int> kinds(4, 0);
-  for (int q = 0; q < p.nkinds; ++q) { CHECK(p.kinds[q] >= 0 && p.kinds[q] < 4); kinds[p.kinds[q] & 3]++; }
-  for (int q = 0; q < 4; ++q) CHECK(kinds[q] <= 1);
-  CHECK(p.coef_row_tiles >= (B > 0 ? 1 : 0));
-  CHECK(p.off_planes == 0);
-  CHECK(p.off_colsum >= p.off_planes + p.nplanes * B * k);
-  CHECK(p.off_mom >= p.off_colsum + p.ncolsums * p.coef_row_tiles * k);
-  CHECK(p.off_w >= p.off_mom + (p.nkinds ? p.mom_split * p.nkinds * B * d : 0));
-  CHECK(p.off_colw >= p.off_w + (p.nwout ? p.w_split * p.nwout * k * d : 0));
-  CHECK(p.off_r >= p.off_colw + (p.need_colw ? d : 0));
-  CHECK(p.off_tmp >= p.off_r + (p.need_r ? d : 0));
-  CHECK(p.workspace >= p.off_tmp + k);
-  CHECK(p.nwout == int(p.need_a) + int(p.need_c));
-  check_split(p.mom_split, p.mom_chunk, k, B, k, d);
-  check_split(p.w_split, p.w_chunk, B, B, k, d);
-}
-
-int main() {
-  const int64_t shapes[][3] = {{64, 784, 200}, {1, 1, 1}, {0, 5, 3}, {5, 0, 3}, {5, 3, 0},
-                               {3000000, 784, 1000}, {33, 1000003, 7}, {70000, 70000, 2}};
-  for (const auto& s : shapes) {
-    const int64_t B = s[0], k = s[1], d = s[2];
-    for (bool dbl : {false, true}) {
-      const ForwardPlan f = plan_fixed_forward(B, k, d, dbl);
-      ++checked;
-      CHECK(f.cfg == 0 || f.cfg == 1);
-      CHECK(f.pixel_tiles >= (k > 0 ? 1 : 0) && f.pixel_tiles <= k);
-      CHECK(f.partial_rows == f.pixel_tiles + 1);
-      CHECK(f.off_colw >= f.partial_rows * B && f.workspace >= f.off_colw + d);
-      const ForwardPlan p = plan_precision_forward(B, k, d, dbl);
-      ++checked;
-      CHECK(p.partial_rows == p.pixel_tiles && p.workspace >= p.partial_rows * B);
-      for (int mask = 0; mask < 64; ++mask) {
-        const FixedNeeds n{bool(mask & 1), bool(mask & 2), bool(mask & 4), bool(mask & 8),
-                           bool(mask & 16), bool(mask & 32)};
-        const BackwardPlan b = plan_fixed_backward(B, k, d, dbl, n);
-        check_backward(b, B, k, d);
-        CHECK(b.need_a == n.weight && !b.need_c);
-        CHECK((b.colsums.slot[kColUbar] >= 0) == n.bias);
-        CHECK((b.colsums.slot[kColDSigma2] >= 0) == n.sigma2);
-        CHECK(b.need_colw == n.var && b.need_r == (n.weight || n.sigma2));
-      }
-      for (int mask = 0; mask < 512; mask += 7) {
-        for (int lat = 0; lat < 4; ++lat) {
-          const bool k3 = lat & 1, k4 = lat & 2;
-          const PrecisionNeeds n{bool(mask & 1), bool(mask & 2), bool(mask & 4), bool(mask & 8),
-                                 bool(mask & 16), bool(mask & 32), bool(mask & 64),
-                                 bool(mask & 128), bool(mask & 256)};
-          const BackwardPlan b = plan_precision_backward(B, k, d, dbl, k3, k4, n);
-          check_backward(b, B, k, d);
-          const bool any_w = n.weight || n.pweight;
-          CHECK((b.slots.slot[kUbar] >= 0) == (n.mean || any_w));
-          CHECK((b.slots.slot[kSaa] >= 0) == (n.var || any_w));
-          CHECK((b.slots.slot[kTacc] >= 0) == (k3 && (n.k3 || any_w)));
-          CHECK((b.slots.slot[kQ] >= 0) == (k4 && (n.k4 || any_w)));
-          CHECK(b.nkinds == int(n.mean) + int(n.var) + int(k3 && n.k3) + int(k4 && n.k4));
-          CHECK(b.need_a == n.weight && b.need_c == n.pweight);
-        }
-      }
-    }
-  }
-  // an empty batch enqueues nothing (returns before touching the device)
-  const FixedArgs<float> fa{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 5, 3};
-  const ForwardPlan fp = plan_fixed_forward(0, 5, 3, false);
-  const int64_t B = 0, k = 5, d = 3;
-  CHECK(fixed_forward<float>(fa, fp, nullptr, nullptr, nullptr) == cudaSuccess);
-  std::printf("checked %d plans, %d failures\n", checked, fails);
-  return fails ? 1 : 0;
-}
-"""
+PLAN_PROGRAM = os.path.join(ROOT, "tests", "cuda_emulation", "plans_main.cpp")
 
 
 @needs_nvcc
@@ -271,11 +184,9 @@ def test_objects_link_and_plans(compiled, tmp_path):
     failed = [name for (name, a), (rc, _, _) in compiled.items() if a == arch and rc != 0]
     if failed:
         pytest.skip(f"compile failures (reported by test_cu_compiles): {failed}")
-    main = tmp_path / "plans_main.cpp"
-    main.write_text(PLAN_PROGRAM)
     exe = tmp_path / "plans"
     objs = [obj for (name, a), (_, _, obj) in sorted(compiled.items()) if a == arch]
-    cmd = [NVCC, "-std=c++17", f"-arch={arch}", "-I", CSRC, str(main), *objs, "-o", str(exe)]
+    cmd = [NVCC, "-std=c++17", f"-arch={arch}", "-I", CSRC, PLAN_PROGRAM, *objs, "-o", str(exe)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
     assert proc.returncode == 0, f"link failed (missing instantiation?):\n{proc.stderr[-6000:]}"
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
@@ -320,10 +231,9 @@ def test_ops_cuda_syntax(tmp_path):
 
 # ------------------------------------------------------------------------------ host programs
 def _build_and_run(tmp_path, name, source, stdin=""):
-    src = tmp_path / f"{name}.cpp"
-    src.write_text(source)
+    """Compile the host program at path `source` with g++ and run it; its stdout."""
     exe = tmp_path / name
-    proc = subprocess.run([GXX, "-std=c++17", "-O1", "-Wall", f"-I{CSRC}", str(src), "-o", str(exe)],
+    proc = subprocess.run([GXX, "-std=c++17", "-O1", "-Wall", f"-I{CSRC}", source, "-o", str(exe)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, timeout=60)
@@ -331,21 +241,7 @@ def _build_and_run(tmp_path, name, source, stdin=""):
     return run.stdout
 
 
-OFFSET_PROGRAM = r"""
-#include <cstdio>
-#include "cuda/index.h"
-using namespace silent_kernels::cuda;
-int main() {
-  long long a, b, c, d, e;
-  while (std::scanf("%lld %lld %lld %lld %lld", &a, &b, &c, &d, &e) == 5) {
-    const TileCoord t = tile_coord(a, c);
-    std::printf("%lld %lld %lld %lld %lld\n", (long long)offset2d(a, b, c),
-                (long long)offset3d(a, b, c, d, e), (long long)ceil_div(a, c),
-                (long long)t.row_tile, (long long)t.col_tile);
-  }
-  return 0;
-}
-"""
+OFFSET_PROGRAM = os.path.join(ROOT, "tests", "cuda_emulation", "offsets_main.cpp")
 
 
 @needs_gxx
@@ -366,62 +262,14 @@ def test_offsets_beyond_int32(tmp_path):
     assert max(a * c + b for a, b, c, _, _ in cases) > 2**32
 
 
-EPILOGUE_PROGRAM = r"""
-#include <cmath>
-#include <cstdio>
-#include <random>
-#include "epilogue.h"
-using namespace silent_kernels;
-
-static double& at(PixelTerms<double>& t, int j) {
-  switch (j) {
-    case 0: return t.ubar; case 1: return t.vbar; case 2: return t.Saa; case 3: return t.Scc;
-    case 4: return t.Sac; case 5: return t.Tacc; case 6: return t.Taac; case 7: return t.C3;
-    case 8: return t.Q; default: return t.C4;
-  }
-}
-
-int main() {
-  std::mt19937_64 rng(20240611);
-  std::uniform_real_distribution<double> u(-1.0, 1.0);
-  for (int point = 0; point < 12; ++point) {
-    const double x = 2 * u(rng);
-    PixelTerms<double> c;
-    c.ubar = 2 * u(rng); c.vbar = point % 4 == 0 ? 0.05 * u(rng) : 2 * u(rng);
-    c.Saa = 0.1 + std::fabs(u(rng)); c.Scc = 0.1 + std::fabs(u(rng)); c.Sac = 0.5 * u(rng);
-    c.Tacc = 0.5 * u(rng); c.Taac = 0.5 * u(rng); c.C3 = 0.5 * u(rng);
-    c.Q = 0.5 * u(rng); c.C4 = 0.5 * u(rng);
-    PixelTerms<double> g = precision_pixel_grad(x, c);
-    for (int j = 0; j < 10; ++j) {
-      const double h = 1e-5 * std::fmax(1.0, std::fabs(at(c, j)));
-      PixelTerms<double> p = c, m = c;
-      at(p, j) += h; at(m, j) -= h;
-      const double fd = (precision_pixel_nll(x, p) - precision_pixel_nll(x, m)) / (2 * h);
-      std::printf("precision %d %d %.17g %.17g\n", point, j, at(g, j), fd);
-    }
-    // d/dx = -d/d ubar (the CUDA coefficient kernel writes dx this way)
-    const double h = 1e-5 * std::fmax(1.0, std::fabs(x));
-    const double fdx = (precision_pixel_nll(x + h, c) - precision_pixel_nll(x - h, c)) / (2 * h);
-    std::printf("precision_x %d 0 %.17g %.17g\n", point, -g.ubar, fdx);
-    // fixed head: d/d sigma2 (epilogue.h) and d/d resid = resid / sigma2 (coef kernel)
-    const double resid = 2 * u(rng), saa = 0.1 + std::fabs(u(rng)), s2 = 0.2 + std::fabs(u(rng));
-    auto nll = [&](double r, double s) { return fixed_pixel_nll(r, saa, 1.0 / s, std::log(s)); };
-    const double hs = 1e-6 * s2, hr = 1e-5 * std::fmax(1.0, std::fabs(resid));
-    std::printf("fixed_sigma2 %d 0 %.17g %.17g\n", point, fixed_pixel_dsigma2(resid, saa, 1.0 / s2),
-                (nll(resid, s2 + hs) - nll(resid, s2 - hs)) / (2 * hs));
-    std::printf("fixed_resid %d 0 %.17g %.17g\n", point, resid / s2,
-                (nll(resid + hr, s2) - nll(resid - hr, s2)) / (2 * hr));
-  }
-  return 0;
-}
-"""
+EPILOGUE_PROGRAM = os.path.join(ROOT, "tests", "cuda_emulation", "epilogue_fd_main.cpp")
 
 
 @needs_gxx
 def test_epilogue_gradients_match_finite_differences(tmp_path):
     out = _build_and_run(tmp_path, "epilogue_fd", EPILOGUE_PROGRAM)
     rows = [line.split() for line in out.strip().splitlines()]
-    assert len(rows) == 12 * 13
+    assert len(rows) == 12 * (13 + 10 + 6 + 3)
     worst = (0.0, None)
     for kind, point, j, analytic, fd in rows:
         analytic, fd = float(analytic), float(fd)

@@ -1,4 +1,4 @@
-// Backward plans and launchers of both heads (MATH.md §5): which stages run, how their
+// Backward plans and launchers of the fixed and precision-family heads (MATH.md §5): which stages run, how their
 // reductions are split, and where their partial results live in the scratch buffer.
 //
 //   1. coefficient kernel (coef.cu): g_j planes (B, k), dx, per-sample-tile column sums
@@ -15,12 +15,6 @@
 namespace silent_kernels {
 namespace cuda {
 
-namespace {
-
-struct Split {
-  int64_t split, chunk;
-};
-
 // Split a reduction of length red (in steps of bk) over enough chunks that tiles * split
 // blocks fill the device twice, keeping at least four steps per chunk.
 Split choose_split(int64_t tiles, int64_t red, int bk) {
@@ -32,6 +26,8 @@ Split choose_split(int64_t tiles, int64_t red, int bk) {
   const int64_t chunk = ceil_div(ceil_div(red, s), bk) * bk;
   return {ceil_div(red, chunk), chunk};
 }
+
+namespace {
 
 template <class Large, class Small>
 int choose_cfg(int64_t B, int64_t k) {
@@ -217,6 +213,7 @@ template <typename T>
 cudaError_t precision_backward(const PrecisionArgs<T>& a, const BackwardPlan& plan, acc_t<T>* ws,
                                const PrecisionGrads<T>& out, cudaStream_t stream) {
   using Acc = acc_t<T>;
+  if (!precision_head_valid(a)) return cudaErrorInvalidValue;
   const int64_t B = a.B, k = a.k, d = a.d;
   if (B == 0) {
     SK_CUDA_TRY(zero(out.weight, k * d, stream));

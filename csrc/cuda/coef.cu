@@ -10,32 +10,6 @@ namespace cuda {
 
 namespace {
 
-// Sums cs (each thread: its TM samples of its TN pixels) over the block's samples and writes
-// one row (this sample tile) of each requested column sum. Block-uniform call.
-template <class Tl, typename Acc>
-__device__ __forceinline__ void write_colsums(const Acc (&cs)[kNumColSums][Tl::TN],
-                                              const ColSumSlots& colsums, int64_t row_tile,
-                                              int64_t row_tiles, int64_t p0, int64_t k,
-                                              Acc* __restrict__ colpart) {
-  __shared__ Acc red[kNumColSums][Tl::WARPS][Tl::BN];
-  const int lane = threadIdx.x & 31, wy = threadIdx.x >> 5;
-#pragma unroll
-  for (int q = 0; q < kNumColSums; ++q)
-#pragma unroll
-    for (int j = 0; j < Tl::TN; ++j) red[q][wy][lane + 32 * j] = cs[q][j];
-  __syncthreads();
-  for (int t = threadIdx.x; t < kNumColSums * Tl::BN; t += Tl::THREADS) {
-    const int q = t / Tl::BN, col = t % Tl::BN;
-    const int s = q == 0 ? colsums.slot[0] : colsums.slot[1];  // no dynamic param indexing
-    const int64_t p = p0 + col;
-    if (s < 0 || p >= k) continue;
-    Acc v = Acc(0);
-#pragma unroll
-    for (int w = 0; w < Tl::WARPS; ++w) v += red[q][w][col];  // fixed order
-    colpart[offset3d(s, row_tile, p, row_tiles, k)] = v;
-  }
-}
-
 template <class Tl, typename T>
 __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
     fixed_coef_kernel(const FixedArgs<T> a, int64_t pixel_tiles, const PlaneSlots slots,
@@ -91,7 +65,8 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
   if (want_cs) write_colsums<Tl>(cs, colsums, tc.row_tile, ceil_div(a.B, Tl::BM), p0, a.k, colpart);
 }
 
-template <class Tl, bool K3, bool K4, typename T>
+// H: the per-pixel epilogue (epilogue.h Head); kExactLog and kLogVar only with K3 = K4 = false.
+template <class Tl, Head H, bool K3, bool K4, typename T>
 __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
     precision_coef_kernel(const PrecisionArgs<T> a, int64_t pixel_tiles, const PlaneSlots slots,
                           acc_t<T>* __restrict__ planes, const ColSumSlots colsums,
@@ -99,6 +74,7 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
   using Acc = acc_t<T>;
   using Set = ContractSet<true, K3, K4>;
   using Ctr = Contractor<Tl, Set, T>;
+  static_assert(H == Head::kTaylor || (!K3 && !K4), "exact heads need Gaussian latents");
   __shared__ typename Ctr::Smem sm;
 
   const TileCoord tc = tile_coord(blockIdx.x, pixel_tiles);
@@ -131,7 +107,7 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
       if (n >= a.B) continue;
       const int64_t off = offset2d(n, p, a.k);
       const PixelTerms<Acc> t = Ctr::terms(acc, i, j, bu, bv);
-      const PixelTerms<Acc> g = precision_pixel_grad<Acc>(load_acc(a.x, off), t);
+      const PixelTerms<Acc> g = head_pixel_grad<H, Acc>(load_acc(a.x, off), t);
       const Acc gv[kNumPlanes] = {g.ubar, g.vbar, g.Saa, g.Scc, g.Sac,
                                   g.Tacc, g.Taac, g.C3,  g.Q,   g.C4};
 #pragma unroll
@@ -171,15 +147,23 @@ cudaError_t precision_coef_tiles(const PrecisionArgs<T>& a, const PlaneSlots& sl
   if (blocks == 0) return cudaSuccess;
   if (!grid_fits(blocks)) return cudaErrorInvalidConfiguration;
   const unsigned g = static_cast<unsigned>(blocks);
+  if (a.head == int(Head::kExactLog)) {
+    precision_coef_kernel<Tl, Head::kExactLog, false, false, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, slots, planes, colsums, colpart, dx);
+    return last_error();
+  }
+  if (a.head == int(Head::kLogVar)) {
+    precision_coef_kernel<Tl, Head::kLogVar, false, false, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, slots, planes, colsums, colpart, dx);
+    return last_error();
+  }
   switch (latent_cfg(a.k3 != nullptr, a.k4 != nullptr)) {
     case kGaussian:
-      precision_coef_kernel<Tl, false, false, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, slots, planes, colsums, colpart, dx);
+      precision_coef_kernel<Tl, Head::kTaylor, false, false, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, slots, planes, colsums, colpart, dx);
       break;
     case kK4Only:
-      precision_coef_kernel<Tl, false, true, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, slots, planes, colsums, colpart, dx);
+      precision_coef_kernel<Tl, Head::kTaylor, false, true, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, slots, planes, colsums, colpart, dx);
       break;
     default:
-      precision_coef_kernel<Tl, true, true, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, slots, planes, colsums, colpart, dx);
+      precision_coef_kernel<Tl, Head::kTaylor, true, true, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, slots, planes, colsums, colpart, dx);
       break;
   }
   return last_error();

@@ -163,6 +163,32 @@ __device__ __forceinline__ Acc warp_sum(Acc v) {
   return v;
 }
 
+// Sums cs (each thread: its TM samples of its TN pixels) over the block's samples and writes
+// one row (this sample tile) of each requested column sum. Block-uniform call.
+template <class Tl, typename Acc>
+__device__ __forceinline__ void write_colsums(const Acc (&cs)[kNumColSums][Tl::TN],
+                                              const ColSumSlots& colsums, int64_t row_tile,
+                                              int64_t row_tiles, int64_t p0, int64_t k,
+                                              Acc* __restrict__ colpart) {
+  __shared__ Acc red[kNumColSums][Tl::WARPS][Tl::BN];
+  const int lane = threadIdx.x & 31, wy = threadIdx.x >> 5;
+#pragma unroll
+  for (int q = 0; q < kNumColSums; ++q)
+#pragma unroll
+    for (int j = 0; j < Tl::TN; ++j) red[q][wy][lane + 32 * j] = cs[q][j];
+  __syncthreads();
+  for (int t = threadIdx.x; t < kNumColSums * Tl::BN; t += Tl::THREADS) {
+    const int q = t / Tl::BN, col = t % Tl::BN;
+    const int s = q == 0 ? colsums.slot[0] : colsums.slot[1];  // no dynamic param indexing
+    const int64_t p = p0 + col;
+    if (s < 0 || p >= k) continue;
+    Acc v = Acc(0);
+#pragma unroll
+    for (int w = 0; w < Tl::WARPS; ++w) v += red[q][w][col];  // fixed order
+    colpart[offset3d(s, row_tile, p, row_tiles, k)] = v;
+  }
+}
+
 // ----------------------------------------------------------------------- launch helpers
 // Host side: the latent configuration a precision call runs with. k3 without k4 runs the
 // (k3, k4) kernels with k4 read as zero, which keeps the number of instantiations down.

@@ -1,4 +1,5 @@
-// Forward kernels of both heads (MATH.md §3-4) and their host launchers.
+// Forward kernels of the fixed and precision-family heads (MATH.md §3-4, §10-11) and their
+// host launchers.
 //
 // One block per (sample tile, pixel tile): contractions accumulated in registers by the
 // Contractor (contract.cuh), the per-pixel loss from epilogue.h, a warp-shuffle reduction
@@ -8,6 +9,9 @@
 // per-pixel (x - ubar)^2 / (2 sigma2) + 0.5 log(2 pi sigma2); the variance part
 // sum_p Saa_p / (2 sigma2_p) = 0.5 * var . w with w_i = sum_p A_pi^2 / sigma2_p is one
 // O(kd) column reduction plus one O(Bd) row reduction, written as an extra partial row.
+// Precision-family heads (PrecisionArgs::head): the same ten contractions feed the Taylor
+// epilogue, the exact log term (Gaussian latents) or the Gaussian log-variance head (C = H);
+// the kernel is instantiated per head (head_pixel_nll<H>).
 #include <atomic>
 
 #include "contract.cuh"
@@ -59,13 +63,15 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
   }
 }
 
-template <class Tl, bool K3, bool K4, typename T>
+// H: the per-pixel epilogue (epilogue.h Head); kExactLog and kLogVar only with K3 = K4 = false.
+template <class Tl, Head H, bool K3, bool K4, typename T>
 __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
     precision_forward_kernel(const PrecisionArgs<T> a, int64_t pixel_tiles,
                              acc_t<T>* __restrict__ partial) {
   using Acc = acc_t<T>;
   using Set = ContractSet<true, K3, K4>;
   using Ctr = Contractor<Tl, Set, T>;
+  static_assert(H == Head::kTaylor || (!K3 && !K4), "exact heads need Gaussian latents");
   __shared__ typename Ctr::Smem sm;
 
   const TileCoord tc = tile_coord(blockIdx.x, pixel_tiles);
@@ -90,7 +96,7 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
       const int64_t n = n0 + wy * Tl::TM + i;
       if (n < a.B) {
         const PixelTerms<Acc> t = Ctr::terms(acc, i, j, bu, bv);
-        rowsum[i] += precision_pixel_nll<Acc>(load_acc(a.x, offset2d(n, p, a.k)), t);
+        rowsum[i] += head_pixel_nll<H, Acc>(load_acc(a.x, offset2d(n, p, a.k)), t);
       }
     }
   }
@@ -197,15 +203,23 @@ cudaError_t launch_precision_tiles(const PrecisionArgs<T>& a, int64_t pixel_tile
   const int64_t blocks = ceil_div(a.B, Tl::BM) * pixel_tiles;
   if (!grid_fits(blocks)) return cudaErrorInvalidConfiguration;
   const unsigned g = static_cast<unsigned>(blocks);
+  if (a.head == int(Head::kExactLog)) {
+    precision_forward_kernel<Tl, Head::kExactLog, false, false, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, partial);
+    return last_error();
+  }
+  if (a.head == int(Head::kLogVar)) {
+    precision_forward_kernel<Tl, Head::kLogVar, false, false, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, partial);
+    return last_error();
+  }
   switch (latent_cfg(a.k3 != nullptr, a.k4 != nullptr)) {
     case kGaussian:
-      precision_forward_kernel<Tl, false, false, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, partial);
+      precision_forward_kernel<Tl, Head::kTaylor, false, false, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, partial);
       break;
     case kK4Only:
-      precision_forward_kernel<Tl, false, true, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, partial);
+      precision_forward_kernel<Tl, Head::kTaylor, false, true, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, partial);
       break;
     default:
-      precision_forward_kernel<Tl, true, true, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, partial);
+      precision_forward_kernel<Tl, Head::kTaylor, true, true, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, partial);
       break;
   }
   return last_error();
@@ -236,6 +250,7 @@ template <typename T>
 cudaError_t precision_forward(const PrecisionArgs<T>& a, const ForwardPlan& plan,
                               acc_t<T>* workspace, T* loss, cudaStream_t stream) {
   using Acc = acc_t<T>;
+  if (!precision_head_valid(a)) return cudaErrorInvalidValue;
   if (a.B == 0) return cudaSuccess;
   if (plan.pixel_tiles > 0) {
     if (plan.cfg == 0)

@@ -49,6 +49,10 @@ struct FixedArgs {
 };
 
 // x (B, k); mean, var, k3, k4 (B, d); weight, pweight (k, d); bias, pbias (k,); grad (B,).
+// head: the per-pixel epilogue (the values of epilogue.h's Head): 0 learnable precision with
+// the paper's Taylor log term (any family), 1 learnable precision with the exact E[log v^2],
+// 2 Gaussian log-variance head (pweight, pbias = H, h0). Heads 1 and 2 need Gaussian latents
+// (k3 = k4 = nullptr); the launchers return cudaErrorInvalidValue otherwise.
 template <typename T>
 struct PrecisionArgs {
   const T* x;
@@ -62,6 +66,37 @@ struct PrecisionArgs {
   const T* pbias;  // nullable
   const T* grad;   // backward only
   int64_t B, k, d;
+  int head = 0;
+};
+
+constexpr int kNumPrecisionHeads = 3;
+template <typename T>
+inline bool precision_head_valid(const PrecisionArgs<T>& a) {
+  return a.head >= 0 && a.head < kNumPrecisionHeads &&
+         (a.head == 0 || (a.k3 == nullptr && a.k4 == nullptr));
+}
+
+// Bernoulli log-variance head (MATH.md §11): x (B, k); logits (B, d) of the Bernoulli
+// latents; weight, lweight (k, d) = A, H; bias, lbias (k,) = b, h0; grad (B,) (backward only).
+// Decoder variance exp(H z + h0); the loss tilts every latent by -H (O(B k d) softplus /
+// sigmoid work, reduced over d in registers: no (B, k, d) tensor is stored).
+template <typename T>
+struct BernoulliLogvarArgs {
+  const T* x;
+  const T* logits;
+  const T* weight;
+  const T* bias;  // nullable
+  const T* lweight;
+  const T* lbias;  // nullable
+  const T* grad;   // backward only
+  int64_t B, k, d;
+};
+template <typename T>
+struct BernoulliLogvarGrads {
+  T *x, *logits, *weight, *bias, *lweight, *lbias;
+};
+struct BernoulliLogvarNeeds {
+  bool x, logits, weight, bias, lweight, lbias;
 };
 
 // Gradient outputs (each the shape of its input, contiguous); nullptr = not needed.
@@ -132,6 +167,35 @@ struct BackwardPlan {
   int64_t workspace;
 };
 
+// Bernoulli log-variance backward:
+//   1. coefficient kernel: recomputes the tilted sums per (sample, pixel), writes the planes
+//      (gS, gT1, gT2) times grad[n] as (3, B, k), dx, and per-sample-tile column sums of
+//      gT1 (bias) and 0.5 grad[n] - gS (h0);
+//   2. dlogits: (logit_split, B, d) partials over pixel chunks, summed in order;
+//   3. dA, dH: (w_split, nwout, k, d) partials over sample chunks, summed in order.
+enum BernoulliPlane : int { kGS = 0, kGT1 = 1, kGT2 = 2, kNumBernoulliPlanes = 3 };
+enum BernoulliColSum : int { kColBias = 0, kColLbias = 1, kNumBernoulliColSums = 2 };
+
+struct BernoulliLogvarPlan {
+  bool run_coef;
+  bool planes;             // the (3, B, k) coefficient planes are written
+  ColSumSlots colsums;     // slot[kColBias], slot[kColLbias]; -1 = not needed
+  int ncolsums;
+  int64_t coef_row_tiles;  // sample tiles of the tile kernels (rows of the column sums)
+  int64_t pixel_tiles;     // pixel tiles of the tile kernels (rows of the forward partials)
+  bool need_logits;
+  int64_t l_split, l_chunk;  // split of the pixel reduction of dlogits
+  bool need_a, need_h;
+  int nwout;
+  int64_t w_split, w_chunk;  // split of the batch reduction of dA, dH
+  // scratch layout (offsets in acc_t<T> elements)
+  int64_t off_planes;  // (3, B, k)
+  int64_t off_colsum;  // (ncolsums, coef_row_tiles, k)
+  int64_t off_logits;  // (l_split, B, d)
+  int64_t off_w;       // (w_split, nwout, k, d)
+  int64_t workspace;
+};
+
 // Plans use the multiprocessor count of the current device (cached per device).
 int current_sm_count();
 
@@ -141,6 +205,11 @@ BackwardPlan plan_fixed_backward(int64_t B, int64_t k, int64_t d, bool is_double
                                  const FixedNeeds& needs);
 BackwardPlan plan_precision_backward(int64_t B, int64_t k, int64_t d, bool is_double, bool has_k3,
                                      bool has_k4, const PrecisionNeeds& needs);
+
+// Forward: workspace = pixel_tiles * B; backward as BernoulliLogvarPlan.
+BernoulliLogvarPlan plan_bernoulli_logvar_forward(int64_t B, int64_t k, int64_t d, bool is_double);
+BernoulliLogvarPlan plan_bernoulli_logvar_backward(int64_t B, int64_t k, int64_t d, bool is_double,
+                                                   const BernoulliLogvarNeeds& needs);
 
 // ------------------------------------------------------------------------------- launchers
 // Forward: loss (B,) in T, per-sample nats summed over pixels (incl. 0.5 log 2 pi).
@@ -161,6 +230,15 @@ cudaError_t precision_backward(const PrecisionArgs<T>& a, const BackwardPlan& pl
                                acc_t<T>* workspace, const PrecisionGrads<T>& out,
                                cudaStream_t stream);
 
+// Bernoulli log-variance head: loss (B,) and the gradients whose pointers are non-null.
+template <typename T>
+cudaError_t bernoulli_logvar_forward(const BernoulliLogvarArgs<T>& a, const BernoulliLogvarPlan& plan,
+                                     acc_t<T>* workspace, T* loss, cudaStream_t stream);
+template <typename T>
+cudaError_t bernoulli_logvar_backward(const BernoulliLogvarArgs<T>& a,
+                                      const BernoulliLogvarPlan& plan, acc_t<T>* workspace,
+                                      const BernoulliLogvarGrads<T>& out, cudaStream_t stream);
+
 #define SK_CUDA_DECLARE_LAUNCHERS(T)                                                          \
   extern template cudaError_t fixed_forward<T>(const FixedArgs<T>&, const ForwardPlan&,       \
                                                acc_t<T>*, T*, cudaStream_t);                  \
@@ -170,7 +248,12 @@ cudaError_t precision_backward(const PrecisionArgs<T>& a, const BackwardPlan& pl
                                                 acc_t<T>*, const FixedGrads<T>&, cudaStream_t); \
   extern template cudaError_t precision_backward<T>(const PrecisionArgs<T>&,                  \
                                                     const BackwardPlan&, acc_t<T>*,            \
-                                                    const PrecisionGrads<T>&, cudaStream_t);
+                                                    const PrecisionGrads<T>&, cudaStream_t);  \
+  extern template cudaError_t bernoulli_logvar_forward<T>(                                    \
+      const BernoulliLogvarArgs<T>&, const BernoulliLogvarPlan&, acc_t<T>*, T*, cudaStream_t); \
+  extern template cudaError_t bernoulli_logvar_backward<T>(                                   \
+      const BernoulliLogvarArgs<T>&, const BernoulliLogvarPlan&, acc_t<T>*,                    \
+      const BernoulliLogvarGrads<T>&, cudaStream_t);
 SK_CUDA_DECLARE_LAUNCHERS(float)
 SK_CUDA_DECLARE_LAUNCHERS(double)
 SK_CUDA_DECLARE_LAUNCHERS(__half)

@@ -1,4 +1,4 @@
-// Torch glue of the CUDA kernels: registers CUDA implementations of the four ops defined in
+// Torch glue of the CUDA kernels: registers CUDA implementations of the six ops defined in
 // csrc/ops.cpp (TORCH_LIBRARY(silent_kernels)). Per call: argument checks (op_checks.h,
 // before any allocation or launch), contiguous inputs, the device guard, the current
 // stream, a plan and one scratch buffer from the caching allocator, the launchers of
@@ -65,6 +65,20 @@ const std::vector<int64_t> kNoShape{0};  // shape (0,) of the gradient of an abs
 // The gradient output of an input: its shape where needed, else an empty (0,) tensor.
 at::Tensor grad_output(bool needed, at::IntArrayRef shape, const at::TensorOptions& opts) {
   return needed ? at::empty(shape, opts) : at::empty({0}, opts);
+}
+
+// head of the precision-family ops: 0 Taylor log term, 1 exact log term, 2 log-variance head
+// (the epilogue.h Head values); 1 and 2 are exact only for Gaussian latents (no k3, k4).
+void check_head(const char* op, int64_t head, const c10::optional<at::Tensor>& k3,
+                const c10::optional<at::Tensor>& k4) {
+  TORCH_CHECK(head >= 0 && head < sk::kNumPrecisionHeads, op,
+              ": head: expected 0 (precision, Taylor log term), 1 (precision, exact log term) "
+              "or 2 (log-variance), got ", head);
+  const bool has_k3 = k3.has_value() && k3->defined(), has_k4 = k4.has_value() && k4->defined();
+  TORCH_CHECK(head == 0 || !(has_k3 || has_k4), op, ": head ", head,
+              (head == 1 ? " (exact log term)" : " (log-variance)"),
+              " needs Gaussian latents: expected k3 and k4 absent, got",
+              (has_k3 ? " k3" : ""), (has_k4 ? " k4" : ""));
 }
 
 // ------------------------------------------------------------------------------ fixed head
@@ -144,10 +158,11 @@ at::Tensor precision_nll_cuda(const at::Tensor& x, const at::Tensor& mean, const
                               const c10::optional<at::Tensor>& k4, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias,
                               const at::Tensor& precision_weight,
-                              const c10::optional<at::Tensor>& precision_bias) {
+                              const c10::optional<at::Tensor>& precision_bias, int64_t head) {
   const char* op = "silent_kernels::precision_nll";
   check_precision_inputs(op, c10::DeviceType::CUDA, x, mean, var, k3, k4, weight, bias,
                          precision_weight, precision_bias);
+  check_head(op, head, k3, k4);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), mc = mean.contiguous(), vc = var.contiguous(),
                    wc = weight.contiguous(), pwc = precision_weight.contiguous();
@@ -167,7 +182,7 @@ at::Tensor precision_nll_cuda(const at::Tensor& x, const at::Tensor& mean, const
                                  cptr<T>(k3c), cptr<T>(k4c), cptr<T>(wc),
                                  cptr<T>(bc),  cptr<T>(pwc), cptr<T>(pbc),
                                  nullptr,      B,            k,
-                                 d};
+                                 d,            static_cast<int>(head)};
     check_launch(sk::precision_forward<T>(a, plan, reinterpret_cast<sk::acc_t<T>*>(ws.data_ptr()),
                                           reinterpret_cast<T*>(loss.data_ptr()), stream),
                  op);
@@ -183,10 +198,11 @@ precision_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const a
                             const c10::optional<at::Tensor>& bias,
                             const at::Tensor& precision_weight,
                             const c10::optional<at::Tensor>& precision_bias,
-                            const c10::List<bool>& needs_list) {
+                            const c10::List<bool>& needs_list, int64_t head) {
   const char* op = "silent_kernels::precision_nll_backward";
   check_precision_inputs(op, c10::DeviceType::CUDA, x, mean, var, k3, k4, weight, bias,
                          precision_weight, precision_bias);
+  check_head(op, head, k3, k4);
   check_grad(op, grad, x);
   const std::vector<bool> needs = needs_list.vec();
   check_needs(op, needs, 9);
@@ -224,7 +240,7 @@ precision_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const a
                                  cptr<T>(k3c), cptr<T>(k4c), cptr<T>(wc),
                                  cptr<T>(bc),  cptr<T>(pwc), cptr<T>(pbc),
                                  cptr<T>(gc),  B,            k,
-                                 d};
+                                 d,            static_cast<int>(head)};
     const sk::PrecisionGrads<T> out{mptr<T>(gx, n.x),       mptr<T>(gm, n.mean),
                                     mptr<T>(gv, n.var),     mptr<T>(g3, n.k3),
                                     mptr<T>(g4, n.k4),      mptr<T>(gw, n.weight),
@@ -237,6 +253,105 @@ precision_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const a
   return {gx, gm, gv, g3, g4, gw, gb, gpw, gpb};
 }
 
+
+// --------------------------------------------------------- log-variance head, Bernoulli latents
+void check_bernoulli_logvar_args(const char* op, const at::Tensor& x, const at::Tensor& logits,
+                                 const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                 const at::Tensor& logvar_weight,
+                                 const c10::optional<at::Tensor>& logvar_bias) {
+  check_x(op, x, c10::DeviceType::CUDA);
+  const int64_t B = x.size(0), k = x.size(1);
+  TORCH_CHECK(logits.defined(), op, ": logits is undefined");
+  TORCH_CHECK(logits.dim() == 2, op, ": logits: expected a 2-D tensor (B, d), got shape ",
+              shape_str(logits.sizes()));
+  const int64_t d = logits.size(1);
+  check_like_x(op, "logits", logits, {B, d}, x);
+  check_like_x(op, "weight", weight, {k, d}, x);
+  check_optional_like_x(op, "bias", bias, {k}, x);
+  check_like_x(op, "logvar_weight", logvar_weight, {k, d}, x);
+  check_optional_like_x(op, "logvar_bias", logvar_bias, {k}, x);
+}
+
+at::Tensor bernoulli_logvar_nll_cuda(const at::Tensor& x, const at::Tensor& logits,
+                                     const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                     const at::Tensor& logvar_weight,
+                                     const c10::optional<at::Tensor>& logvar_bias) {
+  const char* op = "silent_kernels::bernoulli_logvar_nll";
+  check_bernoulli_logvar_args(op, x, logits, weight, bias, logvar_weight, logvar_bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), lc = logits.contiguous(), wc = weight.contiguous(),
+                   hc = logvar_weight.contiguous();
+  const at::Tensor bc = contiguous_or_undefined(bias), h0c = contiguous_or_undefined(logvar_bias);
+  const int64_t B = x.size(0), k = x.size(1), d = logits.size(1);
+  at::Tensor loss = at::empty({B}, x.options());
+  if (B == 0) return loss;
+
+  const sk::BernoulliLogvarPlan plan =
+      sk::plan_bernoulli_logvar_forward(B, k, d, x.scalar_type() == at::kDouble);
+  at::Tensor ws = at::empty({plan.workspace}, x.options().dtype(acc_dtype(x.scalar_type())));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const sk::BernoulliLogvarArgs<T> a{cptr<T>(xc), cptr<T>(lc),  cptr<T>(wc), cptr<T>(bc),
+                                       cptr<T>(hc), cptr<T>(h0c), nullptr,     B,
+                                       k,           d};
+    check_launch(sk::bernoulli_logvar_forward<T>(
+                     a, plan, reinterpret_cast<sk::acc_t<T>*>(ws.data_ptr()),
+                     reinterpret_cast<T*>(loss.data_ptr()), stream),
+                 op);
+  });
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+bernoulli_logvar_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                   const at::Tensor& logits, const at::Tensor& weight,
+                                   const c10::optional<at::Tensor>& bias,
+                                   const at::Tensor& logvar_weight,
+                                   const c10::optional<at::Tensor>& logvar_bias,
+                                   const c10::List<bool>& needs_list) {
+  const char* op = "silent_kernels::bernoulli_logvar_nll_backward";
+  check_bernoulli_logvar_args(op, x, logits, weight, bias, logvar_weight, logvar_bias);
+  check_grad(op, grad, x);
+  const std::vector<bool> needs = needs_list.vec();
+  check_needs(op, needs, 6);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor bc = contiguous_or_undefined(bias), h0c = contiguous_or_undefined(logvar_bias);
+  const sk::BernoulliLogvarNeeds n{needs[0], needs[1], needs[2], needs[3] && bc.defined(),
+                                   needs[4], needs[5] && h0c.defined()};
+  const auto opts = x.options();
+  const at::IntArrayRef none(kNoShape);
+  at::Tensor gx = grad_output(n.x, x.sizes(), opts),
+             gl = grad_output(n.logits, logits.sizes(), opts),
+             gw = grad_output(n.weight, weight.sizes(), opts),
+             gb = grad_output(n.bias, n.bias ? bc.sizes() : none, opts),
+             gh = grad_output(n.lweight, logvar_weight.sizes(), opts),
+             gh0 = grad_output(n.lbias, n.lbias ? h0c.sizes() : none, opts);
+  if (!(n.x || n.logits || n.weight || n.bias || n.lweight || n.lbias))
+    return {gx, gl, gw, gb, gh, gh0};
+
+  const at::Tensor gc = grad.contiguous(), xc = x.contiguous(), lc = logits.contiguous(),
+                   wc = weight.contiguous(), hc = logvar_weight.contiguous();
+  const int64_t B = x.size(0), k = x.size(1), d = logits.size(1);
+  const sk::BernoulliLogvarPlan plan =
+      sk::plan_bernoulli_logvar_backward(B, k, d, x.scalar_type() == at::kDouble, n);
+  at::Tensor ws = at::empty({plan.workspace}, opts.dtype(acc_dtype(x.scalar_type())));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const sk::BernoulliLogvarArgs<T> a{cptr<T>(xc), cptr<T>(lc),  cptr<T>(wc), cptr<T>(bc),
+                                       cptr<T>(hc), cptr<T>(h0c), cptr<T>(gc), B,
+                                       k,           d};
+    const sk::BernoulliLogvarGrads<T> out{mptr<T>(gx, n.x),      mptr<T>(gl, n.logits),
+                                          mptr<T>(gw, n.weight), mptr<T>(gb, n.bias),
+                                          mptr<T>(gh, n.lweight), mptr<T>(gh0, n.lbias)};
+    check_launch(sk::bernoulli_logvar_backward<T>(
+                     a, plan, reinterpret_cast<sk::acc_t<T>*>(ws.data_ptr()), out, stream),
+                 op);
+  });
+  return {gx, gl, gw, gb, gh, gh0};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(silent_kernels, CUDA, m) {
@@ -244,6 +359,8 @@ TORCH_LIBRARY_IMPL(silent_kernels, CUDA, m) {
   m.impl("fixed_nll_backward", &fixed_nll_backward_cuda);
   m.impl("precision_nll", &precision_nll_cuda);
   m.impl("precision_nll_backward", &precision_nll_backward_cuda);
+  m.impl("bernoulli_logvar_nll", &bernoulli_logvar_nll_cuda);
+  m.impl("bernoulli_logvar_nll_backward", &bernoulli_logvar_nll_backward_cuda);
 }
 
 }  // namespace silent_kernels

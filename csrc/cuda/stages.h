@@ -9,6 +9,13 @@
 namespace silent_kernels {
 namespace cuda {
 
+// A reduction of length red split into `split` chunks of `chunk` (a multiple of the step):
+// enough chunks that tiles * split blocks fill the device twice, at least four steps a chunk.
+struct Split {
+  int64_t split, chunk;
+};
+Split choose_split(int64_t tiles, int64_t red, int bk);
+
 // out[c] = sum_r src[r * ld + c] * (rowscale ? rowscale[r] : 1), c < C, summed in acc_t<S>
 // in a fixed order (deterministic). R may be 0 (writes zeros).
 template <typename S, typename O>
