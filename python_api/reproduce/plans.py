@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["SCALES", "PRESETS", "DATASETS", "TABLE34_ARMS", "Arm", "Plan", "plan", "point_slug", "grid_points",
+__all__ = ["SCALES", "PRESETS", "DATASETS", "TABLE2_ARMS", "TABLE34_ARMS", "Arm", "Plan", "plan", "point_slug", "grid_points",
            "default_data_root", "CPU_SECONDS"]
 
 SCALES = ("smoke", "cpu", "paper")
@@ -21,6 +21,10 @@ PRESETS = ("table1", "table2", "table34", "table34-cifar10", "table34-imagenet32
 # the data set each preset trains on
 DATASETS = {"table1": "mnist", "table2": "mnist", "table34": "mnist", "m1": "mnist",
             "table34-cifar10": "cifar10", "table34-imagenet32": "imagenet32"}
+# the arms of Table 2 in the paper's row order: arm -> (latent, estimator)
+TABLE2_ARMS = {"silent-gaussian": ("gaussian", "silent"), "reparam": ("gaussian", "reparam"),
+               "silent-bernoulli": ("bernoulli", "silent"), "gumbel": ("bernoulli", "gumbel"),
+               "reinforce": ("bernoulli", "reinforce")}
 # the arms of Tables 3-4 in the paper's row order
 TABLE34_ARMS = ("sg-gaussian", "reparam", "reparam+sg", "sg-bernoulli", "gumbel", "gumbel+sg", "reinforce",
                 "reinforce+sg")
@@ -177,9 +181,7 @@ def _plan_table2(scale: str, data_root, source: Optional[str] = None) -> Plan:
     points = {"smoke": [1, 2, 3], "cpu": [1, 12, 30], "paper": [10, 200, 500]}[scale]
     base.update(decoder="linear", variance="fixed", sigma2=0.01, epochs=epochs, gradvar_epochs=points)
     arms = []
-    for key, latent, est in (("silent-gaussian", "gaussian", "silent"), ("reparam", "gaussian", "reparam"),
-                             ("silent-bernoulli", "bernoulli", "silent"), ("gumbel", "bernoulli", "gumbel"),
-                             ("reinforce", "bernoulli", "reinforce")):
+    for key, (latent, est) in TABLE2_ARMS.items():
         arms.append(Arm(key, {**base, "latent": latent, "estimator": est}, {"lr": _LR_GRID[scale]}))
     budget = _budget(scale, [("linear", epochs, 3, 10_000)] * _cell_count("table2", scale, arms),
                      " of 500 MNIST epochs (GPU)")

@@ -37,7 +37,7 @@ def _sections(results_dir: str, out_path: str, scale: Optional[str], figures: bo
     s2, per2 = section_table2(results_dir, scale2, out_path, figures)
     # Table 1 is measured on the Table 2 runs
     sections = [("Table 1: encoder-gradient variance", "table1", scale2,
-                 section_table1(results_dir, scale2, per2)),
+                 section_table1(scale2, per2)),
                 ("Table 2: linear decoder, fixed variance", "table2", scale2, s2)]
     for preset, title in (("table34", "Tables 3-4: learnable variance, MNIST"),
                           ("table34-cifar10", "Tables 3-4: CIFAR-10 (paper scale only)"),

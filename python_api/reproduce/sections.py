@@ -15,7 +15,7 @@ from typing import Optional
 
 from .markdown import Section, figure_link, format_ci_log, format_mean_ci
 from .paper import LABELS, PAPER
-from .plans import DATASETS, TABLE34_ARMS, Plan, plan, point_slug
+from .plans import DATASETS, TABLE2_ARMS, TABLE34_ARMS, Plan, plan, point_slug
 from .results import chosen_cells, load_results, per_seed
 from .statistics import format_value, verdict_better, verdict_similar
 
@@ -101,7 +101,7 @@ def section_table2(results_dir, scale, out_path, figures: bool) -> tuple:
     s = Section("Paper (MNIST, linear decoder, sigma^2 = 0.01, d = 200, epoch 500; MSE = per-image sum):", "")
     s.table(["method", "BPD", "MSE"],
             [(LABELS[k], paper[k]["bpd"], paper[k]["mse"]) for k in
-             ("silent-gaussian", "reparam", "silent-bernoulli", "gumbel", "reinforce")])
+             TABLE2_ARMS])
     s.add(f"Convergence (paper, Section 3.2): Silent Gradients reaches BPD {paper['milestone']['bpd']} in "
           f"{paper['milestone']['silent-gaussian']} epochs, reparameterization in "
           f"{paper['milestone']['reparam']}.", "")
@@ -133,15 +133,14 @@ def section_table2(results_dir, scale, out_path, figures: bool) -> tuple:
     return s.finish(), per
 
 
-def section_table1(results_dir, scale, per2: dict) -> Section:
+def section_table1(scale, per2: dict) -> Section:
+    """Table 1 from the Table 2 cells ``per2`` (arm -> chosen cells), which logged the variances."""
     paper = PAPER["table1"]
     s = Section(f"Paper (total encoder-gradient variance, epochs {paper['epochs']}; 100 latent draws on a "
                 "fixed batch, batch size not stated):", "")
     s.table(["method", *[f"epoch {e}" for e in paper["epochs"]]],
             [(LABELS[k], *[f"{v:.2e}" if v else "0" for v in paper[k]]) for k in
-             ("silent-gaussian", "reparam", "silent-bernoulli", "gumbel", "reinforce")])
-    est_of = {"silent-gaussian": "silent", "reparam": "reparam", "silent-bernoulli": "silent",
-              "gumbel": "gumbel", "reinforce": "reinforce"}
+             TABLE2_ARMS])
     if scale is None:
         return s.no_results("`silent-vae reproduce run table1 --scale cpu`, i.e. the cells of table2")
     cfg = next((rs[0]["config"] for rs in per2.values() if rs), {})
@@ -150,7 +149,7 @@ def section_table1(results_dir, scale, per2: dict) -> Section:
           "latent draws, per-parameter variance of the encoder gradient summed over the encoder "
           "(MATH.md §9).", "")
     rows, vals, points = [], {}, None
-    for key, est in est_of.items():
+    for key, (_, est) in TABLE2_ARMS.items():
         rs = per2.get(key, [])
         if not rs:
             continue
