@@ -1,6 +1,6 @@
 """Per-pixel epilogues of the Triton kernels: the loss of one (sample, pixel) and its
 derivatives with respect to what the contraction stage produced. The Triton twin of
-csrc/epilogue.h (same formulas, same order of operations); the spec is
+csrc/epilogue.h (the same formulas and branch structure); the spec is
 silent_kernels/reference.py.
 
 Heads on the mean-field contractions (ubar, vbar, Saa, Scc, Sac and, for non-Gaussian

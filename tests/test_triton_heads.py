@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 
-from silent_kernels import LatentMoments, reference
+from silent_kernels import LatentMoments, analytic_nll, reference
 
 triton = pytest.importorskip("triton")
 
@@ -268,6 +268,29 @@ def test_bernoulli_logvar_all_saturated(dtype):
     compare("bernoulli_logvar", inputs, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bernoulli_logvar_infinite_logits(dtype):
+    """Probabilities exactly 0 or 1 (logits -+inf, as LatentMoments.bernoulli(probs=...) gives):
+    the kernels take the limit (finite loss and gradients, ~zero logits gradient there); the
+    reference, which would give inf - inf there, is evaluated at logits -+1e4 instead, where
+    float64 is already at the limit."""
+    inputs = bernoulli_case(3, 5, 4, seed=13, saturate=False)
+    inputs[1][0, 1], inputs[1][1, 2], inputs[1][2, 0] = math.inf, -math.inf, math.inf
+    finite = [t.clone() for t in inputs]
+    finite[1] = finite[1].clamp(-1e4, 1e4)
+    cast = [t.to(DEVICE, dtype) for t in inputs]
+    ref_in = [t.requires_grad_() for t in finite]
+    ref = bernoulli_reference(ref_in)
+    grad = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+    (ref * grad).sum().backward()
+    check(OPS.triton_bernoulli_logvar_nll(*cast), ref, dtype, "infinite logits loss", "bernoulli_logvar")
+    grads = OPS.triton_bernoulli_logvar_nll_backward(grad.to(DEVICE, dtype), *cast, [True] * 6)
+    for i, (got, r) in enumerate(zip(grads, ref_in)):
+        check(got, r.grad, dtype, f"infinite logits grad {i}", "bernoulli_logvar")
+    at_inf = torch.stack([grads[1][0, 1], grads[1][1, 2], grads[1][2, 0]]).abs().max()
+    assert at_inf <= TOL[dtype] * grads[1].abs().max()
+
+
 def test_bernoulli_logvar_multiple_tiles():
     """More samples, pixels and latents than one interpreter block holds (16 x 64 x 16), so
     every kernel runs ragged tiles and loops (and the partial sums over tiles)."""
@@ -476,6 +499,78 @@ def test_exact_log_gradcheck_across_crossover():
     inputs = _grad_on([x, mean, var, None, None, weight, None, C, c])
     assert torch.autograd.gradcheck(lambda *a: triton_ops.triton_precision_nll(*a, head=EXACT), inputs,
                                     eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+# ------------------------------------------------------------- through analytic_nll
+def _public_leaves(path, B=3, k=6, d=4, seed=51):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    leaves = {"x": rnd(B, k), "weight": rnd(k, d, scale=0.5), "bias": rnd(k, scale=0.5),
+              "second": rnd(k, d, scale=0.3), "second_bias": rnd(k, scale=1.5)}
+    if path == "bernoulli_logvar":
+        leaves["logits"] = rnd(B, d, scale=2.0)
+    else:
+        leaves.update(mu=rnd(B, d), logvar=rnd(B, d, scale=0.3))
+    return leaves
+
+
+def _public_loss(path, t, backend, reduction="sum"):
+    if path == "bernoulli_logvar":
+        q = LatentMoments.bernoulli(logits=t["logits"])
+    else:
+        q = LatentMoments.gaussian(t["mu"], t["logvar"])
+    if path == "exact":
+        return analytic_nll(t["x"], q, t["weight"], t["bias"], precision_weight=t["second"],
+                            precision_bias=t["second_bias"], log_term="exact", reduction=reduction,
+                            backend=backend)
+    return analytic_nll(t["x"], q, t["weight"], t["bias"], logvar_weight=t["second"],
+                        logvar_bias=t["second_bias"], reduction=reduction, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", ["exact", "logvar", "bernoulli_logvar"])
+def test_analytic_nll_triton_backend(path, dtype):
+    """analytic_nll(backend="triton") routes each new head to its Triton op and matches the
+    reference backend (loss and the gradients of every leaf, through the moment maps)."""
+    leaves = _public_leaves(path)
+    results = []
+    for backend, dt, device in (("triton", dtype, DEVICE), ("torch", torch.float64, "cpu")):
+        t = {n: v.to(device, dt).to(dt).requires_grad_() for n, v in leaves.items()}
+        if dt == torch.float64 and dtype == torch.float32:   # the same (rounded) values
+            t = {n: v.detach().float().double().requires_grad_() for n, v in t.items()}
+        loss = _public_loss(path, t, backend)
+        loss.backward()
+        results.append((loss.detach(), {n: v.grad for n, v in t.items()}))
+    (got, got_grads), (ref, ref_grads) = results
+    check(got, ref, dtype, f"{path} analytic_nll", path)
+    for name in ref_grads:
+        check(got_grads[name], ref_grads[name], dtype, f"{path} analytic_nll d{name}", path)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_new_heads():
+    """The three new paths through analytic_nll(backend="triton") inside
+    torch.compile(fullgraph=True) give the eager loss and gradients."""
+    gauss, bern = _public_leaves("exact", seed=61), _public_leaves("bernoulli_logvar", seed=62)
+
+    def loss_fn(g, b):
+        return (_public_loss("exact", g, "triton") + _public_loss("logvar", g, "triton")
+                + _public_loss("bernoulli_logvar", b, "triton"))
+
+    results = []
+    for fn in (torch.compile(loss_fn, fullgraph=True), loss_fn):
+        g = {n: v.to(DEVICE).float().requires_grad_() for n, v in gauss.items()}
+        b = {n: v.to(DEVICE).float().requires_grad_() for n, v in bern.items()}
+        loss = fn(g, b)
+        loss.backward()
+        results.append((loss.detach(), [v.grad for v in (*g.values(), *b.values())]))
+    (compiled, compiled_grads), (eager, eager_grads) = results
+    assert rel_err(compiled, eager) <= 1e-6
+    for i, (a, b) in enumerate(zip(compiled_grads, eager_grads)):
+        assert rel_err(a, b) <= 1e-6, i
 
 
 def test_report_worst_errors():
