@@ -36,6 +36,7 @@ from silent_kernels.triton_heads import expected_log_square  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = torch.ops.silent_kernels
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+DTYPES = [torch.float64, torch.float32]
 EXACT, LOGVAR = HEADS["exact"], HEADS["logvar"]
 WORST: dict = {}  # largest error per (path, dtype), printed by the last test (pytest -s)
 
@@ -203,8 +204,95 @@ def test_expected_log_square_matches_special():
         assert err <= tol, f"{name}: elementwise relative error {err:.3g}"
 
 
+# ----------------------------------------------------------- oracles (MATH.md §13)
+def _quadrature_log_square(m: float, s2: float) -> float:
+    """E[log (m + s t)^2], t ~ N(0, 1), by mpmath quadrature split at the log singularity and
+    across the bulk of the normal density."""
+    import mpmath
+
+    mpmath.mp.dps = 30
+    m, s = mpmath.mpf(m), mpmath.sqrt(mpmath.mpf(s2))
+    f = lambda t: mpmath.log((m + s * t) ** 2) * mpmath.npdf(t)  # noqa: E731
+    points = sorted({-m / s, mpmath.mpf(-8), mpmath.mpf(0), mpmath.mpf(8)})   # the bulk of N(0, 1), too
+    return float(mpmath.quad(f, [-mpmath.inf, *points, mpmath.inf]))
+
+
+def _dawson_mp(x: float) -> float:
+    import mpmath
+
+    mpmath.mp.dps = 30
+    x = mpmath.mpf(x)
+    return float(mpmath.sqrt(mpmath.pi) / 2 * mpmath.exp(-x * x) * mpmath.erfi(x))
+
+
+def test_expected_log_square_quadrature_oracle():
+    """The Triton E[log v^2] against direct quadrature, and its derivatives against the closed
+    forms d/dm = 2 sqrt(2) D(m / sqrt(2 s2)) / sqrt(s2), d/ds2 = (1 - 2 x D(x)) / s2 with
+    Dawson's D from mpmath, at |m|/s in {0, 1e-3, 0.5, 1, 2, 5, 30, 1e4}, s2 in {1e-12, 1, 1e6}."""
+    pytest.importorskip("mpmath")
+    cases = [(r * math.sqrt(s2), s2) for r in (0.0, 1e-3, 0.5, 1.0, 2.0, 5.0, 30.0, 1e4)
+             for s2 in (1e-12, 1.0, 1e6)]
+    n = triton.next_power_of_2(len(cases))
+    m = torch.tensor([c[0] for c in cases] + [1.0] * (n - len(cases)), dtype=torch.float64, device=DEVICE)
+    s2 = torch.tensor([c[1] for c in cases] + [1.0] * (n - len(cases)), dtype=torch.float64, device=DEVICE)
+    got = [torch.empty_like(m) for _ in range(3)]
+    _log_square_kernel[(1,)](m, s2, *got, N=n)
+    for i, (mi, si) in enumerate(cases):
+        value = _quadrature_log_square(mi, si)
+        x = abs(mi) / math.sqrt(2 * si)
+        dawson = _dawson_mp(x)
+        d_mean = 2 * math.sqrt(2) * dawson / math.sqrt(si) * (1 if mi >= 0 else -1)
+        d_var = (1 - 2 * x * dawson) / si
+        scale = max(abs(value), abs(math.log(si)))         # value ~ log s2 + O(1)
+        assert abs(got[0][i].item() - value) <= 1e-13 * scale, (mi, si, got[0][i].item(), value)
+        assert abs(got[1][i].item() - d_mean) <= 1e-12 * max(abs(d_mean), 1e-300) + 1e-300, (mi, si)
+        if x < 1e3:       # beyond, 1 - 2 x D(x) ~ -1/(2 x^2) cancels in the closed form itself
+            assert abs(got[2][i].item() - d_var) <= 1e-9 * abs(d_var), (mi, si, got[2][i].item(), d_var)
+
+
+def _enumerated_bernoulli_logvar(x, logits, weight, bias, H, h0):
+    """-E log N(x; A z + b, exp(H z + h0)) by summing over all 2^d states (float64, autograd)."""
+    d = logits.shape[1]
+    states = torch.tensor([[(s >> i) & 1 for i in range(d)] for s in range(2 ** d)], dtype=torch.float64)
+    log_p = states @ torch.nn.functional.logsigmoid(logits).t() + (1 - states) @ \
+        torch.nn.functional.logsigmoid(-logits).t()                          # (2^d, B)
+    mean = states @ weight.t() + bias                                         # (2^d, k)
+    logvar = states @ H.t() + h0
+    nll = 0.5 * (math.log(2 * math.pi) + logvar[:, None] + (x[None] - mean[:, None]).square()
+                 * torch.exp(-logvar[:, None]))                              # (2^d, B, k)
+    return (log_p.exp()[..., None] * nll).sum((0, 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bernoulli_logvar_enumeration_oracle(dtype):
+    """Loss and every gradient against enumeration of all 2^6 latent states (no reference code)."""
+    inputs = bernoulli_case(3, 5, 6, seed=71)            # includes logits at +-30
+    cast = [t.to(DEVICE, dtype) for t in inputs]
+    exact_in = [t.detach().double().cpu().requires_grad_() for t in cast]
+    expected = _enumerated_bernoulli_logvar(*exact_in)
+    grad = torch.tensor([0.7, -1.0, 1.5], dtype=torch.float64)
+    (expected * grad).sum().backward()
+    check(OPS.triton_bernoulli_logvar_nll(*cast), expected, dtype, "enumeration loss", "bernoulli_logvar")
+    grads = OPS.triton_bernoulli_logvar_nll_backward(grad.to(DEVICE, dtype), *cast, [True] * 6)
+    for i, (got, r) in enumerate(zip(grads, exact_in)):
+        check(got, r.grad, dtype, f"enumeration grad {i}", "bernoulli_logvar")
+
+
+def test_gaussian_logvar_monte_carlo_oracle():
+    """The Gaussian log-variance head against a 4e5-draw Monte Carlo estimate (z-score < 5)."""
+    x, mean, var, weight, b, H, h0 = gaussian_case(LOGVAR, 2, 3, 2, seed=81)
+    loss = OPS.triton_precision_nll(*[t.to(DEVICE) for t in (x, mean, var)], None, None,
+                                    *[t.to(DEVICE) for t in (weight, b, H, h0)], LOGVAR).cpu()
+    g = torch.Generator().manual_seed(82)
+    z = mean[:, None] + var.sqrt()[:, None] * torch.randn(2, 400_000, 2, generator=g, dtype=torch.float64)
+    logvar = z @ H.t() + h0
+    draws = 0.5 * (math.log(2 * math.pi) + logvar + (x[:, None] - z @ weight.t() - b).square()
+                   * torch.exp(-logvar)).sum(-1)                            # (B, draws)
+    z_score = (loss - draws.mean(1)).abs() / (draws.std(1) / math.sqrt(draws.shape[1]))
+    assert (z_score < 5).all(), z_score
+
+
 # ---------------------------------------------------------------------- the sweeps
-DTYPES = [torch.float64, torch.float32]
 SHAPES = [(1, 1, 1), (7, 13, 5), (3, 1, 4), (2, 5, 1), (5, 37, 19)]
 
 
