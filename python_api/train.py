@@ -15,21 +15,7 @@ Decoders (``decoder``): ``linear`` (the analytic head alone, Section 3 / 4.1), `
 (Table 6/8 decoder alone: the "without SG" baselines) and ``dual`` (Algorithm 1: shared
 encoder, linear analytic head and nonlinear decoder).
 
-Algorithm 1 as implemented (Section 4.2, Eq. 8). With ``epoch`` counted from 0,
-``w_lin = max(0, 1 - epoch * anneal_rate)`` (so training starts at w_lin = 1.0 as the text
-says) and ``w_nl = 1 - w_lin``. The encoder receives
-``w_lin * grad(silent, linear head) + w_nl * grad(estimator, nonlinear decoder) + grad(KL)``,
-while the linear head and the nonlinear decoder each receive the full gradient of their own
-loss. This is Eq. 8 and the text ("each decoder trained"); the pseudo-code's weighted total
-``w_lin L_lin + w_nl L_nl`` would also scale the decoders' own gradients and starve the
-nonlinear decoder early, so it is not used. The weighting is applied with a gradient-scaling
-identity on the encoder output. From the cut-off epoch on (1-based epoch ``cutoff_epoch``,
-i.e. ``epoch + 1 >= cutoff_epoch``) the encoder is frozen (no gradient, eval mode) and only
-the nonlinear decoder trains. With ``estimator="silent"`` in dual mode ("SG alone") the
-encoder is driven by the linear head only (w_lin = 1 throughout) and the nonlinear decoder is
-fitted on detached samples z ~ q (hard samples for Bernoulli latents). Separate AdamW
-optimisers (betas 0.9, 0.95) for the encoder, the nonlinear decoder, the mu head and the
-alpha head.
+Algorithm 1 (the dual decoder's loss, Eq. 8, the cut-off): algorithm1.py.
 
 Divergence: the loss is checked before ``backward`` and every weight after the optimiser
 step; a non-finite value stops training with ``NonFiniteLossError`` (exit code 3) naming the
@@ -75,9 +61,9 @@ from .checkpoints import (CHECKPOINT_FORMAT, load_checkpoint, nonfinite_tensors,
 from .config import PRESETS, TrainConfig, make_config, paper_schedule
 from .data import DataBundle, prepare_data
 from .errors import DivergenceError, InputFileError, RunDirError, UsageError
-from .estimators import Noise, ReinforceBaseline, reconstruction
-from .models import VAE, Posterior, build_model, default_channels, resolve_arch
-from .objectives import m1_reconstruction
+from .algorithm1 import batch_loss, encoder_frozen_at, scale_grad, w_lin_at
+from .estimators import Noise, ReinforceBaseline
+from .models import VAE, build_model, default_channels, resolve_arch
 from .rundir import MetricsLog, RunDirLock
 
 __all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "DataBundle", "prepare_data",
@@ -96,42 +82,6 @@ class NonFiniteLossError(DivergenceError):
 def read_metrics(path: str) -> list:
     """The records of a metrics.jsonl file; an unreadable line raises ``InputFileError``."""
     return MetricsLog(path).read()
-
-
-# ------------------------------------------------------------------ Algorithm 1 parts
-
-def w_lin_at(cfg: TrainConfig, epoch: int) -> float:
-    """Eq. 8 weight of the silent gradient at 0-based ``epoch`` (1.0 outside dual mode)."""
-    if cfg.decoder != "dual":
-        return 1.0
-    if cfg.estimator == "silent":
-        return 1.0
-    return max(0.0, 1.0 - epoch * cfg.anneal_rate)
-
-
-def encoder_frozen_at(cfg: TrainConfig, epoch: int) -> bool:
-    return cfg.cutoff_epoch is not None and epoch + 1 >= cfg.cutoff_epoch
-
-
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight):
-        ctx.weight = weight
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.weight, None
-
-
-def scale_grad(x: Tensor, weight: float) -> Tensor:
-    """Identity forward; multiplies the gradient by ``weight`` (0 detaches, 1 is a no-op)."""
-    if weight == 1.0:
-        return x
-    if weight == 0.0:
-        return x.detach()
-    return _ScaleGrad.apply(x, weight)
-
 
 
 class _StepLoss(nn.Module):
@@ -351,58 +301,18 @@ class Trainer:
 
     def step_loss(self, x: Tensor, rows: slice, total: int, epoch: int) -> tuple[Tensor, dict]:
         """The surrogate loss of this process's rows ``x`` of a global batch of ``total``
-        (their sum divided by ``total``) and per-image statistics."""
-        cfg, model = self.cfg, self.model
-        scale = 1.0 / total
-        frozen = encoder_frozen_at(cfg, epoch)
+        (their sum divided by ``total``) and per-image statistics (algorithm1.batch_loss)."""
+        def check_encoder_output(params: Tensor) -> None:
+            # finite weights can still overflow in the forward pass; every process must agree
+            nonfinite = (~torch.isfinite(params.detach()).all()).double().reshape(1)
+            if float(distributed.all_reduce_sum(nonfinite)) > 0:
+                raise NonFiniteLossError(self._divergence_message("the encoder's outputs became non-finite",
+                                                                  epoch))
+
         noise = Noise(self.sample_gen, total, rows, device=self.device, dtype=x.dtype)
-        est_kw = dict(scale=scale, baseline=self.baseline, temperature=cfg.temperature,
-                      straight_through=cfg.straight_through, samples=cfg.vl_samples,
-                      batch_mean_nll=lambda v: self._global_mean(v, total))
-        if frozen:
-            with torch.no_grad():
-                params = model.encoder(x)
-        else:
-            params = model.encoder(x)
-        # finite weights can still overflow in the forward pass; every process must agree
-        nonfinite = (~torch.isfinite(params.detach()).all()).double().reshape(1)
-        if float(distributed.all_reduce_sum(nonfinite)) > 0:
-            raise NonFiniteLossError(self._divergence_message("the encoder's outputs became non-finite", epoch))
-        post = Posterior(cfg.latent, params)
-        kl = post.kl()
-        loss = kl.sum() * scale if not frozen else torch.zeros((), device=self.device)
-        stats = {"kl": kl.detach()}
-        if cfg.decoder in ("linear", "nonlinear"):
-            decoder = model.linear if cfg.decoder == "linear" else model.nonlinear
-            if cfg.objective == "m1":   # companion objective (objectives.py): M1 decoder, KL encoder
-                terms = m1_reconstruction(x, post, decoder, scale=scale)
-                stats["m1"] = terms.m1
-            else:
-                terms = reconstruction(cfg.estimator, x, post, decoder, noise, **est_kw)
-            loss = loss + terms.loss
-            stats["nll"] = terms.nll
-        else:
-            w_lin = w_lin_at(cfg, epoch)
-            if not frozen:
-                lin_post = Posterior(cfg.latent, scale_grad(params, w_lin))
-                lin_nll = model.linear.nll(x, lin_post.moments(), reduction="none")
-                loss = loss + lin_nll.sum() * scale
-                stats["nll_linear"] = lin_nll.detach()
-            w_nl = 1.0 - w_lin
-            nl_params = params if not frozen else params.detach()
-            if cfg.estimator == "silent":
-                nl_post = Posterior(cfg.latent, nl_params.detach())
-                z = nl_post.hard_sample(noise.normal(nl_post.latent_dim) if cfg.latent == "gaussian"
-                                        else noise.uniform(nl_post.latent_dim))
-                nll = model.nonlinear.sample_nll(x, z)
-                loss = loss + nll.sum() * scale
-                stats["nll"] = nll.detach()
-            else:
-                nl_post = Posterior(cfg.latent, scale_grad(nl_params, w_nl))
-                terms = reconstruction(cfg.estimator, x, nl_post, model.nonlinear, noise, **est_kw)
-                loss = loss + terms.loss
-                stats["nll"] = terms.nll
-        return loss, stats
+        return batch_loss(self.cfg, self.model, x, noise, epoch, total, self.baseline,
+                          batch_mean_nll=lambda v: self._global_mean(v, total),
+                          check_encoder_output=check_encoder_output)
 
     def train_step(self, x: Tensor, rows: slice, total: int, epoch: int) -> dict:
         """One optimisation step on this process's rows x of a global batch of ``total``."""
