@@ -66,4 +66,18 @@ bernoulli_logvar_nll_backward(const at::Tensor& grad, const at::Tensor& x, const
                               const at::Tensor& logvar_weight,
                               const c10::optional<at::Tensor>& logvar_bias, const std::vector<bool>& needs);
 
+// One-hot categorical latents (cpu_categorical.cpp): logits (B, G, K), weights (k, G K); head 3
+// fixed (sigma2), 0 precision with the Taylor log term, 2 log-variance (second_weight = H).
+at::Tensor categorical_nll(const at::Tensor& x, const at::Tensor& logits, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& second_weight,
+                           const c10::optional<at::Tensor>& second_bias, const c10::optional<at::Tensor>& sigma2,
+                           int64_t head);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+categorical_nll_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& logits,
+                         const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         const c10::optional<at::Tensor>& second_weight,
+                         const c10::optional<at::Tensor>& second_bias, const c10::optional<at::Tensor>& sigma2,
+                         const std::vector<bool>& needs, int64_t head);
+
 }  // namespace silent_kernels::cpu

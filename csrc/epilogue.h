@@ -35,6 +35,7 @@ enum class Head : int {
   kTaylor = 0,    // learnable precision, paper's Taylor log term (any family)
   kExactLog = 1,  // learnable precision, exact E[log v^2] (Gaussian latents)
   kLogVar = 2,    // log-variance head, exact (Gaussian latents: tilting is GEMM-shaped)
+  kFixed = 3,     // fixed variance (the categorical op; the mean-field fixed head has its own op)
 };
 
 // ---------------------------------------------------------------- fixed variance
@@ -57,6 +58,21 @@ template <typename T>
 struct PixelTerms {
   T ubar, vbar, Saa, Scc, Sac, Tacc, Taac, C3, Q, C4;
 };
+
+template <typename T>
+SK_HOST_DEVICE PixelTerms<T> scaled(PixelTerms<T> g, T s) {
+  g.ubar *= s;
+  g.vbar *= s;
+  g.Saa *= s;
+  g.Scc *= s;
+  g.Sac *= s;
+  g.Tacc *= s;
+  g.Taac *= s;
+  g.C3 *= s;
+  g.Q *= s;
+  g.C4 *= s;
+  return g;
+}
 
 // Loss of one pixel (MATH.md §4, centred form, residual first):
 //   l = 0.5 E[(x-u)^2 v^2] - 0.5 log M + V / (4 M^2) + 0.5 log 2 pi

@@ -131,4 +131,31 @@ inline void check_bernoulli_logvar_inputs(const char* op, c10::DeviceType device
   check_optional_like_x(op, "logvar_bias", logvar_bias, {k}, x);
 }
 
+// Categorical op: head 3 (fixed) needs sigma2 and no second head; 0 (Taylor precision) and
+// 2 (log-variance) need second_weight and no sigma2.
+inline void check_categorical_inputs(const char* op, c10::DeviceType device, const at::Tensor& x,
+                                     const at::Tensor& logits, const at::Tensor& weight,
+                                     const c10::optional<at::Tensor>& bias,
+                                     const c10::optional<at::Tensor>& second_weight,
+                                     const c10::optional<at::Tensor>& second_bias,
+                                     const c10::optional<at::Tensor>& sigma2, int64_t head) {
+  check_x(op, x, device);
+  const int64_t B = x.size(0), k = x.size(1);
+  TORCH_CHECK(logits.defined() && logits.dim() == 3 && logits.size(0) == B, op,
+              ": logits: expected shape (B=", B, ", G, K), got ", shape_str(logits.sizes()));
+  check_like_x(op, "logits", logits, {B, logits.size(1), logits.size(2)}, x);
+  const int64_t d = logits.size(1) * logits.size(2);
+  check_like_x(op, "weight", weight, {k, d}, x);
+  check_optional_like_x(op, "bias", bias, {k}, x);
+  check_optional_like_x(op, "second_weight", second_weight, {k, d}, x);
+  check_optional_like_x(op, "second_bias", second_bias, {k}, x);
+  check_optional_like_x(op, "sigma2", sigma2, {k}, x);
+  const bool has_w2 = second_weight.has_value() && second_weight->defined();
+  const bool has_s2 = sigma2.has_value() && sigma2->defined();
+  TORCH_CHECK(head == 0 || head == 2 || head == 3, op, ": head: expected 3 (fixed), 0 (precision, "
+              "Taylor log term) or 2 (log-variance), got ", head);
+  TORCH_CHECK(head == 3 ? (has_s2 && !has_w2) : (has_w2 && !has_s2), op, ": head=", head,
+              head == 3 ? " (fixed) needs sigma2 and no second_weight" : " needs second_weight and no sigma2");
+}
+
 }  // namespace silent_kernels

@@ -151,6 +151,33 @@ bernoulli_logvar_nll_backward_cpu(const at::Tensor& grad, const at::Tensor& x, c
                                             needs);
 }
 
+at::Tensor categorical_nll_cpu(const at::Tensor& x, const at::Tensor& logits, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias,
+                               const c10::optional<at::Tensor>& second_weight,
+                               const c10::optional<at::Tensor>& second_bias,
+                               const c10::optional<at::Tensor>& sigma2, int64_t head) {
+  check_categorical_inputs("silent_kernels::categorical_nll", c10::DeviceType::CPU, x, logits, weight, bias,
+                           second_weight, second_bias, sigma2, head);
+  return cpu::categorical_nll(x, logits, weight, bias, second_weight, second_bias, sigma2, head);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+categorical_nll_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& logits,
+                             const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                             const c10::optional<at::Tensor>& second_weight,
+                             const c10::optional<at::Tensor>& second_bias,
+                             const c10::optional<at::Tensor>& sigma2, const c10::List<bool>& needs_list,
+                             int64_t head) {
+  const char* op = "silent_kernels::categorical_nll_backward";
+  check_categorical_inputs(op, c10::DeviceType::CPU, x, logits, weight, bias, second_weight, second_bias,
+                           sigma2, head);
+  check_grad(op, grad, x);
+  const std::vector<bool> needs = needs_list.vec();
+  check_needs(op, needs, 7);
+  return cpu::categorical_nll_backward(grad, x, logits, weight, bias, second_weight, second_bias, sigma2,
+                                       needs, head);
+}
+
 // Debug op: the kernels' offset arithmetic (cpu_index.h), so a test can check it beyond 2^31.
 int64_t linear_offset_op(int64_t row, int64_t col, int64_t ld) {
   return linear_offset(row, col, ld);
@@ -177,6 +204,11 @@ TORCH_LIBRARY(silent_kernels, m) {
   m.def("bernoulli_logvar_nll_backward(Tensor grad, Tensor x, Tensor logits, Tensor weight, Tensor? bias, "
         "Tensor logvar_weight, Tensor? logvar_bias, bool[] needs) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("categorical_nll(Tensor x, Tensor logits, Tensor weight, Tensor? bias, Tensor? second_weight, "
+        "Tensor? second_bias, Tensor? sigma2, int head) -> Tensor");
+  m.def("categorical_nll_backward(Tensor grad, Tensor x, Tensor logits, Tensor weight, Tensor? bias, "
+        "Tensor? second_weight, Tensor? second_bias, Tensor? sigma2, bool[] needs, int head) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("_linear_offset(int row, int col, int ld) -> int", &linear_offset_op);
 }
 
@@ -189,6 +221,8 @@ TORCH_LIBRARY_IMPL(silent_kernels, CPU, m) {
   m.impl("precision_nll_train_backward", &precision_nll_train_backward_cpu);
   m.impl("bernoulli_logvar_nll", &bernoulli_logvar_nll_cpu);
   m.impl("bernoulli_logvar_nll_backward", &bernoulli_logvar_nll_backward_cpu);
+  m.impl("categorical_nll", &categorical_nll_cpu);
+  m.impl("categorical_nll_backward", &categorical_nll_backward_cpu);
 }
 
 }  // namespace silent_kernels

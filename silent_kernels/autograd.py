@@ -11,6 +11,9 @@ Each backend provides pairs of registered ops with these schemas (namespace
     precision_nll_backward(grad (B,), <the 9 tensor inputs>, bool[9] needs, int head) -> 9 tensors
     bernoulli_logvar_nll(x, logits, weight, bias?, logvar_weight, logvar_bias?) -> loss (B,)
     bernoulli_logvar_nll_backward(grad (B,), <the 6 inputs>, bool[6] needs) -> 6 tensors
+    categorical_nll(x, logits (B, G, K), weight, bias?, second_weight?, second_bias?, sigma2?,
+                    int head) -> loss (B,)      (head: 3 fixed, 0 Taylor precision, 2 log-variance)
+    categorical_nll_backward(grad (B,), <the 7 tensor inputs>, bool[7] needs, int head) -> 7 tensors
 
 ``head`` picks the per-pixel epilogue after the mean-field contraction stage (see HEADS):
 0 the paper's Taylor log term, 1 the exact log term, 2 the log-variance head (then
@@ -47,14 +50,15 @@ __all__ = [
     "PrecisionNLLFunction",
 ]
 
-# The precision op's ``head`` argument.
-HEADS = {"taylor": 0, "exact": 1, "logvar": 2}
+# The ``head`` argument of the precision and categorical ops (csrc/epilogue.h: enum Head).
+HEADS = {"taylor": 0, "exact": 1, "logvar": 2, "fixed": 3}
 
 FIXED_INPUTS = ("x", "mean", "var", "weight", "bias", "sigma2")
 PRECISION_INPUTS = ("x", "mean", "var", "k3", "k4", "weight", "bias", "precision_weight", "precision_bias")
 BERNOULLI_LOGVAR_INPUTS = ("x", "logits", "weight", "bias", "logvar_weight", "logvar_bias")
+CATEGORICAL_INPUTS = ("x", "logits", "weight", "bias", "second_weight", "second_bias", "sigma2")
 _TENSOR_INPUTS = {"fixed": len(FIXED_INPUTS), "precision": len(PRECISION_INPUTS),
-                  "bernoulli_logvar": len(BERNOULLI_LOGVAR_INPUTS)}
+                  "bernoulli_logvar": len(BERNOULLI_LOGVAR_INPUTS), "categorical": len(CATEGORICAL_INPUTS)}
 
 # (kind, backend) -> (forward op, backward op)
 _OPS: dict[tuple[str, str], tuple[Callable, Callable]] = {}
@@ -74,9 +78,18 @@ def _reference_bernoulli_logvar(x, logits, weight, bias, logvar_weight, logvar_b
     return reference.logvar_nll(x, q, weight, bias, logvar_weight, logvar_bias)
 
 
+def _reference_categorical(x, logits, weight, bias, second_weight, second_bias, sigma2, head):
+    from . import categorical
+    if head == HEADS["fixed"]:
+        return categorical.categorical_fixed_nll(x, logits, weight, bias, sigma2)
+    if head == HEADS["logvar"]:
+        return categorical.categorical_logvar_nll(x, logits, weight, bias, second_weight, second_bias)
+    return categorical.categorical_precision_nll(x, logits, weight, bias, second_weight, second_bias)
+
+
 # kind -> the reference loss (B,) of the same arguments as the op (tensors, then extras)
 _REFERENCE = {"fixed": reference.fixed_nll, "precision": _reference_precision,
-              "bernoulli_logvar": _reference_bernoulli_logvar}
+              "bernoulli_logvar": _reference_bernoulli_logvar, "categorical": _reference_categorical}
 
 
 def reference_loss(kind: str) -> Callable:

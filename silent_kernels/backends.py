@@ -66,7 +66,10 @@ def _load_cpp() -> Backend:
     if not ops.cpp_ops_registered():
         raise RuntimeError("the compiled extension silent_kernels._C has no CPU kernels")
     return Backend("cpp", ("cpu",), {"fixed": ops.cpp_fixed_nll, "precision": ops.cpp_precision_nll,
-                                     "bernoulli_logvar": ops.cpp_bernoulli_logvar_nll})
+                                     "bernoulli_logvar": ops.cpp_bernoulli_logvar_nll,
+                                     "categorical_fixed": ops.cpp_categorical_fixed_nll,
+                                     "categorical_precision": ops.cpp_categorical_precision_nll,
+                                     "categorical_logvar": ops.cpp_categorical_logvar_nll})
 
 
 def _load_cuda() -> Backend:

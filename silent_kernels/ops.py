@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library; its static initialisers register the ops)
-from .autograd import _OPS, register_loss_ops, register_saved_coefficient_ops
+from .autograd import _OPS, HEADS, register_loss_ops, register_saved_coefficient_ops
 
 __all__ = [
     "cpp_ops_registered",
@@ -33,6 +33,9 @@ __all__ = [
     "cpp_fixed_nll",
     "cpp_precision_nll",
     "cpp_bernoulli_logvar_nll",
+    "cpp_categorical_fixed_nll",
+    "cpp_categorical_precision_nll",
+    "cpp_categorical_logvar_nll",
     "cuda_fixed_nll",
     "cuda_precision_nll",
     "cuda_bernoulli_logvar_nll",
@@ -40,7 +43,7 @@ __all__ = [
 ]
 
 _NS = torch.ops.silent_kernels
-_KINDS = ("fixed", "precision", "bernoulli_logvar")
+_KINDS = ("fixed", "precision", "bernoulli_logvar", "categorical")
 
 
 def _register_once() -> None:
@@ -143,6 +146,19 @@ def cpp_bernoulli_logvar_nll(x: Tensor, logits: Tensor, weight: Tensor, bias: Op
     """Per-sample log-variance-head loss (B,) with Bernoulli latents (fused tilted kernel)."""
     return _NS.bernoulli_logvar_nll.default(x, logits, weight, bias, logvar_weight, logvar_bias)
 
+
+def _categorical(head: str):
+    def loss(x: Tensor, logits: Tensor, weight: Tensor, bias: Optional[Tensor], *rest) -> Tensor:
+        """Per-sample loss (B,) with one-hot categorical latents (logits (B, G, K)): rest is
+        (sigma2,) for the fixed head, else (second_weight, second_bias)."""
+        second, second_bias, sigma2 = (None, None, rest[0]) if head == "fixed" else (*rest, None)
+        return _NS.categorical_nll.default(x, logits, weight, bias, second, second_bias, sigma2, HEADS[head])
+    return loss
+
+
+cpp_categorical_fixed_nll = _categorical("fixed")
+cpp_categorical_precision_nll = _categorical("taylor")
+cpp_categorical_logvar_nll = _categorical("logvar")
 
 # Same ops: the dispatcher picks the CUDA kernels for CUDA tensors.
 cuda_fixed_nll = cpp_fixed_nll

@@ -126,3 +126,51 @@ def test_bad_categorical_input_is_named():
     with pytest.raises(ValueError, match=r"expected shape \(B=2, G, K\) with G \* K = d = 9"):
         LatentMoments(torch.zeros(2, 9, dtype=F64), torch.zeros(2, 9, dtype=F64), family="categorical",
                       params=(torch.zeros(2, 9, dtype=F64),))
+
+
+KERNELS = [b for b in BACKENDS if b != "torch"]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("head", ["fixed", "precision", "logvar"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_matches_reference_in_each_dtype(backend, head, dtype):
+    t = _problem(4, 5, 3, seed=21, dtype=dtype)
+    t["logits"].data[0, 0] = torch.tensor([40.0, -40.0, 0.0], dtype=dtype)     # saturated group
+    t64 = {n: v.detach().double().requires_grad_(True) for n, v in t.items()}
+    got, want = _analytic(t, head, backend), _analytic(t64, head, "torch")
+    assert got.dtype == dtype
+    tol = 1e-10 if dtype == F64 else 2e-5
+    assert rel_err(got, want) <= tol
+    names = [n for n in t if not (head == "fixed" and n in ("C", "c"))]
+    for n, a, b in zip(names, torch.autograd.grad(got.sum(), [t[n] for n in names]),
+                       torch.autograd.grad(want.sum(), [t64[n] for n in names])):
+        assert rel_err(a, b) <= tol, (n, rel_err(a, b))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("head", ["fixed", "precision", "logvar"])
+def test_kernel_gradcheck_gradgradcheck_opcheck_compile(backend, head):
+    t = _problem(2, 2, 3, seed=22)
+    names = list(t)
+
+    def f(*leaves):
+        return _analytic(dict(zip(names, leaves)), head, backend)
+
+    leaves = tuple(t.values())
+    assert torch.autograd.gradcheck(f, leaves)
+    assert torch.autograd.gradgradcheck(f, leaves)
+    d = {n: v.detach() for n, v in t.items()}
+    code = {"fixed": 3, "precision": 0, "logvar": 2}[head]
+    second = (None, None, torch.full((5,), 0.3, dtype=F64)) if head == "fixed" else (d["C"], d["c"], None)
+    torch.library.opcheck(torch.ops.silent_kernels.categorical_nll.default,
+                          (d["x"], d["logits"], d["A"], d["b"], *second, code),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    compiled = torch.compile(lambda tt: _analytic(tt, head, backend).sum(), fullgraph=True, backend="aot_eager")
+    assert rel_err(compiled(t), _analytic(t, head, backend).sum()) <= 1e-12
+
+
+def test_categorical_op_refuses_a_wrong_head_combination():
+    t = {n: v.detach() for n, v in _problem(2, 2, 3).items()}
+    with pytest.raises(RuntimeError, match=r"head=3 \(fixed\) needs sigma2"):
+        torch.ops.silent_kernels.categorical_nll(t["x"], t["logits"], t["A"], None, t["C"], None, None, 3)
