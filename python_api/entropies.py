@@ -16,17 +16,18 @@ sampling. It is exactly zero at the optimum of the linear VAE with learned sigma
 stays finite when sigma^2 is held at a value that is not stationary (their Fig. 1(a)).
 
 Learnable precision head (paper Eq. 5-7, v_p(z) = c_p . z + b'_p, sigma_p^2 = 1 / v_p^2):
-E_q[log sigma_p^2(z)] = -E_q[log v_p^2] is not tractable. We use exactly the approximation
-that ``analytic_nll`` uses for the same term (MATH.md §4), the second-order Taylor (delta
-method) expansion around M = E[v^2]:
+E_q[log sigma_p^2(z)] = -E_q[log v_p^2]. With Gaussian latents v_p is Gaussian and the term is
+exact (``silent_kernels.expected_log_square``, docs/math.md §3), as in ``analytic_nll``'s
+default; ``log_term="taylor"`` gives the paper's second-order expansion around M = E[v^2]
+(an approximation, the only option for non-Gaussian latents):
 
     E[log v^2] ~ log M - V / (2 M^2),   M = vbar^2 + Scc,
     V = Var[v^2] = 4 vbar^2 Scc + 4 vbar C3 + C4 + 2 Scc^2,
 
 with vbar = C m + b', Scc = (C*C) k2, C3 = C^3 k3, C4 = C^4 k4 (element-wise powers against
-the cumulants of ``LatentMoments``), and M clamped at ``PRECISION_SQ_FLOOR`` like the
-package. So ELBO and entropy sum are evaluated under the same approximation, and the gap of
-a learned-precision model is the gap of the objective it was trained on. Computed here with
+the cumulants of ``LatentMoments``), M clamped at ``PRECISION_SQ_FLOOR`` like the package.
+Either way the ELBO and the entropy sum use the same log term, so the gap of a
+learned-precision model is the gap of the objective it was trained on. Computed here with
 plain torch (O(B k d)); ``tests/test_companion_ppca.py`` checks it against ``analytic_nll``.
 
 The identity is derived for Gaussian latents; for other latent families these functions
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from silent_kernels import PRECISION_SQ_FLOOR, LatentMoments
+from silent_kernels import PRECISION_SQ_FLOOR, LatentMoments, expected_log_square
 
 __all__ = ["encoder_log_var_term", "expected_log_precision_sq", "decoder_log_var_term",
            "entropy_sum", "head_entropy_sum", "entropy_gap", "LOG_2PI_E"]
@@ -57,16 +58,23 @@ def encoder_log_var_term(q: LatentMoments) -> Tensor:
 
 
 def expected_log_precision_sq(q: LatentMoments, precision_weight: Tensor,
-                              precision_bias: Optional[Tensor] = None) -> Tensor:
-    """Taylor approximation of E_q[log v_p(z)^2], (B, k), for v = C z + b' (MATH.md §4).
-
-    The same second-order expansion ``analytic_nll`` uses for its log term:
+                              precision_bias: Optional[Tensor] = None, log_term: str = "auto") -> Tensor:
+    """E_q[log v_p(z)^2], (B, k), for v = C z + b': exact for Gaussian latents ("exact", the
+    "auto" choice for them), else the Taylor approximation ("taylor", MATH.md §4):
     log M - V / (2 M^2) with M = E[v^2] (clamped at PRECISION_SQ_FLOOR), V = Var[v^2].
     """
+    if log_term == "auto":
+        log_term = "exact" if q.family == "gaussian" else "taylor"
+    if log_term not in ("exact", "taylor"):
+        raise ValueError(f"log_term: expected 'auto', 'exact' or 'taylor', got {log_term!r}")
     C = precision_weight
     C2 = C.square()
     vbar = F.linear(q.mean, C, precision_bias)
     scc = F.linear(q.var, C2)
+    if log_term == "exact":
+        if q.family != "gaussian":
+            raise ValueError(f"log_term: 'exact' needs Gaussian latents, got family {q.family!r}")
+        return expected_log_square(vbar, scc)
     vb2 = vbar.square()
     M = vb2 + scc
     V = 4 * vb2 * scc + 2 * scc.square()
