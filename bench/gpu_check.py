@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,8 +55,8 @@ REQUIRED_BACKENDS = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
 # Seconds. Each step has its own limit; the run also stops starting steps once TOTAL_BUDGET_S
 # is spent and cuts a step's limit to what is left, so the total stays under 8 minutes
 # (a rebuild of the extension or slow compiles then cost the last benchmarks, not the limit).
-TOTAL_BUDGET_S = 450
-STEP_TIMEOUTS_S = {"extension": 150, "gpu-tests": 150, "bench": 90, "train": 45}
+TOTAL_BUDGET_S = 420
+STEP_TIMEOUTS_S = {"extension": 150, "gpu-tests": 150, "bench": 120, "train": 45}
 
 
 @dataclass
@@ -70,7 +70,6 @@ class Step:
     timeout_s: float
     check: Optional[Callable[[str], list]] = None
     report: Optional[Callable[[str], str]] = None
-    env: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -147,8 +146,8 @@ def train_step(estimator: str, device: str, out_dir: str, tiny: bool, python: st
                 check=lambda out: check_train(out, estimator, epochs), report=lambda out: report_train(out, estimator))
 
 
-def plan_text(steps: list, out_dir: str) -> str:
-    lines = [f"gpu-check plan: {len(steps)} steps, results in {out_dir}, total budget {TOTAL_BUDGET_S} s"]
+def plan_text(steps: list, out_dir: str, budget_s: float = TOTAL_BUDGET_S) -> str:
+    lines = [f"gpu-check plan: {len(steps)} steps, results in {out_dir}, total budget {budget_s:.0f} s"]
     for i, s in enumerate(steps, 1):
         lines.append(f"{i}. {s.name} (limit {s.timeout_s:.0f} s): {s.what}")
         lines.append("   " + " ".join(_shell_word(a) for a in s.argv))
@@ -286,21 +285,26 @@ def check_train(out_dir: str, estimator: str, epochs: int) -> list:
 
 
 def report_train(out_dir: str, estimator: str) -> str:
+    """Adds this estimator's epochs to train.json and rewrites train.md from all of it."""
     records = _read_jsonl(os.path.join(out_dir, "train", estimator, "metrics.jsonl"))
     train = _load_json(os.path.join(out_dir, "train.json")) or {}
     train[estimator] = records
     with open(os.path.join(out_dir, "train.json"), "w") as fh:
         json.dump(train, fh, indent=1)
+    sections = {name: _train_table(name, recs) for name, recs in train.items()}
+    with open(os.path.join(out_dir, "train.md"), "w") as fh:
+        fh.write("\n".join(sections.values()))
+    return sections[estimator]
+
+
+def _train_table(estimator: str, records: list) -> str:
     lines = [f"### train-{estimator}", "", "| epoch | train loss | val BPD | val MSE | val KLD | epoch s |",
              "|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         lines.append(f"| {r.get('epoch')} | {r.get('train_loss', float('nan')):.4f} | "
                      f"{r.get('val_bpd', float('nan')):.4f} | {r.get('val_mse', float('nan')):.3f} | "
                      f"{r.get('val_kld', float('nan')):.2f} | {r.get('time_s', float('nan')):.2f} |")
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "train.md"), "a") as fh:
-        fh.write(text + "\n")
-    return text
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------ running
@@ -309,13 +313,11 @@ def run_step(step: Step, out_dir: str, timeout_s: float) -> Outcome:
     """Run one step in its own process group (so a timeout ends its workers too)."""
     log_path = os.path.join(out_dir, "logs", f"{step.name}.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    env = {**os.environ, **step.env}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     start = time.perf_counter()
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(_shell_word(a) for a in step.argv) + "\n")
         log.flush()
-        proc = subprocess.Popen(step.argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(step.argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout_s)
@@ -572,14 +574,13 @@ def main(argv=None) -> int:
                              f"{', '.join(s.name for s in steps)}")
         steps = [s for s in steps if s.name in wanted]
     if args.plan:
-        print(plan_text(steps, out_dir))
+        print(plan_text(steps, out_dir, args.budget))
         return 0
 
     os.makedirs(out_dir, exist_ok=True)
-    for stale in ("train.json", "train.md"):   # rebuilt by this run's training steps
-        if os.path.exists(os.path.join(out_dir, stale)):
-            os.remove(os.path.join(out_dir, stale))
-    shutil.rmtree(os.path.join(out_dir, "train"), ignore_errors=True)
+    for step in steps:   # each training step starts from an empty run folder
+        if step.name.startswith("train-"):
+            shutil.rmtree(os.path.join(out_dir, "train", step.name[len("train-"):]), ignore_errors=True)
     print(f"gpu-check on {args.device}: {len(steps)} steps, budget {args.budget:.0f} s, results in {out_dir}",
           flush=True)
     start = time.perf_counter()

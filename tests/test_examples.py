@@ -110,6 +110,9 @@ def test_pythae_example_tiny_run_and_reload(mnist_dir, tmp_path, record_property
     # the pitfall the example documents, and its workaround
     assert result["automodel_reload_class"] == "VAE"
     assert result["reload_class"] == "ExactLossVAE" and result["reload_same_elbo"]
+    resumed = example.main(["--data", mnist_dir, "--loss", "exact", "--resume", result["final_model"],
+                            "--output-dir", str(tmp_path / "resumed"), *TINY])
+    assert resumed["trained_class"] == "ExactLossVAE" and math.isfinite(resumed["heldout_elbo"])
 
 
 def test_pythae_override_is_the_mean_of_pythae_own_loss(mnist_dir):
