@@ -149,6 +149,8 @@ def cmd_train(args) -> int:
     cfg = cfg.replace(device=distributed.local_device(cfg.device))
     distributed.check_device(cfg.device)
     check_backend(cfg.backend, cfg.device)
+    if args.run_dir is not None and not args.run_dir.strip():
+        raise UsageError("--run-dir: expected a folder name, got ''")
     run_dir = args.run_dir or _default_run_dir(cfg)
     distributed.init_from_env(cfg.device)
     try:
@@ -173,6 +175,8 @@ def cmd_eval(args) -> int:
     run_dir = _run_dir(args)
     device = str(distributed.check_device(args.device))
     cfg, model, data, _ = load_run(run_dir, args.checkpoint, device, with_data=args.split == "val")
+    if args.samples is not None and cfg.decoder == "linear":
+        raise UsageError("--samples has no effect on a linear decoder (its NLL is exact, nothing is sampled)")
     if args.split == "val":
         images = data.val
     else:
@@ -194,6 +198,9 @@ def cmd_gradvar(args) -> int:
     run_dir = _run_dir(args)
     device = str(distributed.check_device(args.device))
     cfg, model, data, ckpt = load_run(run_dir, args.checkpoint, device)
+    if args.batch is not None and args.batch > data.val.shape[0]:
+        raise UsageError(f"--batch: expected at most the {data.val.shape[0]} validation images of the run, "
+                         f"got {args.batch}")
     baseline = None if ckpt.get("baseline") is None else float(ckpt["baseline"])
     res = gradient_variance_table(model, data.val, cfg, estimators=args.estimators, draws=args.draws,
                                   batch=args.batch, seed=args.seed, baseline=baseline, device=device)

@@ -88,9 +88,15 @@ class MetricsLog:
     def __init__(self, path: str):
         self.path = path
 
-    def create(self) -> None:
-        """Start an empty log (a new run)."""
+    def create(self, warn: Callable[[str], None]) -> None:
+        """Start an empty log (a new run). Records left by an earlier start that never wrote a
+        checkpoint are moved aside to ``metrics.jsonl.old-<time>`` (with a warning), not erased."""
         try:
+            if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+                aside = f"{self.path}.old-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+                os.replace(self.path, aside)
+                warn(f"warning: {self.path} held records of an earlier start without a checkpoint; "
+                     f"moved to {aside}")
             with open(self.path, "w"):
                 pass
         except OSError as exc:

@@ -141,6 +141,9 @@ class Trainer:
             enc, dec = default_channels(arch)
             cfg = self.cfg = cfg.replace(enc_channels=cfg.enc_channels or enc,
                                          dec_channels=cfg.dec_channels or dec)
+        if cfg.gradvar_epochs and cfg.gradvar_batch > self.data.val.shape[0]:
+            raise UsageError(f"--gradvar-batch: expected at most the {self.data.val.shape[0]} validation "
+                             f"images, got {cfg.gradvar_batch}")
         if cfg.batch_size % self.world:
             raise UsageError(f"--batch-size: expected a multiple of the {self.world} processes, "
                              f"got {cfg.batch_size}")
@@ -164,7 +167,7 @@ class Trainer:
                                   "use --resume to continue it or choose another --run-dir")
             write_json_atomic(cfg.to_dict(), os.path.join(self.run_dir, "config.json"))
             write_json_atomic(self._run_info(), os.path.join(self.run_dir, "run_info.json"))
-            self.metrics.create()
+            self.metrics.create(warn=lambda msg: print(msg, file=sys.stderr))
 
     @staticmethod
     def _resumed_config(cfg: TrainConfig, ckpt: dict) -> TrainConfig:
@@ -265,6 +268,9 @@ class Trainer:
         b = ckpt["baseline"]
         self.baseline.value = None if b is None else float(b)
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
+        if self.cfg.epochs < self.epoch:
+            raise UsageError(f"--epochs: the run has already trained {self.epoch} epochs; expected "
+                             f"--epochs >= {self.epoch} on --resume, got {self.cfg.epochs}")
         if self.is_main:
             # records of epochs after the checkpoint belong to an epoch cut short by a kill
             self.metrics.truncate_after(self.epoch, warn=lambda msg: print(msg, file=sys.stderr))

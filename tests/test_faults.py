@@ -138,7 +138,20 @@ CLI_CASES = [
      ["already holds a run", "--resume"]),
     ("run-dir is a file", lambda tmp: ["train", "--run-dir", tmp / "run" / "config.json", *TINY], EXIT_RUN_DIR,
      ["config.json", "not a folder"]),
+    ("run-dir empty", lambda tmp: ["train", "--run-dir", "", *TINY], EXIT_USAGE, ["--run-dir", "''"]),
+    ("resume to fewer epochs than trained", lambda tmp: ["train", "--resume", "--run-dir", tmp / "run", "--epochs", "0"],
+     EXIT_USAGE, ["--epochs", ">= 1"]),
+    ("seed negative", _train("--seed", "-1"), EXIT_USAGE, ["--seed", "-1"]),
+    ("gradvar-batch beyond the validation set", _train("--gradvar-epochs", "1", "--gradvar-batch", "64"), EXIT_USAGE,
+     ["--gradvar-batch", "32", "64"]),
+    ("logvar-floor with the linear head", _train("--logvar-floor", "-5"), EXIT_USAGE, ["--logvar-floor", "no effect"]),
+    ("config file of another type", lambda tmp: ["train", "--config", tmp / "run" / "checkpoints" / "last.pt",
+                                                 "--run-dir", tmp / "new"], EXIT_INPUT, ["last.pt", "config file"]),
     ("eval needs a run folder", lambda tmp: ["eval"], EXIT_USAGE, ["RUN_DIR or --run-dir"]),
+    ("eval samples on the exact head", lambda tmp: ["eval", tmp / "run", "--samples", "4"], EXIT_USAGE,
+     ["--samples", "linear"]),
+    ("gradvar batch beyond the validation set", lambda tmp: ["gradvar", tmp / "run", "--batch", "1000"], EXIT_USAGE,
+     ["--batch", "32", "1000"]),
     ("eval two run folders", lambda tmp: ["eval", tmp / "run", "--run-dir", tmp / "other"], EXIT_USAGE,
      ["two run folders"]),
     ("eval limit zero", lambda tmp: ["eval", "--run-dir", tmp / "run", "--limit", "0"], EXIT_USAGE, ["--limit", ">= 1"]),
@@ -272,6 +285,29 @@ def test_resume_never_drops_unreadable_metrics(where, run_copy):
     aside = [p for p in run_copy.iterdir() if p.name.startswith("metrics.jsonl.corrupt-")]
     assert len(aside) == 1 and aside[0].read_text() == bad            # kept byte for byte
     assert [r["epoch"] for r in MetricsLog(str(path)).read()] == [1, 2]
+
+
+def test_fresh_start_moves_earlier_records_aside(run_copy):
+    """A start that wrote a record but no checkpoint (killed, or a full disk, between the two
+    writes): starting again keeps those records in a side file."""
+    (run_copy / "checkpoints" / "last.pt").unlink()
+    records = (run_copy / "metrics.jsonl").read_text()
+    code, _, err = run_cli(["train", "--run-dir", run_copy, *TINY])
+    assert code == 0, err
+    assert "moved to" in err
+    aside = [p for p in run_copy.iterdir() if p.name.startswith("metrics.jsonl.old-")]
+    assert len(aside) == 1 and aside[0].read_text() == records
+    assert [r["epoch"] for r in MetricsLog(str(run_copy / "metrics.jsonl")).read()] == [1]
+
+
+def test_resume_cannot_shrink_a_run(run_copy):
+    code, _, err = run_cli(["train", "--resume", "--run-dir", run_copy, "--epochs", "2"])
+    assert code == 0, err
+    config = (run_copy / "config.json").read_text()
+    code, _, err = run_cli(["train", "--resume", "--run-dir", run_copy, "--epochs", "1"])
+    assert code == EXIT_USAGE
+    assert_one_error_line(err, "already trained 2 epochs", "--epochs >= 2", "got 1")
+    assert (run_copy / "config.json").read_text() == config
 
 
 def test_unreadable_metrics_line_is_refused_by_plot(run_copy, tmp_path):
