@@ -19,7 +19,7 @@ from . import data as data_mod
 from .config import TrainConfig, flag
 from .errors import UsageError
 from .estimators import ESTIMATORS
-from .models import DECODERS, LATENTS, VARIANCES
+from .models import DECODERS, LATENTS, LOG_TERMS, VARIANCES
 from .objectives import OBJECTIVES
 
 __all__ = ["Parser", "int_at_least", "add_config_flags", "config_overrides", "check_flags_apply",
@@ -110,7 +110,8 @@ def _field_help() -> dict:
 _FIELD_CHOICES = {
     "dataset": data_mod.DATASETS, "val_split": ("auto", "test", "holdout"),
     "eval_dequant": ("noise", "center"), "arch": ("auto", "mnist", "strided"),
-    "latent": LATENTS, "decoder": DECODERS, "variance": VARIANCES, "estimator": ESTIMATORS,
+    "latent": LATENTS, "decoder": DECODERS, "variance": VARIANCES, "log_term": LOG_TERMS,
+    "estimator": ESTIMATORS,
     "backend": ("auto", "torch", "cpp", "triton", "cuda"),
     "objective": OBJECTIVES,   # companion objective (objectives.py)
 }
@@ -163,8 +164,11 @@ def check_flags_apply(cfg: TrainConfig, explicit: set) -> None:
     elif cfg.estimator == "silent":
         refuse("anneal_rate", "with --estimator silent in dual mode (w_lin stays 1: the encoder "
                               "follows the linear head only)")
-    if cfg.decoder == "linear":
-        refuse("eval_samples", "with --decoder linear (its NLL is exact, nothing is sampled)")
+    if cfg.decoder == "nonlinear" or cfg.variance != "learned":
+        refuse("log_term", "without the linear precision head (--variance learned, --decoder linear or dual)")
+    if cfg.decoder == "linear" and not (cfg.variance == "learned" and cfg.latent != "gaussian"):
+        refuse("eval_samples", "with --decoder linear (its NLL is exact, nothing is sampled; only a "
+                               "precision head on non-Gaussian latents also reports a sampled bound)")
         refuse("logvar_floor", "with --decoder linear (it bounds the nonlinear decoder's log-variance)")
     if cfg.decoder == "nonlinear":
         refuse("linear_init_scale", "with --decoder nonlinear (there is no linear head)")

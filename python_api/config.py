@@ -17,7 +17,7 @@ from typing import Optional
 from . import data as data_mod
 from .errors import UsageError
 from .estimators import check_estimator
-from .models import DECODERS, LATENTS, VARIANCES
+from .models import DECODERS, LATENTS, LOG_TERMS, VARIANCES
 from .objectives import check_objective
 
 __all__ = ["TrainConfig", "PRESETS", "paper_schedule", "make_config", "flag"]
@@ -31,7 +31,7 @@ def flag(name: str) -> str:
 _CHOICES = {
     "dataset": data_mod.DATASETS, "val_split": ("auto", "test", "holdout"),
     "eval_dequant": ("noise", "center"), "arch": ("auto", "mnist", "strided"), "latent": LATENTS,
-    "decoder": DECODERS, "variance": VARIANCES,
+    "decoder": DECODERS, "variance": VARIANCES, "log_term": LOG_TERMS,
     "backend": ("auto", "torch", "cpp", "triton", "cuda"),
 }
 _POSITIVE_INTS = ("latent_dim", "epochs", "batch_size", "eval_batch_size", "eval_samples",
@@ -78,7 +78,8 @@ class TrainConfig:
     latent: str = "gaussian"            # gaussian | bernoulli
     latent_dim: int = 200               # d (the paper: 200)
     decoder: str = "linear"             # linear | nonlinear | dual
-    variance: str = "fixed"             # fixed | scalar | learned (precision head / log-var map)
+    variance: str = "fixed"             # fixed | scalar | learned (precision head / log-var map) | logvar (linear log-variance head)
+    log_term: str = "taylor"            # precision head's E[log v^2] in training: taylor (paper, approximate) | exact (Gaussian latents) | auto
     sigma2: float = 0.01                # fixed variance, or initial variance when learned
     logvar_floor: Optional[float] = None  # nonlinear log-variance floor (None: log 1/(12*256^2))
     enc_channels: Optional[list] = None   # None: (8, 16, 16) mnist / (64, 128, 256, 512) strided

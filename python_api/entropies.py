@@ -111,17 +111,21 @@ def decoder_log_var_term(q: LatentMoments, k: int, *, sigma2: Union[float, Tenso
 
 def entropy_sum(q: LatentMoments, k: int, *, sigma2: Union[float, Tensor, None] = None,
                 precision_weight: Optional[Tensor] = None, precision_bias: Optional[Tensor] = None,
+                logvar_weight: Optional[Tensor] = None, logvar_bias: Optional[Tensor] = None,
                 reduction: str = "none") -> Tensor:
     """The three-entropies sum of MATH.md §8 in nats, per sample (``reduction="none"``, (B,))
     or averaged (``"mean"``) / summed (``"sum"``) over the batch.
 
     Per sample: 0.5 sum_i log k2_i - 0.5 sum_p E_q[log sigma_p^2(z)] - (k/2) log(2 pi e).
-    Its batch mean is the right-hand side of the identity for the data in the batch.
+    Its batch mean is the right-hand side of the identity for the data in the batch. With the
+    log-variance head (``logvar_weight`` H, ``logvar_bias`` h) E_q[log sigma_p^2] = H_p m + h_p.
     """
-    per = (encoder_log_var_term(q)
-           - decoder_log_var_term(q, k, sigma2=sigma2, precision_weight=precision_weight,
-                                  precision_bias=precision_bias)
-           - 0.5 * k * LOG_2PI_E)
+    if logvar_weight is not None:
+        decoder = 0.5 * F.linear(q.mean, logvar_weight, logvar_bias).sum(-1)
+    else:
+        decoder = decoder_log_var_term(q, k, sigma2=sigma2, precision_weight=precision_weight,
+                                       precision_bias=precision_bias)
+    per = encoder_log_var_term(q) - decoder - 0.5 * k * LOG_2PI_E
     if reduction == "none":
         return per
     if reduction == "mean":
@@ -132,13 +136,16 @@ def entropy_sum(q: LatentMoments, k: int, *, sigma2: Union[float, Tensor, None] 
 
 
 def head_entropy_sum(head, q: LatentMoments) -> Optional[Tensor]:
-    """``entropy_sum`` (B,) for an ``AnalyticLinearDecoder`` head (fixed, scalar or learned
-    precision), or None when q is not Gaussian (the identity assumes Gaussian latents)."""
+    """``entropy_sum`` (B,) for an ``AnalyticLinearDecoder`` head (fixed, scalar, learned
+    precision or log-variance), or None when q is not Gaussian (the identity assumes Gaussian
+    latents)."""
     if not q.is_gaussian:
         return None
     k = head.mu.weight.shape[0]
     if getattr(head, "learned_precision", False):
         return entropy_sum(q, k, precision_weight=head.alpha.weight, precision_bias=head.alpha.bias)
+    if getattr(head, "variance", None) == "logvar":
+        return entropy_sum(q, k, logvar_weight=head.alpha.weight, logvar_bias=head.alpha.bias)
     return entropy_sum(q, k, sigma2=head._sigma2())
 
 

@@ -9,12 +9,15 @@ the widths are arguments here and fields of ``TrainConfig`` (``enc_channels`` /
 - ``StridedEncoder`` (Table 7, 32x32 images): 4x4 convolutions with strides 2, 2, 2, 1 and
   padding 1, 1, 1, 0 (32 -> 16 -> 8 -> 4 -> 1), each followed by ReLU then BatchNorm,
   flatten, linear.
-- ``AnalyticLinearDecoder``: the single fully connected head whose expected NLL is exact
-  (``nll`` calls ``silent_kernels.analytic_nll``). ``variance="fixed"``: p(x|z) = N(Az+b, s2)
-  (Section 3; the bias is the paper's latent augmented with a constant 1); ``"scalar"``: the
-  same with one learnable s2; ``"learned"``: the precision pair mu(z) = W_mu z + b,
-  alpha(z) = W_alpha z + b' with x ~ N(mu, 1/alpha^2) (Section 4.1), as two ``nn.Linear``
-  submodules ``mu`` and ``alpha`` (trained by separate optimisers).
+- ``AnalyticLinearDecoder``: the single fully connected head whose expected NLL is one
+  ``silent_kernels.analytic_nll`` call. ``variance="fixed"``: p(x|z) = N(Az+b, s2) (Section 3;
+  the bias is the paper's latent augmented with a constant 1); ``"scalar"``: the same with one
+  learnable s2 (both exact); ``"learned"``: the precision pair mu(z) = W_mu z + b,
+  alpha(z) = W_alpha z + b' with x ~ N(mu, 1/alpha^2) (Section 4.1; exact data term, and
+  E[log alpha^2] exact for Gaussian latents with ``log_term="exact"``, else the paper's Taylor
+  approximation); ``"logvar"``: log sigma^2(z) = W_s z + b_s (exact for Gaussian and Bernoulli
+  latents). Mean and variance heads are ``nn.Linear`` submodules ``mu`` and ``alpha`` (the
+  precision or the log-variance map), trained by separate optimisers.
 - ``ConvDecoder`` (Table 6): linear, reshape to (c0, H, W), four 3x3 convolutions with ReLU,
   a 1x1 convolution to the per-pixel mean (and log-variance). ``StridedDecoder`` (Table 8):
   linear, reshape to (c0, 1, 1), transposed 4x4 convolutions 1 -> 4 -> 8 -> 16 -> 32 with
@@ -38,16 +41,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch import distributions as D
 
-from silent_kernels import PRECISION_SQ_FLOOR, LatentMoments, analytic_nll
+from silent_kernels import PRECISION_SQ_FLOOR, LatentMoments, analytic_nll, as_latent_moments
 
 __all__ = ["ConvEncoder", "StridedEncoder", "Posterior", "AnalyticLinearDecoder", "ConvDecoder",
-           "StridedDecoder", "VAE", "build_model", "LOGVAR_FLOOR", "LATENTS", "VARIANCES",
+           "StridedDecoder", "VAE", "build_model", "LOGVAR_FLOOR", "LATENTS", "VARIANCES", "LOG_TERMS",
            "DECODERS", "resolve_arch", "default_channels"]
 
 LOG_2PI = math.log(2 * math.pi)
 LOGVAR_FLOOR = math.log(1.0 / (12 * 256 ** 2))
 LATENTS = ("gaussian", "bernoulli")
-VARIANCES = ("fixed", "scalar", "learned")
+VARIANCES = ("fixed", "scalar", "learned", "logvar")
+LOG_TERMS = ("taylor", "exact", "auto")
 DECODERS = ("linear", "nonlinear", "dual")
 
 
@@ -188,30 +192,37 @@ def _gaussian_nll(x: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
 
 
 class AnalyticLinearDecoder(nn.Module):
-    """A linear Gaussian decoder head whose expected NLL under q is exact.
+    """A linear Gaussian decoder head whose expected NLL under q is computed in closed form.
 
     Args:
         latent_dim: d.
         image_shape: (C, H, W); the head maps z to k = C*H*W pixels.
         variance: "fixed" (sigma2 constant), "scalar" (one learnable sigma2, initialised at
-            ``sigma2``) or "learned" (precision head alpha(z) = W_alpha z + b', initialised
-            to the constant precision 1/sqrt(sigma2)).
+            ``sigma2``), "learned" (precision head alpha(z) = W_alpha z + b', initialised to the
+            constant precision 1/sqrt(sigma2)) or "logvar" (log-variance head alpha(z), initialised
+            to the constant log(sigma2)).
         sigma2: the fixed variance, or the initial variance of the learnable ones.
         backend: passed to ``analytic_nll``.
         init_scale: multiplies nn.Linear's default initialisation of the mean weights W.
+        log_term: the precision head's E[log alpha^2] in ``nll``: "taylor" (the paper's
+            approximation), "exact" (Gaussian latents) or "auto" (exact when possible).
     """
 
     def __init__(self, latent_dim: int, image_shape: Sequence[int], variance: str = "fixed",
-                 sigma2: float = 0.01, backend: str = "auto", init_scale: float = 1.0):
+                 sigma2: float = 0.01, backend: str = "auto", init_scale: float = 1.0,
+                 log_term: str = "auto"):
         super().__init__()
         if variance not in VARIANCES:
             raise ValueError(f"variance: expected one of {', '.join(VARIANCES)}, got {variance!r}")
+        if log_term not in LOG_TERMS:
+            raise ValueError(f"log_term: expected one of {', '.join(LOG_TERMS)}, got {log_term!r}")
         if not sigma2 > 0:
             raise ValueError(f"sigma2 must be positive, got {sigma2}")
         self.image_shape = tuple(image_shape)
         k = math.prod(self.image_shape)
         self.variance = variance
         self.backend = backend
+        self.log_term = log_term
         self.mu = nn.Linear(latent_dim, k)
         with torch.no_grad():
             self.mu.weight.mul_(init_scale)
@@ -223,7 +234,7 @@ class AnalyticLinearDecoder(nn.Module):
             self.alpha = nn.Linear(latent_dim, k)
             with torch.no_grad():
                 self.alpha.weight.mul_(0.1)
-                self.alpha.bias.fill_(1.0 / math.sqrt(sigma2))
+                self.alpha.bias.fill_(1.0 / math.sqrt(sigma2) if variance == "learned" else math.log(sigma2))
 
     @property
     def learned_precision(self) -> bool:
@@ -232,13 +243,25 @@ class AnalyticLinearDecoder(nn.Module):
     def _sigma2(self) -> Tensor:
         return self.sigma2 if self.variance == "fixed" else torch.exp(self.log_sigma2)
 
-    def nll(self, x: Tensor, q, reduction: str = "none") -> Tensor:
-        """Exact -E_q[log p(x|z)] in nats per image (``analytic_nll``); q: LatentMoments or a
-        supported torch distribution."""
+    def is_exact(self, q, log_term: Optional[str] = None) -> bool:
+        """Whether ``nll(x, q, log_term=...)`` is the exact expectation (a true bound) for these
+        latents: only the precision head with the Taylor log term is an approximation."""
+        if not self.learned_precision:
+            return True
+        term = self.log_term if log_term is None else log_term
+        return term == "exact" or (term == "auto" and as_latent_moments(q).family == "gaussian")
+
+    def nll(self, x: Tensor, q, reduction: str = "none", log_term: Optional[str] = None) -> Tensor:
+        """-E_q[log p(x|z)] in nats per image (``analytic_nll``); q: LatentMoments or a supported
+        torch distribution. Exact unless ``is_exact(q)`` is False (precision head, Taylor term)."""
         if self.learned_precision:
             return analytic_nll(x, q, self.mu.weight, self.mu.bias,
                                 precision_weight=self.alpha.weight, precision_bias=self.alpha.bias,
+                                log_term=self.log_term if log_term is None else log_term,
                                 reduction=reduction, backend=self.backend)
+        if self.variance == "logvar":
+            return analytic_nll(x, q, self.mu.weight, self.mu.bias, logvar_weight=self.alpha.weight,
+                                logvar_bias=self.alpha.bias, reduction=reduction, backend=self.backend)
         return analytic_nll(x, q, self.mu.weight, self.mu.bias, sigma2=self._sigma2(),
                             reduction=reduction, backend=self.backend)
 
@@ -254,12 +277,16 @@ class AnalyticLinearDecoder(nn.Module):
         if self.learned_precision:
             a2 = self.alpha(z).square().clamp_min(PRECISION_SQ_FLOOR)
             return a2.rsqrt().unflatten(-1, self.image_shape)
+        if self.variance == "logvar":
+            return torch.exp(0.5 * self.alpha(z)).unflatten(-1, self.image_shape)
         shape = z.shape[:-1] + self.image_shape
         return torch.sqrt(self._sigma2()).expand(shape)
 
     def sample_nll(self, x: Tensor, z: Tensor) -> Tensor:
         """-log p(x|z) per image for latent samples z (..., B, d) -> (..., B)."""
         mean, prec = self(z)
+        if self.variance == "logvar":
+            return _gaussian_nll(x, mean, self.alpha(z).unflatten(-1, self.image_shape))
         if prec is None:
             logvar = torch.log(self._sigma2()).expand_as(mean)
             return _gaussian_nll(x, mean, logvar)
@@ -275,6 +302,8 @@ class _NonlinearDecoder(nn.Module):
     def _setup_variance(self, variance: str, sigma2: float, logvar_floor: float) -> int:
         if variance not in VARIANCES:
             raise ValueError(f"variance: expected one of {', '.join(VARIANCES)}, got {variance!r}")
+        # "logvar" and "learned" are the same for a nonlinear decoder: it outputs a log-variance map
+        variance = "learned" if variance == "logvar" else variance
         self.variance = variance
         self.logvar_floor = float(logvar_floor)
         if variance == "fixed":
@@ -450,7 +479,8 @@ def build_model(cfg, image_shape: Sequence[int]) -> VAE:
     linear = nonlinear = None
     if cfg.decoder in ("linear", "dual"):
         linear = AnalyticLinearDecoder(cfg.latent_dim, image_shape, cfg.variance, cfg.sigma2,
-                                       backend=cfg.backend, init_scale=linear_init_scale(cfg))
+                                       backend=cfg.backend, init_scale=linear_init_scale(cfg),
+                                       log_term=cfg.log_term)
     if cfg.decoder in ("nonlinear", "dual"):
         floor = LOGVAR_FLOOR if cfg.logvar_floor is None else cfg.logvar_floor
         nonlinear = dec_cls(cfg.latent_dim, image_shape, cfg.variance, channels=dec_ch,
