@@ -19,7 +19,7 @@ one axis in registers: no (B, k, d) tensor is ever stored.
   partial column sums for the biases (dbias = c1, dh0 = grad/2 - cS).
 * backward 2, grid (batch tiles, latent tiles), loop over pixels: with mu' = sigmoid(s),
   v' = mu'(1 - mu') and w = cS mu' + c1 a v' + c2 a^2 v' (1 - 2 mu'),
-  dlogits_i = sum_p [w - cS p_i + grad/2 h p_i (1 - p_i)].
+  dlogits_i = sum_p [w - cS p_i + grad/2 h p_i (1 - p_i)] (cS (mu' - p_i) formed per triple).
 * backward 3, grid (pixel tiles, latent tiles), loop over the batch:
   dH_pi = sum_n [-w + grad/2 p_i], dA_pi = sum_n [c1 mu' + 2 c2 a v'].
 
@@ -102,7 +102,7 @@ def _fwd_kernel(x_ptr, l_ptr, a_ptr, b_ptr, h_ptr, h0_ptr, go_ptr,
         a = tl.load(a_ptr + offsets(pix, lat, sak, sad), mask=w_mask, other=0.0).to(ACC)
         p, lp = _sigmoid_and_log1p(logit)
         a3 = a[None, :, :]
-        # padded latents, pixels or rows have l = h = a = 0: every term below is exactly 0
+        # padded latents (l = h = a = 0) add exactly 0; padded pixels / rows are masked below
         kt, mean, var = bernoulli_tilt(logit[:, None, :], h[None, :, :], lp[:, None, :])
         S += tl.sum(kt, axis=2)
         T1 += tl.sum(a3 * mean, axis=2)
@@ -152,7 +152,9 @@ def _tilted_w(c_s, c_1, c_2, a3, mean, var, one_m2):
 def _logits_grad_kernel(g_ptr, l_ptr, a_ptr, h_ptr, go_ptr, dl_ptr,
                         B, K, D, slb, sld, sak, sad, shk, shd, sgo, plane_stride, ACC: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dlogits_i = sum_p w - p_i sum_p cS + grad/2 p_i (1 - p_i) sum_p h_pi."""
+    """dlogits_i = sum_p [cS (mu' - p_i) + c1 a v' + c2 a^2 v' (1 - 2 mu')]
+    + grad/2 p_i (1 - p_i) sum_p h_pi. cS (mu' - p_i) is formed per triple: summing cS mu' and
+    p_i sum_p cS separately would cancel two sums much larger than their difference."""
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = tile_index(pid_b, BLOCK_B)
@@ -161,9 +163,10 @@ def _logits_grad_kernel(g_ptr, l_ptr, a_ptr, h_ptr, go_ptr, dl_ptr,
     dmask = lat < D
     out_mask = rmask[:, None] & dmask[None, :]
     logit = tl.load(l_ptr + offsets(rows, lat, slb, sld), mask=out_mask, other=0.0).to(ACC)
+    p, _log1p_el = _sigmoid_and_log1p(logit)
     l3 = logit[:, None, :]
+    p3 = p[:, None, :]
     acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC)
-    cs_sum = tl.zeros((BLOCK_B,), dtype=ACC)
     h_sum = tl.zeros((BLOCK_D,), dtype=ACC)
     for p0 in range(0, K, BLOCK_K):
         pix = p0 + tl.arange(0, BLOCK_K)
@@ -176,14 +179,13 @@ def _logits_grad_kernel(g_ptr, l_ptr, a_ptr, h_ptr, go_ptr, dl_ptr,
         c_s = tl.load(g_offs + plane(0, plane_stride), mask=g_mask, other=0.0)
         c_1 = tl.load(g_offs + plane(1, plane_stride), mask=g_mask, other=0.0)
         c_2 = tl.load(g_offs + plane(2, plane_stride), mask=g_mask, other=0.0)
-        mean, var, one_m2, _ = tilted_mean_var(l3 - h[None, :, :])
-        w = _tilted_w(c_s[:, :, None], c_1[:, :, None], c_2[:, :, None], a[None, :, :], mean, var, one_m2)
+        mean, var, one_m2, _es = tilted_mean_var(l3 - h[None, :, :])
+        w = _tilted_w(c_s[:, :, None], c_1[:, :, None], c_2[:, :, None], a[None, :, :], mean - p3, var,
+                      one_m2)
         acc += tl.sum(w, axis=1)
-        cs_sum += tl.sum(c_s, axis=1)
         h_sum += tl.sum(h, axis=0)
-    p, _ = _sigmoid_and_log1p(logit)
     go = tl.load(go_ptr + rows * sgo, mask=rmask, other=0.0).to(ACC)
-    acc += p * (0.5 * go[:, None] * (1.0 - p) * h_sum[None, :] - cs_sum[:, None])
+    acc += 0.5 * go[:, None] * p * (1.0 - p) * h_sum[None, :]
     store_out(dl_ptr + offsets(rows, lat, D, 1), acc, out_mask)
 
 
@@ -216,11 +218,11 @@ def _weight_grad_kernel(g_ptr, l_ptr, a_ptr, h_ptr, go_ptr, da_ptr, dh_ptr,
         g_offs = g_ptr + offsets(rows, pix, K, 1)
         c_1 = tl.load(g_offs + plane(1, plane_stride), mask=g_mask, other=0.0)[:, :, None]
         c_2 = tl.load(g_offs + plane(2, plane_stride), mask=g_mask, other=0.0)[:, :, None]
-        mean, var, one_m2, _ = tilted_mean_var(logit[:, None, :] - h3)
+        mean, var, one_m2, _es = tilted_mean_var(logit[:, None, :] - h3)
         if NEED_H:
             c_s = tl.load(g_offs + plane(0, plane_stride), mask=g_mask, other=0.0)[:, :, None]
             d_h -= tl.sum(_tilted_w(c_s, c_1, c_2, a3, mean, var, one_m2), axis=0)
-            p, _ = _sigmoid_and_log1p(logit)
+            p, _log1p_el = _sigmoid_and_log1p(logit)
             go = tl.load(go_ptr + rows * sgo, mask=rmask, other=0.0).to(ACC)
             gp += tl.sum(go[:, None] * p, axis=0)
         if NEED_A:

@@ -600,6 +600,7 @@ _COMPILE_CASES = [
     ("triton_precision", "_precision_fwd_kernel", "prec_exact", "float32", 90, dict(_GAUSS, HEAD=1, **_PREC_GRAD)),
     ("triton_precision", "_precision_fwd_kernel", "prec_exact", "float64", 90, dict(_GAUSS, HEAD=1, **_PREC_GRAD)),
     ("triton_precision", "_precision_fwd_kernel", "prec_g", "float32", 90, dict(_GAUSS, HEAD=2, **_PREC_GRAD)),
+    ("triton_precision", "_precision_fwd_kernel", "prec_g", "float32", 90, dict(_GAUSS, HEAD=2, **_PREC_FWD)),
     # the fused Bernoulli log-variance kernels
     ("triton_logvar", "_fwd_kernel", "fwd", "float32", 90,
      dict(HAS_BIAS=True, HAS_H0=True, GRAD=False, STORE_G=False, NEED_X=False, NEED_B=False, NEED_H0=False)),
@@ -610,6 +611,10 @@ _COMPILE_CASES = [
     ("triton_logvar", "_weight_grad_kernel", "w", "float32", 90, dict(NEED_A=True, NEED_H=True)),
     ("triton_logvar", "_weight_grad_kernel", "w", "float64", 90, dict(NEED_A=True, NEED_H=True)),
     ("triton_logvar", "_weight_grad_kernel", "w", "bfloat16", 80, dict(NEED_A=True, NEED_H=True)),
+    ("triton_logvar", "_weight_grad_kernel", "w", "float32", 90, dict(NEED_A=False, NEED_H=True)),
+    ("triton_logvar", "_weight_grad_kernel", "w", "float32", 90, dict(NEED_A=True, NEED_H=False)),
+    ("triton_logvar", "_fwd_kernel", "fwd", "bfloat16", 80,
+     dict(HAS_BIAS=False, HAS_H0=False, GRAD=True, STORE_G=False, NEED_X=True, NEED_B=False, NEED_H0=False)),
 ]
 
 
