@@ -501,7 +501,8 @@ def write_summary(out_dir: str, steps: list, outcomes: list, env: dict, wall_s: 
     lines = ["# gpu-check", "",
              f"device: {gpu.get('name', 'cpu')} (capability {gpu.get('capability', '-')}), torch {env['torch']} "
              f"(CUDA {env['torch_cuda']}), triton {env['silent_kernels'].get('triton')}, "
-             f"commit {(env['git_commit'] or '?')[:10]}, {env['timestamp']}, total {wall_s:.0f} s", "",
+             f"commit {(env['git_commit'] or '?')[:10]}, {env['timestamp']}, total {wall_s:.0f} s"
+             + (f"; nvidia-smi: {env['nvidia_smi']}" if env.get("nvidia_smi") else ""), "",
              "| step | status | seconds | problems |", "|---|---|---:|---|"]
     for o in outcomes:
         first = o.problems[0].splitlines()[0] if o.problems else ""

@@ -153,3 +153,23 @@ def test_steps_run_on_cpu_through_the_same_code(tmp_path, capsys):
     markdown = (tmp_path / "summary.md").read_text()
     assert "| bench-mnist | ok |" in markdown and "### train-silent" in markdown
     assert "| problem | provider |" in markdown
+
+
+def test_summary_on_a_gpu_names_the_device_and_lists_failures(tmp_path):
+    """write_summary with the environment a CUDA machine reports (no GPU needed to format it)."""
+    plan = gpu_check.build_plan("cuda", str(tmp_path))
+    outcomes = [gpu_check.Outcome("extension", "ok", 3.0, [], None, 0),
+                gpu_check.Outcome("gpu-tests", "timeout", 150.0, ["stopped after its 150 s limit"], None),
+                gpu_check.Outcome("bench-mnist", "not run", 0.0, ["the 420 s budget was spent"], None)]
+    env = {"torch": "2.13.0+cu128", "torch_cuda": "12.8", "git_commit": "0123456789abcdef",
+           "timestamp": "2026-01-01T00:00:00", "silent_kernels": {"triton": "3.9.0"},
+           "gpu": {"name": "NVIDIA H200", "capability": "9.0", "memory_gib": 139.8, "count": 1},
+           "nvidia_smi": "NVIDIA H200, 570.00, 143771 MiB"}
+    summary = gpu_check.write_summary(str(tmp_path), plan, outcomes, env, 153.0)
+    assert summary["failed"] == ["gpu-tests", "bench-mnist"]
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "device: NVIDIA H200 (capability 9.0), torch 2.13.0+cu128 (CUDA 12.8)" in markdown
+    assert "nvidia-smi: NVIDIA H200, 570.00" in markdown
+    assert "| gpu-tests | timeout | 150.0 | stopped after its 150 s limit |" in markdown
+    assert "(no results: the step did not finish)" in markdown   # its section, with no XML written
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"][2]["status"] == "not run"
