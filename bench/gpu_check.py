@@ -62,7 +62,8 @@ STEP_TIMEOUTS_S = {"extension": 150, "gpu-tests": 150, "bench": 120, "train": 45
 @dataclass
 class Step:
     """One command of the check. ``check(out_dir)`` lists the problems found in its outputs
-    after it exited 0; ``report(out_dir)`` is its Markdown section of the summary."""
+    (also after a failure or a timeout, for what they tell); ``report(out_dir)`` is its
+    Markdown section of the summary."""
 
     name: str
     what: str
@@ -70,6 +71,7 @@ class Step:
     timeout_s: float
     check: Optional[Callable[[str], list]] = None
     report: Optional[Callable[[str], str]] = None
+    outputs: tuple = ()    # files / folders (relative to the results folder) it writes, cleared first
 
 
 @dataclass
@@ -107,10 +109,12 @@ def build_plan(device: str, out_dir: str, *, tiny: bool = False, python: str = s
     junit = os.path.join(out_dir, "gpu-tests.xml")
     steps.append(Step(
         "gpu-tests", "pytest -m gpu: every backend against the reference on the GPU",
-        [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+        # -v: one line per test in the log, which is what is left if the step is cut short
+        [python, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", f"--junitxml={junit}",
          os.path.join(REPO_ROOT, "tests")],
         STEP_TIMEOUTS_S["gpu-tests"],
-        check=lambda out: check_gpu_tests(out, device), report=report_gpu_tests))
+        check=lambda out: check_gpu_tests(out, device), report=report_gpu_tests,
+        outputs=("gpu-tests.xml", "gpu-tests.json", "gpu-tests.md")))
     benches = [bench_step(shape, device, out_dir, tiny, python) for shape in BENCH_SHAPES]
     trains = [train_step(estimator, device, out_dir, tiny, python) for estimator in TRAIN_ESTIMATORS]
     return steps + benches[:1] + trains + benches[1:]
@@ -127,7 +131,8 @@ def bench_step(shape: str, device: str, out_dir: str, tiny: bool, python: str) -
     return Step(f"bench-{shape}", f"bench.run at the {shape} shape, every provider that runs on {device}",
                 argv, STEP_TIMEOUTS_S["bench"],
                 check=lambda out: check_bench(out, shape, providers),
-                report=lambda out: report_bench(out, shape))
+                report=lambda out: report_bench(out, shape),
+                outputs=(f"bench-{shape}.json", f"bench-{shape}.md"))
 
 
 def train_step(estimator: str, device: str, out_dir: str, tiny: bool, python: str) -> Step:
@@ -143,7 +148,8 @@ def train_step(estimator: str, device: str, out_dir: str, tiny: bool, python: st
         argv += ["--train-limit", "64", "--val-limit", "64"]
     return Step(f"train-{estimator}", f"{epochs} epoch(s) of the demo's model with the {estimator} estimator "
                 f"on {device}", argv, STEP_TIMEOUTS_S["train"],
-                check=lambda out: check_train(out, estimator, epochs), report=lambda out: report_train(out, estimator))
+                check=lambda out: check_train(out, estimator, epochs), report=lambda out: report_train(out, estimator),
+                outputs=(os.path.join("train", estimator),))
 
 
 def plan_text(steps: list, out_dir: str, budget_s: float = TOTAL_BUDGET_S) -> str:
@@ -225,14 +231,41 @@ def parse_junit(path: str) -> dict:
     return {"counts": counts, "cases": cases}
 
 
+# "tests/test_x.py::test_y[a, b] SKIPPED (reason)   [ 12%]" (test ids may contain spaces)
+PYTEST_VERBOSE_LINE = re.compile(
+    r"^(\S+::.+?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)(?: \((.*)\))?\s*(?:\[\s*\d+%\])?$")
+
+
+def parse_verbose_log(path: str) -> dict:
+    """What `pytest -v` printed before it was stopped, in parse_junit's format."""
+    outcome_of = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "error",
+                  "SKIPPED": "skipped", "XFAIL": "skipped"}
+    cases = []
+    with open(path, errors="replace") as fh:
+        for line in fh:
+            m = PYTEST_VERBOSE_LINE.match(line.strip())
+            if m:
+                cases.append({"test": m.group(1), "outcome": outcome_of[m.group(2)], "seconds": None,
+                              "message": (m.group(3) or "").strip()})
+    counts = {k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "error", "skipped")}
+    return {"counts": counts, "cases": cases}
+
+
 def check_gpu_tests(out_dir: str, device: str) -> list:
     path = os.path.join(out_dir, "gpu-tests.xml")
-    if not os.path.exists(path):
-        return ["pytest wrote no JUnit XML"]
-    summary = parse_junit(path)
+    log = os.path.join(out_dir, "logs", "gpu-tests.log")
+    problems = []
+    if os.path.exists(path):
+        summary = parse_junit(path)
+    elif os.path.exists(log):   # cut short: pytest writes the XML only at the end
+        summary = parse_verbose_log(log)
+        summary["cut_short"] = True
+        problems.append(f"pytest wrote no JUnit XML; its log shows {len(summary['cases'])} finished test(s)")
+    else:
+        return ["pytest wrote no JUnit XML and no log"]
     with open(os.path.join(out_dir, "gpu-tests.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
-    counts, problems = summary["counts"], []
+    counts = summary["counts"]
     if counts["failed"] or counts["error"]:
         problems.append(f"{counts['failed']} failed, {counts['error']} errors (see gpu-tests.md)")
     if device == "cuda" and counts["passed"] == 0:
@@ -245,7 +278,8 @@ def report_gpu_tests(out_dir: str) -> str:
     if summary is None:
         return "### gpu-tests\n\n(no results: the step did not finish)\n"
     c = summary["counts"]
-    lines = ["### gpu-tests", "", f"{c['passed']} passed, {c['failed']} failed, {c['error']} errors, "
+    cut = " (cut short: the tests that finished, from the log)" if summary.get("cut_short") else ""
+    lines = [f"### gpu-tests{cut}", "", f"{c['passed']} passed, {c['failed']} failed, {c['error']} errors, "
              f"{c['skipped']} skipped", ""]
     for case in summary["cases"]:
         if case["outcome"] in ("failed", "error"):
@@ -313,6 +347,12 @@ def run_step(step: Step, out_dir: str, timeout_s: float) -> Outcome:
     """Run one step in its own process group (so a timeout ends its workers too)."""
     log_path = os.path.join(out_dir, "logs", f"{step.name}.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    for name in step.outputs:   # an earlier check's files must not pass for this one's
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
     start = time.perf_counter()
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(_shell_word(a) for a in step.argv) + "\n")
@@ -323,7 +363,8 @@ def run_step(step: Step, out_dir: str, timeout_s: float) -> Outcome:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _end_group(proc)
-            problems = [f"stopped after its {timeout_s:.0f} s limit"]
+            problems = [f"stopped after its {timeout_s:.0f} s limit; last lines of "
+                        f"{os.path.relpath(log_path, out_dir)}:\n" + _tail(log_path, 12)]
             if step.check is not None:
                 problems += _safe_check(step, out_dir)
             return Outcome(step.name, "timeout", time.perf_counter() - start, problems, log_path)
@@ -579,9 +620,6 @@ def main(argv=None) -> int:
         return 0
 
     os.makedirs(out_dir, exist_ok=True)
-    for step in steps:   # each training step starts from an empty run folder
-        if step.name.startswith("train-"):
-            shutil.rmtree(os.path.join(out_dir, "train", step.name[len("train-"):]), ignore_errors=True)
     print(f"gpu-check on {args.device}: {len(steps)} steps, budget {args.budget:.0f} s, results in {out_dir}",
           flush=True)
     start = time.perf_counter()

@@ -173,3 +173,27 @@ def test_summary_on_a_gpu_names_the_device_and_lists_failures(tmp_path):
     assert "| gpu-tests | timeout | 150.0 | stopped after its 150 s limit |" in markdown
     assert "(no results: the step did not finish)" in markdown   # its section, with no XML written
     assert json.loads((tmp_path / "summary.json").read_text())["steps"][2]["status"] == "not run"
+
+
+def test_gpu_tests_cut_short_are_read_from_the_verbose_log(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "gpu-tests.log").write_text(
+        "$ python -m pytest -m gpu -v\n"
+        "tests/test_c.py::test_gpu_against_reference[(37, 61, 13)-fixed-gaussian-torch.float64] PASSED [  0%]\n"
+        "tests/test_c.py::test_gpu_opcheck[fixed] FAILED                                   [  1%]\n"
+        "tests/test_t.py::test_gpu_bfloat16[fixed-gaussian] SKIPPED (no triton)            [  2%]\n"
+        "tests/test_t.py::test_gpu_determinism \n")   # started, never finished
+    problems = gpu_check.check_gpu_tests(str(tmp_path), "cuda")
+    assert problems == ["pytest wrote no JUnit XML; its log shows 3 finished test(s)",
+                        "1 failed, 0 errors (see gpu-tests.md)"]
+    section = gpu_check.report_gpu_tests(str(tmp_path))
+    assert section.startswith("### gpu-tests (cut short")
+    assert "1 passed, 1 failed, 0 errors, 1 skipped" in section and "skipped 1: no triton" in section
+
+
+def test_a_step_never_reads_an_earlier_runs_outputs(tmp_path):
+    (tmp_path / "bench-mnist.json").write_text("{}")          # left by an earlier check
+    step = gpu_check.Step("bench-mnist", "writes nothing", [sys.executable, "-c", "pass"], 30,
+                          check=lambda out: [] if not (tmp_path / "bench-mnist.json").exists() else ["stale"],
+                          outputs=("bench-mnist.json",))
+    assert gpu_check.run_step(step, str(tmp_path), 30).problems == []
