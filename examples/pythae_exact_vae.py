@@ -129,7 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--output-dir", default=None, help="pythae's training folder (default: a temporary one)")
     ap.add_argument("--resume", default=None, metavar="FOLDER",
-                    help="continue training a saved model (a final_model folder of an earlier run)")
+                    help="continue from a saved model's weights (an earlier run's final_model folder)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args(argv)
     if not args.lr > 0:
