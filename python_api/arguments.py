@@ -159,6 +159,9 @@ def check_flags_apply(cfg: TrainConfig, explicit: set) -> None:
         refuse("reinforce_decay", f"without --estimator reinforce (got --estimator {cfg.estimator})")
     if cfg.estimator != "variance-loss":
         refuse("vl_samples", f"without --estimator variance-loss (got --estimator {cfg.estimator})")
+    if cfg.latent != "categorical":
+        refuse("groups", f"without --latent categorical (got --latent {cfg.latent})")
+        refuse("categories", f"without --latent categorical (got --latent {cfg.latent})")
     if cfg.decoder != "dual":
         refuse("anneal_rate", f"without --decoder dual (got --decoder {cfg.decoder})")
     elif cfg.estimator == "silent":

@@ -34,9 +34,9 @@ _CHOICES = {
     "decoder": DECODERS, "variance": VARIANCES, "log_term": LOG_TERMS,
     "backend": ("auto", "torch", "cpp", "triton", "cuda"),
 }
-_POSITIVE_INTS = ("latent_dim", "epochs", "batch_size", "eval_batch_size", "eval_samples",
+_POSITIVE_INTS = ("latent_dim", "categories", "epochs", "batch_size", "eval_batch_size", "eval_samples",
                   "gradvar_batch", "eval_every", "val_size", "vl_samples")
-_OPTIONAL_POSITIVE_INTS = ("train_limit", "val_limit", "num_threads", "cutoff_epoch")
+_OPTIONAL_POSITIVE_INTS = ("groups", "train_limit", "val_limit", "num_threads", "cutoff_epoch")
 _NONNEGATIVE_FLOATS = ("lr", "lr_mu", "lr_alpha", "weight_decay", "linear_init_scale", "anneal_rate")
 _CHANNEL_COUNTS = {"mnist": (3, 5), "strided": (4, 4)}   # (encoder, decoder) layers per arch
 
@@ -76,7 +76,9 @@ class TrainConfig:
     # model
     arch: str = "auto"                  # auto | mnist (Tables 5/6) | strided (Tables 7/8)
     latent: str = "gaussian"            # gaussian | bernoulli
-    latent_dim: int = 200               # d (the paper: 200)
+    latent_dim: int = 200               # d (the paper: 200); categorical: G * K, set by --groups
+    groups: Optional[int] = None        # categorical latents: G one-hot groups (latent_dim = G * categories)
+    categories: int = 2                 # categorical latents: K categories per group
     decoder: str = "linear"             # linear | nonlinear | dual
     variance: str = "fixed"             # fixed | scalar | learned (precision head / log-var map) | logvar (linear log-variance head)
     log_term: str = "taylor"            # precision head's E[log v^2] in training: taylor (paper, approximate) | exact (Gaussian latents) | auto
@@ -154,6 +156,9 @@ class TrainConfig:
             check_objective(self)                                   # companion: objective m1
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        if self.latent == "categorical" and self.latent_dim % self.categories:
+            raise _bad("latent_dim", f"a multiple of --categories {self.categories} (G groups of K)",
+                       self.latent_dim)
         if self.decoder == "nonlinear" and self.estimator == "silent":
             raise UsageError("--estimator silent needs the linear analytic head: use --decoder linear "
                              "or --decoder dual (Algorithm 1), got --decoder nonlinear")
@@ -258,4 +263,6 @@ def make_config(preset: Optional[str] = None, overrides: Optional[dict] = None) 
         if preset == "paper":
             values.update(paper_schedule({**values, **overrides}))
     values.update(overrides)
+    if values.get("groups") is not None:       # categorical: --groups G sets d = G * K
+        values["latent_dim"] = values["groups"] * values.get("categories", TrainConfig.categories)
     return TrainConfig.from_dict(values).validate()

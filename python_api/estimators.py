@@ -9,8 +9,9 @@ so the trainer simply adds the analytic KL and calls ``backward()`` once.
 - ``silent``: the exact expected NLL of a linear Gaussian head (``analytic_nll``); zero variance.
 - ``reparam``: pathwise, z = mu + sigma * eps (Gaussian latents).
 - ``gumbel``: binary Concrete / Gumbel-Softmax relaxation z = sigmoid((logits + L) / t),
-  L logistic noise; optional straight-through (hard forward, relaxed backward). Biased: it
-  is the gradient of the relaxed objective, not of the discrete one.
+  L logistic noise (categorical latents: softmax((logits + Gumbel) / t) per group); optional
+  straight-through (hard forward, relaxed backward). Biased: it is the gradient of the
+  relaxed objective, not of the discrete one.
 - ``reinforce``: score function (L(z) - b) * grad log q(z|x) with z ~ q hard samples and
   b the running average of the reconstruction loss (paper Appendix B.3), kept by the
   caller (``ReinforceBaseline``) and saved in checkpoints.
@@ -46,6 +47,7 @@ ESTIMATORS = ("silent", "reparam", "gumbel", "reinforce", "variance-loss")
 VALID_ESTIMATORS = {
     "gaussian": ("silent", "reparam", "variance-loss"),
     "bernoulli": ("silent", "gumbel", "reinforce", "variance-loss"),
+    "categorical": ("silent", "gumbel", "reinforce", "variance-loss"),
 }
 
 

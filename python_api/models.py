@@ -49,7 +49,7 @@ __all__ = ["ConvEncoder", "StridedEncoder", "Posterior", "AnalyticLinearDecoder"
 
 LOG_2PI = math.log(2 * math.pi)
 LOGVAR_FLOOR = math.log(1.0 / (12 * 256 ** 2))
-LATENTS = ("gaussian", "bernoulli")
+LATENTS = ("gaussian", "bernoulli", "categorical")
 VARIANCES = ("fixed", "scalar", "learned", "logvar")
 LOG_TERMS = ("taylor", "exact", "auto")
 DECODERS = ("linear", "nonlinear", "dual")
@@ -108,11 +108,13 @@ class StridedEncoder(nn.Module):
 # ------------------------------------------------------------------------ posterior
 
 class Posterior:
-    """The mean-field q(z|x) from the encoder's output: Gaussian (mean, log-variance) or
-    Bernoulli (logits). Sampling takes the noise as an argument (see estimators.Noise) so
-    that draws are reproducible and identical across data-parallel processes."""
+    """q(z|x) from the encoder's output: mean-field Gaussian (mean, log-variance), Bernoulli
+    (logits), or G independent one-hot groups of ``categories`` K categories (logits (B, G K),
+    group-major). Sampling takes the noise as an argument (see estimators.Noise) so that draws
+    are reproducible and identical across data-parallel processes; categorical draws use the
+    Gumbel-max trick on uniform noise of the logits' shape."""
 
-    def __init__(self, latent: str, params: Tensor):
+    def __init__(self, latent: str, params: Tensor, categories: int = 2):
         _params_per_latent(latent)
         self.latent = latent
         self.params = params
@@ -120,6 +122,10 @@ class Posterior:
             self.mu, self.logvar = params.chunk(2, dim=-1)
         else:
             self.logits = params
+        if latent == "categorical":
+            if params.shape[-1] % categories:
+                raise ValueError(f"categories: {categories} does not divide the latent width {params.shape[-1]}")
+            self.group_logits = params.unflatten(-1, (params.shape[-1] // categories, categories))
 
     @property
     def latent_dim(self) -> int:
@@ -128,15 +134,23 @@ class Posterior:
     def moments(self) -> LatentMoments:
         if self.latent == "gaussian":
             return LatentMoments.gaussian(self.mu, self.logvar)
+        if self.latent == "categorical":
+            return LatentMoments.categorical(logits=self.group_logits)
         return LatentMoments.bernoulli(logits=self.logits)
 
     @property
     def mean(self) -> Tensor:
+        if self.latent == "categorical":
+            return torch.softmax(self.group_logits, -1).flatten(-2)
         return self.mu if self.latent == "gaussian" else torch.sigmoid(self.logits)
 
     def distribution(self) -> D.Distribution:
+        """Per latent (Gaussian, Bernoulli: batch (B, d)) or per group (categorical: batch
+        (B, G), event (K,))."""
         if self.latent == "gaussian":
             return D.Normal(self.mu, torch.exp(0.5 * self.logvar))
+        if self.latent == "categorical":
+            return D.OneHotCategorical(logits=self.group_logits)
         return D.Bernoulli(logits=self.logits)
 
     def prior(self) -> D.Distribution:
@@ -144,21 +158,32 @@ class Posterior:
         if self.latent == "gaussian":
             zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
             return D.Normal(zero, torch.ones_like(zero))
+        if self.latent == "categorical":
+            return D.OneHotCategorical(logits=torch.zeros_like(self.group_logits[(0,) * (self.group_logits.dim() - 1)]))
         return D.Bernoulli(probs=torch.full((), 0.5, dtype=ref.dtype, device=ref.device))
 
     def kl(self) -> Tensor:
-        """KL(q || p) per sample (B,), p = N(0, I) or Bernoulli(0.5)^d."""
+        """KL(q || p) per sample (B,), p = N(0, I), Bernoulli(0.5)^d or uniform categoricals."""
         q = self.distribution()
         p = self.prior()
         p = p.expand(q.batch_shape)
         return D.kl_divergence(q, p).sum(-1)
 
+    def _grouped(self, z: Tensor) -> Tensor:
+        return z.unflatten(-1, self.group_logits.shape[-2:]) if self.latent == "categorical" else z
+
     def log_prob(self, z: Tensor) -> Tensor:
         """log q(z|x) summed over latents; z (..., B, d) -> (..., B)."""
-        return self.distribution().log_prob(z).sum(-1)
+        return self.distribution().log_prob(self._grouped(z)).sum(-1)
 
     def prior_log_prob(self, z: Tensor) -> Tensor:
-        return self.prior().log_prob(z).sum(-1)
+        return self.prior().log_prob(self._grouped(z)).sum(-1)
+
+    def _gumbel_logits(self, u: Tensor) -> Tensor:
+        """Logits plus Gumbel noise -log(-log u), grouped (..., B, G, K)."""
+        tiny = torch.finfo(u.dtype).tiny
+        u = u.clamp(tiny, 1 - torch.finfo(u.dtype).eps)
+        return self.group_logits - torch.log(-torch.log(self._grouped(u)))
 
     def rsample(self, eps: Tensor) -> Tensor:
         """Gaussian reparameterised sample mu + sigma * eps (eps standard normal)."""
@@ -170,11 +195,21 @@ class Posterior:
         with torch.no_grad():
             if self.latent == "gaussian":
                 return self.rsample(u)
+            if self.latent == "categorical":   # Gumbel-max: an exact draw from each group
+                g = self._gumbel_logits(u)
+                return F.one_hot(g.argmax(-1), g.shape[-1]).to(u.dtype).flatten(-2)
             return (u < torch.sigmoid(self.logits)).to(self.logits.dtype)
 
     def relaxed_sample(self, u: Tensor, temperature: float, straight_through: bool = False) -> Tensor:
-        """Binary Concrete / Gumbel-Softmax: sigmoid((logits + log u - log(1-u)) / t) in (0, 1);
-        straight-through returns the hard {0, 1} value forward and the relaxed gradient."""
+        """Binary Concrete / Gumbel-Softmax: sigmoid((logits + log u - log(1-u)) / t) in (0, 1)
+        (categorical: softmax((logits + Gumbel) / t) per group); straight-through returns the
+        hard one-hot / {0, 1} value forward and the relaxed gradient."""
+        if self.latent == "categorical":   # Gumbel-Softmax per group
+            y = torch.softmax(self._gumbel_logits(u) / temperature, dim=-1)
+            if straight_through:
+                hard = F.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype).detach()
+                y = hard + (y - y.detach())
+            return y.flatten(-2)
         eps = torch.finfo(u.dtype).tiny
         u = u.clamp(eps, 1 - torch.finfo(u.dtype).eps)
         y = torch.sigmoid((self.logits + torch.log(u) - torch.log1p(-u)) / temperature)
@@ -416,11 +451,12 @@ class VAE(nn.Module):
     or both (``dual``, Algorithm 1). At inference the nonlinear decoder is used when present."""
 
     def __init__(self, encoder: nn.Module, latent: str, linear: Optional[AnalyticLinearDecoder] = None,
-                 nonlinear: Optional[nn.Module] = None):
+                 nonlinear: Optional[nn.Module] = None, categories: int = 2):
         super().__init__()
         if linear is None and nonlinear is None:
             raise ValueError("a VAE needs a linear head, a nonlinear decoder or both")
         self.latent = latent
+        self.categories = categories
         self.encoder = encoder
         self.linear = linear
         self.nonlinear = nonlinear
@@ -430,7 +466,7 @@ class VAE(nn.Module):
         return self.nonlinear if self.nonlinear is not None else self.linear
 
     def posterior(self, x: Tensor) -> Posterior:
-        return Posterior(self.latent, self.encoder(x))
+        return Posterior(self.latent, self.encoder(x), self.categories)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -452,7 +488,7 @@ def default_channels(arch: str) -> tuple[list, list]:
 
 
 def linear_init_scale(cfg) -> float:
-    """``cfg.linear_init_scale``, or by default 1 for Gaussian and 0.01 for Bernoulli latents.
+    """``cfg.linear_init_scale``, or by default 1 for Gaussian and 0.01 for discrete latents.
 
     Why: at initialisation E_q[z] = 1/2 for Bernoulli latents (0 for Gaussian ones), so with
     nn.Linear's default W the residual x - W E[z] - b is dominated by the image-independent
@@ -462,7 +498,7 @@ def linear_init_scale(cfg) -> float:
     codes become image-dependent first (MSE 19.3 after 2 epochs)."""
     if cfg.linear_init_scale is not None:
         return float(cfg.linear_init_scale)
-    return 0.01 if cfg.latent == "bernoulli" else 1.0
+    return 1.0 if cfg.latent == "gaussian" else 0.01
 
 
 def build_model(cfg, image_shape: Sequence[int]) -> VAE:
@@ -485,4 +521,4 @@ def build_model(cfg, image_shape: Sequence[int]) -> VAE:
         floor = LOGVAR_FLOOR if cfg.logvar_floor is None else cfg.logvar_floor
         nonlinear = dec_cls(cfg.latent_dim, image_shape, cfg.variance, channels=dec_ch,
                             sigma2=cfg.sigma2, logvar_floor=floor)
-    return VAE(encoder, cfg.latent, linear, nonlinear)
+    return VAE(encoder, cfg.latent, linear, nonlinear, categories=cfg.categories)
