@@ -214,8 +214,9 @@ def ref_bernoulli(x, logits, weight, bias, logvar_weight, logvar_bias):
 
 
 def make_bernoulli_case(B: int, k: int, d: int, dtype, seed: int = 0, bias: bool = True,
-                        saturated: float = 0.0) -> dict:
-    """Logits ~ 2 N(0, 1); a `saturated` fraction of them at +-(20..60) (float64) or +-(12..20)."""
+                        saturated: float = 0.0, hscale: float = 0.6) -> dict:
+    """Logits ~ 2 N(0, 1); a `saturated` fraction of them at +-(20..60) (float64) or +-(12..20).
+    Log-variance weights ~ hscale N(0, 1) / sqrt(d)."""
     gen = torch.Generator().manual_seed(seed)
     u = lambda *s: torch.rand(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     n = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
@@ -227,7 +228,7 @@ def make_bernoulli_case(B: int, k: int, d: int, dtype, seed: int = 0, bias: bool
         logits = torch.where(mask, big, logits)
     scale = 1 / math.sqrt(max(d, 1))
     case = {"x": u(B, k), "logits": logits, "weight": n(k, d) * scale, "bias": 0.1 * n(k) if bias else None,
-            "logvar_weight": 0.6 * scale * n(k, d), "logvar_bias": (0.5 * n(k) - 1.0) if bias else None}
+            "logvar_weight": hscale * scale * n(k, d), "logvar_bias": (0.5 * n(k) - 1.0) if bias else None}
     return {name: (None if case[name] is None else case[name].to(dtype)) for name in BERNOULLI_INPUTS}
 
 
@@ -259,6 +260,14 @@ def test_bernoulli_logvar_against_reference(emu, dtype, device):
 def test_bernoulli_logvar_saturated_logits(emu, dtype):
     case = make_bernoulli_case(40, 50, 20, dtype, seed=32, saturated=0.4)
     run_bernoulli(emu, case, dtype, all_needs(case), path="bernoulli logvar saturated")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_bernoulli_logvar_large_tilts(emu, dtype):
+    """|h| well above 1 (the dlogits kernel's switch from -mu' q expm1(h) to mu' - p)."""
+    case = make_bernoulli_case(30, 40, 4, dtype, seed=39, hscale=3.0)
+    assert (case["logvar_weight"].abs() > 1).float().mean() > 0.3
+    run_bernoulli(emu, case, dtype, all_needs(case), path="bernoulli logvar large tilts")
 
 
 def test_bernoulli_logvar_infinite_logits_stay_finite(emu):

@@ -252,17 +252,21 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
   if (want_cs) write_colsums<Tl>(cs, colsums, tc.row_tile, ceil_div(a.B, Tl::BM), p0, a.k, colpart);
 }
 
-// Contribution of one (sample, pixel, latent) triple through the tilted sums:
-// w = d/dl of [gS K + gT1 a mu' + gT2 a^2 v'] without the -gS sigmoid(l) of K's untilted part,
-// and -w is the same derivative with respect to h.
+// Contribution of one (sample, pixel, latent) triple through the tilted sums T1, T2:
+// d/dl of [gT1 a mu' + gT2 a^2 v'] (d mu'/dl = v', d v'/dl = v' (1 - 2 mu')); d/dh is its negative.
 template <typename Acc>
-__device__ __forceinline__ Acc tilt_weight(const LatentTilt<Acc>& t, Acc a, Acc gS, Acc gT1,
-                                           Acc gT2) {
-  return gS * t.mean + (gT1 * a + gT2 * a * a * (Acc(1) - Acc(2) * t.mean)) * t.var;
+__device__ __forceinline__ Acc tilt_t_weight(const LatentTilt<Acc>& t, Acc a, Acc gT1, Acc gT2) {
+  return (gT1 * a + gT2 * a * a * (Acc(1) - Acc(2) * t.mean)) * t.var;
 }
+
+// Below this |h| the dlogits kernel forms mu' - p = sigmoid(l - h) - sigmoid(l) as
+// -mu' q expm1(h) (q = 1 - p): the plain difference cancels for small tilts; above it the plain
+// difference is accurate and expm1(h) could overflow.
+constexpr double kTiltDiffSwitch = 1.0;
 
 // ----------------------------------------------------------------- backward 2: dlogits
 // Block: BM samples x BN latents; reduces pixels [split * chunk, +chunk) in steps of BK.
+// Per triple: gS (mu' - p) + d/dl [gT1 a mu' + gT2 a^2 v'] (S = sum_i K_i, dK/dl = mu' - p).
 template <class Tl, typename T>
 __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
     bernoulli_logvar_dlogits_kernel(const BernoulliLogvarArgs<T> a,
@@ -274,7 +278,7 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
   using WLoader = TileLoader<T, Acc, BN, BK, Tl::THREADS, false>;   // A, H (k, d) as [p][i]
   struct Smem {
     Acc g[kNumBernoulliPlanes][BK][BM + 1];  // [pixel][sample]
-    Acc a[BK][BN], h[BK][BN];                // [pixel][latent]
+    Acc a[BK][BN], h[BK][BN], em[BK][BN];    // a, h, expm1(h) (0 where |h| is large): [pixel][latent]
   };
   __shared__ Smem sm;
 
@@ -285,7 +289,7 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
   const int64_t p_end = p_begin + chunk < a.k ? p_begin + chunk : a.k;
   const int lane = threadIdx.x & 31, wy = threadIdx.x >> 5;
 
-  Acc lv[TM][TN], sg[TM][TN], sv[TM][TN], acc[TM][TN], ghm[TM], hsum[TN];
+  Acc lv[TM][TN], sg[TM][TN], sq[TM][TN], sv[TM][TN], acc[TM][TN], ghm[TM], hsum[TN];
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
     const int64_t n = n0 + wy * TM + i;
@@ -296,6 +300,7 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
       lv[i][j] = n < a.B && c < a.d ? load_acc(a.logits, offset2d(n, c, a.d)) : Acc(0);
       const LatentTilt<Acc> u = untilted<Acc>(lv[i][j]);
       sg[i][j] = u.mean;
+      sq[i][j] = untilted<Acc>(-lv[i][j]).mean;  // 1 - p without cancellation
       sv[i][j] = u.var;
       acc[i][j] = Acc(0);
     }
@@ -319,6 +324,15 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
     for (int q = 0; q < kNumBernoulliPlanes; ++q) gl[q].store(sm.g[q]);
     wa.store(sm.a);
     wh.store(sm.h);
+#pragma unroll
+    for (int t = 0; t < WLoader::PER; ++t) {
+      const int e = static_cast<int>(threadIdx.x) + t * Tl::THREADS;
+      if (WLoader::N % Tl::THREADS == 0 || e < WLoader::N) {
+        const int m = e % BN, kk = e / BN;  // WLoader's (reduction-major) element mapping
+        const Acc h = wh.reg[t];
+        sm.em[kk][m] = fabs(h) < Acc(kTiltDiffSwitch) ? expm1(h) : Acc(0);
+      }
+    }
     __syncthreads();
     if (s + 1 < steps) {
       const int64_t c0 = p_begin + (s + 1) * BK;
@@ -330,11 +344,12 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
     }
 #pragma unroll
     for (int kk = 0; kk < BK; ++kk) {
-      Acc av[TN], hv[TN];
+      Acc av[TN], hv[TN], ev[TN];
 #pragma unroll
       for (int j = 0; j < TN; ++j) {
         av[j] = sm.a[kk][lane + 32 * j];
         hv[j] = sm.h[kk][lane + 32 * j];
+        ev[j] = sm.em[kk][lane + 32 * j];
         hsum[j] += hv[j];
       }
 #pragma unroll
@@ -344,7 +359,9 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
 #pragma unroll
         for (int j = 0; j < TN; ++j) {
           const LatentTilt<Acc> t = tilted_moments<Acc>(lv[i][j], hv[j]);
-          acc[i][j] += tilt_weight<Acc>(t, av[j], gS, gT1, gT2) - gS * sg[i][j];
+          const Acc dmean = fabs(hv[j]) < Acc(kTiltDiffSwitch) ? -t.mean * sq[i][j] * ev[j]
+                                                               : t.mean - sg[i][j];  // mu' - p
+          acc[i][j] += gS * dmean + tilt_t_weight<Acc>(t, av[j], gT1, gT2);
         }
       }
     }
@@ -450,7 +467,7 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
         for (int j = 0; j < TN; ++j) {
           const LatentTilt<Acc> t = tilted_moments<Acc>(lj[j], hv[i][j]);
           da[i][j] += gT1 * t.mean + Acc(2) * gT2 * av[i][j] * t.var;
-          dh[i][j] += gj[j] - tilt_weight<Acc>(t, av[i][j], gS, gT1, gT2);
+          dh[i][j] += gj[j] - gS * t.mean - tilt_t_weight<Acc>(t, av[i][j], gT1, gT2);
         }
       }
     }
