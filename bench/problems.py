@@ -6,9 +6,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-HEADS = ("fixed", "precision")
-LATENTS = ("gaussian", "bernoulli")
+# precision: the paper's Taylor log term; precision-exact: the exact log term (Gaussian only);
+# logvar: the log-variance head (exact).
+HEADS = ("fixed", "precision", "precision-exact", "logvar")
+LATENTS = ("gaussian", "bernoulli", "categorical")
 SIGMA2 = 0.01  # the paper's fixed variance
+CATEGORIES = 10  # categorical latents: K per one-hot group (G = d / K)
 
 
 @dataclass(frozen=True)
@@ -32,11 +35,26 @@ class Problem:
         return f"B={self.B} d={self.d} k={self.k} {self.latent}/{self.head} {self.dtype}"
 
     @property
+    def valid(self) -> bool:
+        """The exact log term exists only for Gaussian latents."""
+        return self.head != "precision-exact" or self.latent == "gaussian"
+
+    @property
+    def gemm_shaped(self) -> bool:
+        """Whether the work is GEMMs of moments against weight products (MATH.md §2). The
+        log-variance head on Bernoulli latents (tilting: an exp and a log1p per (sample, pixel,
+        latent)) and categorical latents (per-group moments) are not."""
+        if self.latent == "categorical":
+            return False
+        return not (self.head == "logvar" and self.latent == "bernoulli")
+
+    @property
     def num_contractions(self) -> int:
-        """GEMM-shaped contractions (B x d x k each) the forward pass needs (MATH.md §2-3)."""
+        """GEMM-shaped contractions (B x d x k each) the forward pass needs (MATH.md §2-3); for
+        the other cases the same count of B x d x k multiply-adds, as a yardstick."""
         if self.head == "fixed":
             return 1  # ubar only; the variance part is O(kd) + O(Bd)
-        return 5 if self.latent == "gaussian" else 10
+        return 5 if self.latent == "gaussian" or self.head == "logvar" else 10
 
     def flops(self, mode: str) -> float:
         """Counted FLOPs: 2 B d k per contraction forward; backward does one moment-gradient
@@ -54,7 +72,7 @@ class Inputs:
     and the decoder heads. Gradients are taken with respect to every leaf."""
 
     x: torch.Tensor
-    encoder_out: tuple  # (mu, logvar) for Gaussian, (logits,) for Bernoulli
+    encoder_out: tuple  # (mu, logvar) for Gaussian, (logits,) for Bernoulli, (logits (B, d),) for categorical
     weight: torch.Tensor
     bias: torch.Tensor
     precision_weight: torch.Tensor

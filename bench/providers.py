@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from silent_kernels import LatentMoments, analytic_nll
 from silent_kernels.backends import available
 
-from .problems import SIGMA2, Inputs, Problem
+from .problems import CATEGORIES, SIGMA2, Inputs, Problem
 
 PROVIDERS = ("reference-eager", "reference-compiled", "cpp", "triton", "cuda", "mc-reparam-1", "gemm-limit")
 CONCRETE_TEMPERATURE = 0.5
@@ -39,16 +39,24 @@ class Runner:
 def _moments(p: Problem, inp: Inputs) -> LatentMoments:
     if p.latent == "gaussian":
         return LatentMoments.gaussian(*inp.encoder_out)
+    if p.latent == "categorical":
+        return LatentMoments.categorical(logits=inp.encoder_out[0].unflatten(-1, (-1, CATEGORIES)))
     return LatentMoments.bernoulli(logits=inp.encoder_out[0])
+
+
+def _head_arguments(p: Problem, inp: Inputs) -> dict:
+    if p.head == "fixed":
+        return dict(sigma2=SIGMA2)
+    if p.head == "logvar":   # the second head's leaves hold the log-variance map here
+        return dict(logvar_weight=inp.precision_weight, logvar_bias=inp.precision_bias)
+    return dict(precision_weight=inp.precision_weight, precision_bias=inp.precision_bias,
+                log_term="exact" if p.head == "precision-exact" else "taylor")
 
 
 def _analytic(p: Problem, inp: Inputs, backend: str) -> Callable[[], torch.Tensor]:
     def loss():
-        q = _moments(p, inp)
-        if p.head == "fixed":
-            return analytic_nll(inp.x, q, inp.weight, inp.bias, sigma2=SIGMA2, backend=backend)
-        return analytic_nll(inp.x, q, inp.weight, inp.bias, precision_weight=inp.precision_weight,
-                            precision_bias=inp.precision_bias, backend=backend)
+        return analytic_nll(inp.x, _moments(p, inp), inp.weight, inp.bias, backend=backend,
+                            **_head_arguments(p, inp))
 
     return loss
 
@@ -64,6 +72,10 @@ def _mc_reparam_1(p: Problem, inp: Inputs) -> Callable[[], torch.Tensor]:
         if p.latent == "gaussian":
             mu, logvar = inp.encoder_out
             z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        elif p.latent == "categorical":   # Gumbel-Softmax per group of CATEGORIES
+            logits = inp.encoder_out[0].unflatten(-1, (-1, CATEGORIES))
+            u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+            z = torch.softmax((logits - torch.log(-torch.log(u))) / CONCRETE_TEMPERATURE, -1).flatten(-2)
         else:  # binary Concrete (Gumbel-Softmax for two classes)
             (logits,) = inp.encoder_out
             u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
@@ -71,6 +83,9 @@ def _mc_reparam_1(p: Problem, inp: Inputs) -> Callable[[], torch.Tensor]:
         mean = F.linear(z, inp.weight, inp.bias)
         if p.head == "fixed":
             nll = 0.5 * (inp.x - mean).square() / SIGMA2 + 0.5 * math.log(SIGMA2) + half_log_2pi
+        elif p.head == "logvar":
+            s = F.linear(z, inp.precision_weight, inp.precision_bias)
+            nll = 0.5 * ((inp.x - mean).square() * torch.exp(-s) + s) + half_log_2pi
         else:
             prec = F.linear(z, inp.precision_weight, inp.precision_bias)
             nll = 0.5 * (inp.x - mean).square() * prec.square() - 0.5 * torch.log(prec.square()) + half_log_2pi
@@ -86,11 +101,13 @@ def _gemm_limit(p: Problem, inp: Inputs) -> Runner:
     with torch.no_grad():
         A, C = inp.weight.detach(), inp.precision_weight.detach()
         moments = [t.detach() for t in _moments(p, inp).tensors() if t is not None]
+        if p.head == "logvar":         # Gaussian: the five contractions of the precision stage
+            moments = moments[:2]
         if p.head == "fixed":
             groups = [(moments[0], A)]
         else:
             stacks = [torch.cat([A, C]), torch.cat([A * A, C * C, A * C])]
-            if p.latent != "gaussian":
+            if p.latent != "gaussian" and p.head != "logvar":
                 stacks += [torch.cat([A * C * C, A * A * C, C ** 3]), torch.cat([(A * C) ** 2, C ** 4])]
             groups = list(zip(moments, stacks))
         coeffs = [torch.randn(p.B, w.shape[0], dtype=w.dtype, device=w.device) for _, w in groups]
@@ -124,5 +141,7 @@ def prepare(name: str, p: Problem, inp: Inputs) -> tuple[Optional[Runner], str]:
     if name == "mc-reparam-1":
         return _autograd_runner(_mc_reparam_1(p, inp)), ""
     if name == "gemm-limit":
+        if not p.gemm_shaped:
+            return None, "not GEMM-shaped (tilted or per-group contractions): no GEMM floor"
         return _gemm_limit(p, inp), ""
     raise ValueError(f"unknown provider {name!r}; known: {', '.join(PROVIDERS)}")

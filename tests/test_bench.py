@@ -17,9 +17,12 @@ def test_bench_run_tiny(tmp_path):
     assert saved["environment"]["torch_threads"] >= 1
     providers = {r["provider"] for r in saved["records"]}
     assert {"reference-eager", "mc-reparam-1", "gemm-limit"} <= providers
-    # 2 heads x 2 latents x 3 modes per provider that ran, each with 2 samples
+    # (4 heads with Gaussian latents + 3 with Bernoulli: no exact log term for them; categorical
+    # latents need d divisible by 10) x 3 modes per provider that ran, each with 2 samples
     per_provider = [r for r in saved["records"] if r["provider"] == "reference-eager"]
-    assert len(per_provider) == 12 and all(len(r["samples_s"]) == 2 for r in per_provider)
+    assert len(per_provider) == 21 and all(len(r["samples_s"]) == 2 for r in per_provider)
+    skipped = {(s["problem"], s["provider"]) for s in saved["skipped"]}
+    assert ("B=3 d=5 k=7 bernoulli/logvar float32", "gemm-limit") in skipped   # not GEMM-shaped
     eager = next(r for r in result["records"] if r["provider"] == "reference-eager")
     assert eager["speedup_vs_eager"] == pytest.approx(1.0)
     assert eager["peak_extra_bytes_fwd_bwd"] > 0
