@@ -113,7 +113,7 @@ def _run_dir(args) -> str:
 def _train_config(args):
     """The config of ``train``: a new run's from preset/--config/flags, or a resumed run's
     from its checkpoint with the flags a resume may change."""
-    from .config import make_config
+    from .config import flag, make_config
     from .train import RESUMABLE_FIELDS, TrainConfig
 
     overrides = config_overrides(args)
@@ -127,17 +127,18 @@ def _train_config(args):
         raise UsageError("--resume: expected --run-dir (the folder of the run to continue)")
     if args.preset or args.config:
         raise UsageError("--resume: the run's config comes from its checkpoint; drop --preset/--config")
-    fixed = sorted(set(overrides) - set(RESUMABLE_FIELDS))
-    if fixed:
-        raise UsageError(f"--resume: only {', '.join('--' + f.replace('_', '-') for f in RESUMABLE_FIELDS)} "
-                         f"may change on resume, got {', '.join('--' + f.replace('_', '-') for f in fixed)}")
     path = os.path.join(args.run_dir, "checkpoints", "last.pt")
     if not os.path.isdir(args.run_dir):
         raise RunDirError(f"--run-dir {args.run_dir}: no such folder, nothing to resume")
     if not os.path.exists(path):
         raise RunDirError(f"--resume: {args.run_dir} holds no checkpoint to resume (checkpoints/last.pt); "
                           "start the run without --resume")
-    return TrainConfig.from_dict({**load_checkpoint(path)["config"], **overrides}).validate()
+    saved = load_checkpoint(path)["config"]
+    changed = sorted(k for k, v in overrides.items() if k not in RESUMABLE_FIELDS and saved.get(k) != v)
+    if changed:
+        raise UsageError(f"--resume: only {', '.join(map(flag, RESUMABLE_FIELDS))} may change on resume, got "
+                         + ", ".join(f"{flag(k)} {overrides[k]!r} (the run has {saved.get(k)!r})" for k in changed))
+    return TrainConfig.from_dict({**saved, **overrides}).validate()
 
 
 # ----------------------------------------------------------------------- commands
