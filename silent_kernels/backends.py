@@ -95,6 +95,9 @@ def _load_triton() -> Backend:
     kernels = {"fixed": mod.triton_fixed_nll, "precision": mod.triton_precision_nll}
     if hasattr(mod, "triton_bernoulli_logvar_nll"):
         kernels["bernoulli_logvar"] = mod.triton_bernoulli_logvar_nll
+    for kind in ("categorical_fixed", "categorical_precision", "categorical_logvar"):
+        if hasattr(mod, f"triton_{kind}_nll"):
+            kernels[kind] = getattr(mod, f"triton_{kind}_nll")
     return Backend("triton", devices, kernels)
 
 

@@ -1,0 +1,468 @@
+"""Fused Triton kernels of one-hot categorical latents (MATH.md §12) and their launchers: the
+Triton twin of csrc/categorical.h + csrc/cpu_categorical.cpp.
+
+z is G independent one-hot groups of NCAT categories, flattened group-major (column
+g * NCAT + j of the weights is group g, category j). Per (sample n, pixel p, group g) the pair
+(a_p.z_g, c_p.z_g) takes (A[p, gj], C[p, gj]) with probability pi_gj; its central moments,
+summed over the groups, are the ten contractions of the mean-field stage (fixed head: only
+ubar and Saa), and the per-pixel epilogues of ``triton_heads`` follow unchanged. The
+log-variance head tilts each group instead: pi' = softmax(l_g - h_pg), K_g = log E[e^-h.z_g],
+and the tilted mean and variance of a_p.z_g (``TiltedSums`` hm, S, T1, T2).
+
+Kernels work on (BLOCK_B, BLOCK_P, BLOCK_C) register tiles of (sample, pixel, category) with
+the categories of one group in a single masked constexpr block, and loop over the G groups:
+no (B, k, G) or (B, k, G K) tensor is ever stored.
+
+* forward, grid (batch tiles, pixel tiles): the sums over groups, the head's epilogue, one
+  partial loss per sample and pixel tile ((num_pixel_tiles, B), summed by torch).
+* backward, the same grid, one kernel: a first pass over the groups gives the sums and the
+  head's coefficients d loss / d(contraction) times grad[n] (kept in registers); a second pass
+  forms each group's gradient (``_group_grad``: the gradient of sum_j g_j contraction_j through
+  one group, the logits' through the softmax projection; ``_tilt_grad`` for the log-variance
+  head) and reduces it over the tile's pixels into per-pixel-tile partials of dlogits
+  ((num_pixel_tiles, B, G K)) and over the tile's samples into per-batch-tile partials of
+  dA / dsecond ((num_batch_tiles, k, G K)); torch sums the partials (deterministic, no
+  atomics). dx is stored directly; dbias, dsecond_bias, dsigma2 as per-batch-tile column sums.
+
+Heads (``HEAD``, autograd.HEADS): 3 fixed variance (sigma2), 0 learnable precision with the
+paper's Taylor log term (second weight C), 2 log-variance (second weight H).
+
+Numerics: the logits are normalised per group on the host (log_softmax in the accumulation
+dtype: fp32 for fp16 / bf16 / fp32 inputs, fp64 for fp64); central moments are formed from
+deviations from the group mean (no raw-moment cancellation); the logits' gradient
+pi_j (d f/d pi_j - E[d f/d pi]) is formed in centred form, (phi_j - E phi) + a'_j (g_u - E phi_a)
++ c'_j (g_v - E phi_c); the tilt uses the shifted logsumexp. int64 offsets throughout.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_common import (HALF_LOG_2PI, _sized_to_problem, acc_dtypes, cdiv, check_device, check_grad,
+                            grad_outputs, launch, offsets, opt, store_out, tile_index, vec_stride)
+from .triton_heads import head_pixel_grad, head_pixel_loss, tilted_pixel_coef, tilted_pixel_loss
+
+__all__ = ["categorical_forward", "categorical_backward", "HEAD_FIXED", "HEAD_TAYLOR", "HEAD_LOGVAR"]
+
+HEAD_TAYLOR, HEAD_LOGVAR, HEAD_FIXED = 0, 2, 3
+_HEAD_NAMES = {HEAD_FIXED: "fixed", HEAD_TAYLOR: "precision, Taylor log term", HEAD_LOGVAR: "log-variance"}
+
+# Elements of one (BLOCK_B, BLOCK_P, BLOCK_C) tile. GPU: a program holds about ten such tiles
+# live (deviations, their products, the gradient terms), so the budget is small; not timed
+# (no GPU here). Interpreter: larger tiles, fewer programs.
+_GPU_TILE = {4: 2048, 8: 1024}
+_INTERP_TILE = 16384
+_GPU_WARPS = 4
+
+
+# ---------------------------------------------------------------------- per-group math
+@triton.jit
+def _central(p3, a3, c3, HAS_C: tl.constexpr, HIGHER: tl.constexpr):
+    """Moments of one group per (sample, pixel): p3 (BB, 1, BC) the probabilities (0 on padded
+    categories), a3 / c3 (1, BP, BC) the weights. Returns the means m10, m01, the deviations
+    x = a - m10, y = c - m01 (3-D) and k20, k02, k11, k21, k12, k03, e22 = E[x^2 y^2],
+    e04 = E[y^4] (zeros where HAS_C / HIGHER are off)."""
+    m10 = tl.sum(p3 * a3, axis=2)
+    xd = a3 - m10[:, :, None]
+    px = p3 * xd
+    k20 = tl.sum(px * xd, axis=2)
+    zero = tl.zeros_like(k20)
+    m01 = zero
+    k02 = zero
+    k11 = zero
+    k21 = zero
+    k12 = zero
+    k03 = zero
+    e22 = zero
+    e04 = zero
+    yd = tl.zeros_like(xd)
+    if HAS_C:
+        m01 = tl.sum(p3 * c3, axis=2)
+        yd = c3 - m01[:, :, None]
+        py = p3 * yd
+        k02 = tl.sum(py * yd, axis=2)
+        k11 = tl.sum(px * yd, axis=2)
+        if HIGHER:
+            k21 = tl.sum(px * xd * yd, axis=2)
+            k12 = tl.sum(px * yd * yd, axis=2)
+            k03 = tl.sum(py * yd * yd, axis=2)
+            e22 = tl.sum(px * xd * yd * yd, axis=2)
+            e04 = tl.sum(py * yd * yd * yd, axis=2)
+    return m10, m01, xd, yd, k20, k02, k11, k21, k12, k03, e22, e04
+
+
+@triton.jit
+def _group_grad(p3, xd, yd, k20, k02, k11, gu, gv, gsaa, gscc, gsac, gtacc, gtaac, gc3, gq, gc4,
+                HAS_C: tl.constexpr):
+    """Gradient of sum_j g_j contraction_j through one group (categorical.h: group_grad), the
+    coefficients g (BB, BP) already scaled by grad[n]. With Phi the central part (the products
+    k20 k02, k11^2, k02^2 of Q and C4 linearised into g20, g02, g11), returns per (n, p, j):
+    d f / d logit_j = pi_j [(Phi_j - E Phi) + x_j (g_u - E Phi_a) + y_j (g_v - E Phi_c)],
+    d f / d a_j = pi_j (g_u + Phi_a(j) - E Phi_a), d f / d c_j likewise."""
+    g20 = gsaa[:, :, None]
+    x2 = xd * xd
+    phi = g20 * x2
+    phi_a = 2.0 * g20 * xd
+    phi_c = tl.zeros_like(xd)
+    if HAS_C:
+        g20 = (gsaa - gq * k02)[:, :, None]
+        g02 = (gscc - gq * k20 - 6.0 * gc4 * k02)[:, :, None]
+        g11 = (gsac - 4.0 * gq * k11)[:, :, None]
+        gtacc3 = gtacc[:, :, None]
+        gtaac3 = gtaac[:, :, None]
+        gc33 = gc3[:, :, None]
+        gq3 = gq[:, :, None]
+        gc43 = gc4[:, :, None]
+        y2 = yd * yd
+        xy = xd * yd
+        phi = (g20 * x2 + g02 * y2 + g11 * xy + gtacc3 * xd * y2 + gtaac3 * x2 * yd + gc33 * y2 * yd
+               + gq3 * x2 * y2 + gc43 * y2 * y2)
+        phi_a = 2.0 * g20 * xd + g11 * yd + gtacc3 * y2 + 2.0 * gtaac3 * xy + 2.0 * gq3 * xd * y2
+        phi_c = (2.0 * g02 * yd + g11 * xd + 2.0 * gtacc3 * xy + gtaac3 * x2 + 3.0 * gc33 * y2
+                 + 2.0 * gq3 * x2 * yd + 4.0 * gc43 * y2 * yd)
+    e_phi = tl.sum(p3 * phi, axis=2)[:, :, None]
+    e_pa = tl.sum(p3 * phi_a, axis=2)[:, :, None]
+    e_pc = tl.sum(p3 * phi_c, axis=2)[:, :, None]
+    gu3 = gu[:, :, None]
+    gv3 = gv[:, :, None]
+    dlogit = p3 * ((phi - e_phi) + xd * (gu3 - e_pa) + yd * (gv3 - e_pc))
+    da = p3 * (gu3 + phi_a - e_pa)
+    dc = p3 * (gv3 + phi_c - e_pc)
+    return dlogit, da, dc
+
+
+@triton.jit
+def _tilt(lp3, p3, a3, h3, cmask3):
+    """One group tilted by exp(-h.z_g) (categorical.h: tilt_group): lp3 (BB, 1, BC) the
+    normalised log-probabilities, p3 = exp(lp3) (0 on padded categories), a3 / h3 (1, BP, BC).
+    Returns hm = E[h.z_g], log_mgf = log E[exp(-h.z_g)], mean / var of a.z_g under the tilted
+    law, the tilted probabilities pt and the deviations a - mean."""
+    v = tl.where(cmask3, lp3 - h3, float("-inf"))
+    shift = tl.max(v, axis=2)
+    w = tl.exp(v - shift[:, :, None])
+    norm = tl.sum(w, axis=2)
+    pt = w / norm[:, :, None]
+    mean = tl.sum(pt * a3, axis=2)
+    dev = a3 - mean[:, :, None]
+    var = tl.sum(pt * dev * dev, axis=2)
+    hm = tl.sum(p3 * h3, axis=2)
+    return hm, shift + tl.log(norm), mean, var, pt, dev
+
+
+# ---------------------------------------------------------------------------- kernel
+@triton.jit
+def _categorical_kernel(x_ptr, lp_ptr, a_ptr, b_ptr, c_ptr, c0_ptr, s2_ptr, go_ptr,
+                        loss_ptr, dx_ptr, dl_ptr, da_ptr, dc_ptr, dv_ptr,
+                        B, P, G, NCAT, sxb, sxp, sak, sad, sb, sck, scd, sc0, ss2, sgo, vec_plane,
+                        HEAD: tl.constexpr, HAS_C: tl.constexpr, TAYLOR: tl.constexpr,
+                        LOGVAR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_C0: tl.constexpr,
+                        GRAD: tl.constexpr, NEED_X: tl.constexpr, NEED_L: tl.constexpr,
+                        NEED_A: tl.constexpr, NEED_C: tl.constexpr, NEED_B: tl.constexpr,
+                        NEED_C0: tl.constexpr, NEED_S2: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Forward (GRAD=False: partial losses (num_pixel_tiles, B)) or the whole backward
+    (GRAD=True); see the module docstring. lp: (B, G NCAT) contiguous, accumulation dtype.
+    HAS_C / TAYLOR / LOGVAR follow from HEAD (given by the launcher); vec_plane: the plane
+    stride of the (3, num_batch_tiles, k) bias-gradient partials."""
+    pid_b = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    rows = tile_index(pid_b, BLOCK_B)
+    pix = tile_index(pid_p, BLOCK_P)
+    cat = tl.arange(0, BLOCK_C)
+    rmask = rows < B
+    pmask = pix < P
+    cmask = cat < NCAT
+    tile_mask = rmask[:, None] & pmask[None, :]
+    l_mask = rmask[:, None] & cmask[None, :]
+    w_mask = pmask[:, None] & cmask[None, :]
+    cmask3 = cmask[None, None, :]
+    D = G * NCAT
+
+    # ------------------------------------------------ pass 1: the sums over the groups
+    ubar = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
+    vbar = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
+    saa = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
+    scc = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
+    sac = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
+    tacc = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
+    taac = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
+    c3s = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
+    qs = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
+    c4s = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
+    for g in range(0, G):
+        cols = g * NCAT + cat
+        lp = tl.load(lp_ptr + offsets(rows, cols, D, 1), mask=l_mask, other=0.0)
+        p3 = tl.where(l_mask, tl.exp(lp), 0.0)[:, None, :]
+        a3 = tl.load(a_ptr + offsets(pix, cols, sak, sad), mask=w_mask, other=0.0).to(ACC)[None, :, :]
+        c3 = a3
+        if HAS_C:
+            c3 = tl.load(c_ptr + offsets(pix, cols, sck, scd), mask=w_mask, other=0.0).to(ACC)[None, :, :]
+        if LOGVAR:
+            hm, log_mgf, mean, var, _pt, _dev = _tilt(lp[:, None, :], p3, a3, c3, cmask3)
+            vbar += hm        # hm = sum_g E[h.z_g]
+            scc += log_mgf    # S = sum_g K_g
+            ubar += mean      # T1 = sum_g tilted mean
+            saa += var        # T2 = sum_g tilted variance
+        else:
+            m10, m01, _x, _y, k20, k02, k11, k21, k12, k03, e22, e04 = _central(p3, a3, c3, HAS_C, TAYLOR)
+            ubar += m10
+            saa += k20
+            if HAS_C:
+                vbar += m01
+                scc += k02
+                sac += k11
+                if TAYLOR:
+                    taac += k21
+                    tacc += k12
+                    c3s += k03
+                    qs += e22 - k20 * k02 - 2.0 * k11 * k11
+                    c4s += e04 - 3.0 * k02 * k02
+
+    # ------------------------------------------------ epilogue
+    x = tl.load(x_ptr + offsets(rows, pix, sxb, sxp), mask=tile_mask, other=0.0).to(ACC)
+    if HAS_BIAS:
+        x -= tl.load(b_ptr + pix * sb, mask=pmask, other=0.0).to(ACC)[None, :]
+    c0 = tl.zeros((BLOCK_P,), dtype=ACC)[None, :]
+    if HAS_C0:
+        c0 = tl.load(c0_ptr + pix * sc0, mask=pmask, other=0.0).to(ACC)[None, :]
+    e = x - ubar            # x - b - ubar (fixed, Taylor); x - b - T1 (log-variance)
+    s2 = tl.zeros((BLOCK_P,), dtype=ACC)[None, :] + 1.0
+    if HEAD == 3:
+        s2 = tl.load(s2_ptr + pix * ss2, mask=pmask, other=1.0).to(ACC)[None, :]
+    if LOGVAR:
+        scc = tl.where(tile_mask, scc, 0.0)    # keep exp(S - h0) finite on padded entries
+    if not GRAD:
+        if HEAD == 3:
+            loss = 0.5 * (e * e + saa) / s2 + 0.5 * tl.log(s2) + HALF_LOG_2PI
+        elif LOGVAR:
+            loss = tilted_pixel_loss(e, c0, vbar, scc, saa)
+        else:
+            loss = head_pixel_loss(e, vbar + c0, saa, scc, sac, tacc, taac, c3s, qs, c4s, 0, True, True)
+        loss = tl.where(tile_mask, loss, 0.0)
+        tl.store(loss_ptr + pid_p.to(tl.int64) * B + rows, tl.sum(loss, axis=1), mask=rmask)
+    else:
+        go = tl.load(go_ptr + rows * sgo, mask=rmask, other=0.0).to(ACC)[:, None]
+        zero = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
+        gu = zero
+        gv = zero
+        gsaa = zero
+        gscc = zero
+        gsac = zero
+        gtacc = zero
+        gtaac = zero
+        gc3 = zero
+        gq = zero
+        gc4 = zero
+        gs2 = zero
+        if HEAD == 3:
+            inv = 1.0 / s2
+            gu = -e * inv
+            gsaa = 0.5 * inv + zero
+            gs2 = 0.5 * inv * (1.0 - (e * e + saa) * inv)
+        elif LOGVAR:
+            # (hm, S, T1, T2) coefficients in (gv, gscc, gu, gsaa)
+            gscc, gu, gsaa = tilted_pixel_coef(e, c0, scc, saa)
+            gv = zero + 0.5
+        else:
+            gu, gv, gsaa, gscc, gsac, gtacc, gtaac, gc3, gc4 = head_pixel_grad(
+                e, vbar + c0, saa, scc, sac, tacc, taac, c3s, c4s, 0, True, True)
+            gq = zero + 0.5
+        gu = tl.where(tile_mask, go * gu, 0.0)
+        gv = tl.where(tile_mask, go * gv, 0.0)
+        gsaa = tl.where(tile_mask, go * gsaa, 0.0)
+        gscc = tl.where(tile_mask, go * gscc, 0.0)
+        gsac = tl.where(tile_mask, go * gsac, 0.0)
+        gtacc = tl.where(tile_mask, go * gtacc, 0.0)
+        gtaac = tl.where(tile_mask, go * gtaac, 0.0)
+        gc3 = tl.where(tile_mask, go * gc3, 0.0)
+        gq = tl.where(tile_mask, go * gq, 0.0)
+        gc4 = tl.where(tile_mask, go * gc4, 0.0)
+        if NEED_X:
+            store_out(dx_ptr + offsets(rows, pix, P, 1), -gu, tile_mask)
+        vec_base = dv_ptr + pid_b.to(tl.int64) * P + pix
+        if NEED_B:
+            tl.store(vec_base, tl.sum(gu, axis=0), mask=pmask)
+        if NEED_C0:
+            if LOGVAR:
+                tl.store(vec_base + vec_plane, tl.sum(gv - gscc, axis=0), mask=pmask)
+            else:
+                tl.store(vec_base + vec_plane, tl.sum(gv, axis=0), mask=pmask)
+        if NEED_S2:
+            gs2 = tl.where(tile_mask, go * gs2, 0.0)
+            tl.store(vec_base + 2 * vec_plane, tl.sum(gs2, axis=0), mask=pmask)
+
+        # -------------------------------------------- pass 2: the gradient of each group
+        if NEED_L or NEED_A or NEED_C:
+            dl_base = dl_ptr + pid_p.to(tl.int64) * B * D
+            dw_base = pid_b.to(tl.int64) * P * D
+            for g in range(0, G):
+                cols = g * NCAT + cat
+                lp = tl.load(lp_ptr + offsets(rows, cols, D, 1), mask=l_mask, other=0.0)
+                p3 = tl.where(l_mask, tl.exp(lp), 0.0)[:, None, :]
+                a3 = tl.load(a_ptr + offsets(pix, cols, sak, sad), mask=w_mask, other=0.0).to(ACC)[None, :, :]
+                c3 = a3
+                if HAS_C:
+                    c3 = tl.load(c_ptr + offsets(pix, cols, sck, scd), mask=w_mask, other=0.0).to(ACC)[None, :, :]
+                if LOGVAR:
+                    hm, _lm, _mean, var, pt, dev = _tilt(lp[:, None, :], p3, a3, c3, cmask3)
+                    g_s = gscc[:, :, None]
+                    g_1 = gu[:, :, None]
+                    g_2 = gsaa[:, :, None]
+                    g_hm = gv[:, :, None]
+                    tilted = pt * (g_s + g_1 * dev + g_2 * (dev * dev - var[:, :, None]))
+                    dlogit = g_hm * p3 * (c3 - hm[:, :, None]) + tilted - g_s * p3
+                    da = pt * (g_1 + 2.0 * g_2 * dev)
+                    dc = g_hm * p3 - tilted
+                else:
+                    m10, m01, xd, yd, k20, k02, k11, _k21, _k12, _k03, _e22, _e04 = _central(
+                        p3, a3, c3, HAS_C, False)
+                    dlogit, da, dc = _group_grad(p3, xd, yd, k20, k02, k11, gu, gv, gsaa, gscc, gsac,
+                                                 gtacc, gtaac, gc3, gq, gc4, HAS_C)
+                if NEED_L:
+                    tl.store(dl_base + offsets(rows, cols, D, 1), tl.sum(dlogit, axis=1), mask=l_mask)
+                if NEED_A:
+                    tl.store(da_ptr + dw_base + offsets(pix, cols, D, 1), tl.sum(da, axis=0), mask=w_mask)
+                if NEED_C:
+                    tl.store(dc_ptr + dw_base + offsets(pix, cols, D, 1), tl.sum(dc, axis=0), mask=w_mask)
+
+
+# ------------------------------------------------------------------- host side
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _config(B: int, P: int, ncat: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Blocks: all categories of a group in one block; samples, then pixels fill the tile
+    budget. Interpreter / CPU tensors: a large budget (fewer, larger programs)."""
+    interp = _sized_to_problem(device)
+    budget = _INTERP_TILE if interp else _GPU_TILE[8 if dtype == torch.float64 else 4]
+    bc = _pow2(ncat, 2, 1 << 20)
+    rest = max(1, budget // bc)
+    bb = _pow2(B, 2, max(2, min(16, rest)))
+    bp = _pow2(P, 2, max(2, min(64, rest // bb)))
+    cfg = dict(BLOCK_B=bb, BLOCK_P=bp, BLOCK_C=bc)
+    if not interp:
+        cfg.update(num_warps=_GPU_WARPS, num_stages=1)
+    return cfg
+
+
+def _check(x: Tensor, logits: Tensor, weight: Tensor, bias, second_weight, second_bias, sigma2,
+           head: int) -> tuple[int, int, int, int]:
+    """Shapes, dtypes, device and the head / argument combination (as the C++ op checks)."""
+    if x.dim() != 2:
+        raise ValueError(f"x: expected shape (B, k), got {tuple(x.shape)}")
+    B, P = x.shape
+    if logits.dim() != 3 or logits.shape[0] != B:
+        raise ValueError(f"logits: expected shape (B={B}, G, K), got {tuple(logits.shape)}")
+    G, ncat = logits.shape[1], logits.shape[2]
+    D = G * ncat
+    for name, t, shape in (("weight", weight, (P, D)), ("bias", bias, (P,)),
+                           ("second_weight", second_weight, (P, D)), ("second_bias", second_bias, (P,)),
+                           ("sigma2", sigma2, (P,))):
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    for name, t in (("logits", logits), ("weight", weight), ("bias", bias), ("second_weight", second_weight),
+                    ("second_bias", second_bias), ("sigma2", sigma2)):
+        if t is not None and (t.device != x.device or t.dtype != x.dtype):
+            raise ValueError(f"{name}: all inputs must share x's dtype {x.dtype} and device {x.device}, "
+                             f"got {t.dtype} on {t.device}")
+    if head not in _HEAD_NAMES:
+        raise RuntimeError(f"head: expected 3 (fixed), 0 (precision, Taylor log term) or 2 (log-variance), "
+                           f"got {head}")
+    has_w2, has_s2 = second_weight is not None, sigma2 is not None
+    if head == HEAD_FIXED and not (has_s2 and not has_w2):
+        raise RuntimeError(f"head={head} (fixed) needs sigma2 and no second_weight")
+    if head != HEAD_FIXED and not (has_w2 and not has_s2):
+        raise RuntimeError(f"head={head} needs second_weight and no sigma2")
+    check_device(x)
+    return B, P, G, ncat
+
+
+def _log_probs(logits: Tensor, acc_torch: torch.dtype) -> Tensor:
+    """Per-group normalised log-probabilities (B, G K), contiguous, in the accumulation dtype."""
+    B, G, ncat = logits.shape
+    return torch.log_softmax(logits.to(acc_torch), dim=-1).reshape(B, G * ncat).contiguous()
+
+
+def _launch(x, lp, weight, bias, second_weight, second_bias, sigma2, head, cfg, acc_tl, *,
+            grad=None, loss=None, dx=None, dl=None, da=None, dc=None, dv=None, needs=(False,) * 7,
+            G: int, ncat: int):
+    B, P = x.shape
+    need_x, need_l, need_a, need_b, need_c, need_c0, need_s2 = needs
+    launch(_categorical_kernel, (cdiv(B, cfg["BLOCK_B"]), cdiv(P, cfg["BLOCK_P"])), x.device,
+           x, lp, weight, opt(bias, x), opt(second_weight, x), opt(second_bias, x), opt(sigma2, x),
+           opt(grad, x), opt(loss, lp), opt(dx, x), opt(dl, lp), opt(da, lp), opt(dc, lp), opt(dv, lp),
+           B, P, G, ncat, *x.stride(), *weight.stride(), vec_stride(bias),
+           *(second_weight.stride() if second_weight is not None else (0, 0)), vec_stride(second_bias),
+           vec_stride(sigma2), grad.stride(0) if grad is not None else 0,
+           cdiv(B, cfg["BLOCK_B"]) * P,
+           HEAD=head, HAS_C=head != HEAD_FIXED, TAYLOR=head == HEAD_TAYLOR, LOGVAR=head == HEAD_LOGVAR,
+           HAS_BIAS=bias is not None, HAS_C0=second_bias is not None, GRAD=grad is not None,
+           NEED_X=need_x, NEED_L=need_l, NEED_A=need_a, NEED_C=need_c, NEED_B=need_b,
+           NEED_C0=need_c0, NEED_S2=need_s2, ACC=acc_tl, **cfg)
+
+
+def categorical_forward(x: Tensor, logits: Tensor, weight: Tensor, bias: Optional[Tensor],
+                        second_weight: Optional[Tensor], second_bias: Optional[Tensor],
+                        sigma2: Optional[Tensor], head: int) -> Tensor:
+    """Per-sample NLL (B,) with one-hot categorical latents, in x's dtype."""
+    B, P, G, ncat = _check(x, logits, weight, bias, second_weight, second_bias, sigma2, head)
+    if B == 0 or P == 0:
+        return x.new_zeros(B)
+    acc_tl, acc_torch = acc_dtypes(x.dtype)
+    cfg = _config(B, P, ncat, x.dtype, x.device)
+    lp = _log_probs(logits, acc_torch)
+    loss = torch.empty((cdiv(P, cfg["BLOCK_P"]), B), dtype=acc_torch, device=x.device)
+    _launch(x, lp, weight, bias, second_weight, second_bias, sigma2, head, cfg, acc_tl, loss=loss,
+            G=G, ncat=ncat)
+    return loss.sum(0).to(x.dtype)
+
+
+def categorical_backward(grad: Tensor, x: Tensor, logits: Tensor, weight: Tensor, bias: Optional[Tensor],
+                         second_weight: Optional[Tensor], second_bias: Optional[Tensor],
+                         sigma2: Optional[Tensor], needs: Sequence[bool], head: int) -> tuple[Tensor, ...]:
+    """Gradients w.r.t. (x, logits, weight, bias, second_weight, second_bias, sigma2); empty (0,)
+    tensors where not needed (or the input is None)."""
+    B, P, G, ncat = _check(x, logits, weight, bias, second_weight, second_bias, sigma2, head)
+    check_grad(grad, B)
+    degenerate = B == 0 or P == 0
+    inputs = (x, logits, weight, bias, second_weight, second_bias, sigma2)
+    need, outs = grad_outputs(grad, inputs, needs, degenerate)
+    if degenerate or not any(need):
+        return tuple(outs)
+    need_x, need_l, need_a, need_b, need_c, need_c0, need_s2 = need
+    D = G * ncat
+    need_l, need_a, need_c = (n and D > 0 for n in (need_l, need_a, need_c))
+    acc_tl, acc_torch = acc_dtypes(x.dtype)
+    dev = x.device
+    cfg = _config(B, P, ncat, x.dtype, dev)
+    n_b, n_p = cdiv(B, cfg["BLOCK_B"]), cdiv(P, cfg["BLOCK_P"])
+    lp = _log_probs(logits, acc_torch)
+    dl = torch.empty((n_p, B, D), dtype=acc_torch, device=dev) if need_l else None
+    da = torch.empty((n_b, P, D), dtype=acc_torch, device=dev) if need_a else None
+    dc = torch.empty((n_b, P, D), dtype=acc_torch, device=dev) if need_c else None
+    dv = (torch.empty((3, n_b, P), dtype=acc_torch, device=dev)
+          if (need_b or need_c0 or need_s2) else None)
+    _launch(x, lp, weight, bias, second_weight, second_bias, sigma2, head, cfg, acc_tl, grad=grad,
+            dx=outs[0] if need_x else None, dl=dl, da=da, dc=dc, dv=dv,
+            needs=(need_x, need_l, need_a, need_b, need_c, need_c0, need_s2), G=G, ncat=ncat)
+    if need_l:
+        outs[1].copy_(dl.sum(0).reshape(B, G, ncat))
+    if need_a:
+        outs[2].copy_(da.sum(0))
+    if need_b:
+        outs[3].copy_(dv[0].sum(0))
+    if need_c:
+        outs[4].copy_(dc.sum(0))
+    if need_c0:
+        outs[5].copy_(dv[1].sum(0))
+    if need_s2:
+        outs[6].copy_(dv[2].sum(0))
+    return tuple(outs)
