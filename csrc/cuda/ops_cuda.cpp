@@ -1,8 +1,10 @@
-// Torch glue of the CUDA kernels: registers CUDA implementations of the six ops defined in
-// csrc/ops.cpp (TORCH_LIBRARY(silent_kernels)). Per call: argument checks (op_checks.h,
-// before any allocation or launch), contiguous inputs, the device guard, the current
-// stream, a plan and one scratch buffer from the caching allocator, the launchers of
-// kernels.h (torch-free), and a check of the CUDA error they return.
+// Torch glue of the CUDA kernels: registers CUDA implementations of six of the ops defined in
+// csrc/ops.cpp (TORCH_LIBRARY(silent_kernels)): fixed_nll, precision_nll (head 0 Taylor,
+// 1 exact log term, 2 Gaussian log-variance), bernoulli_logvar_nll and their backwards
+// (precision_nll_train and categorical_nll have no CUDA kernels yet). Per call: argument
+// checks (op_checks.h, before any allocation or launch), contiguous inputs, the device guard,
+// the current stream, a plan and one scratch buffer from the caching allocator, the launchers
+// of kernels.h (torch-free), and a check of the CUDA error they return.
 //
 // setup.py compiles csrc/cuda/*.cpp on CPU-only builds too, so everything is behind WITH_CUDA.
 #ifdef WITH_CUDA
@@ -65,20 +67,6 @@ const std::vector<int64_t> kNoShape{0};  // shape (0,) of the gradient of an abs
 // The gradient output of an input: its shape where needed, else an empty (0,) tensor.
 at::Tensor grad_output(bool needed, at::IntArrayRef shape, const at::TensorOptions& opts) {
   return needed ? at::empty(shape, opts) : at::empty({0}, opts);
-}
-
-// head of the precision-family ops: 0 Taylor log term, 1 exact log term, 2 log-variance head
-// (the epilogue.h Head values); 1 and 2 are exact only for Gaussian latents (no k3, k4).
-void check_head(const char* op, int64_t head, const c10::optional<at::Tensor>& k3,
-                const c10::optional<at::Tensor>& k4) {
-  TORCH_CHECK(head >= 0 && head < sk::kNumPrecisionHeads, op,
-              ": head: expected 0 (precision, Taylor log term), 1 (precision, exact log term) "
-              "or 2 (log-variance), got ", head);
-  const bool has_k3 = k3.has_value() && k3->defined(), has_k4 = k4.has_value() && k4->defined();
-  TORCH_CHECK(head == 0 || !(has_k3 || has_k4), op, ": head ", head,
-              (head == 1 ? " (exact log term)" : " (log-variance)"),
-              " needs Gaussian latents: expected k3 and k4 absent, got",
-              (has_k3 ? " k3" : ""), (has_k4 ? " k4" : ""));
 }
 
 // ------------------------------------------------------------------------------ fixed head
@@ -255,29 +243,13 @@ precision_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const a
 
 
 // --------------------------------------------------------- log-variance head, Bernoulli latents
-void check_bernoulli_logvar_args(const char* op, const at::Tensor& x, const at::Tensor& logits,
-                                 const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                                 const at::Tensor& logvar_weight,
-                                 const c10::optional<at::Tensor>& logvar_bias) {
-  check_x(op, x, c10::DeviceType::CUDA);
-  const int64_t B = x.size(0), k = x.size(1);
-  TORCH_CHECK(logits.defined(), op, ": logits is undefined");
-  TORCH_CHECK(logits.dim() == 2, op, ": logits: expected a 2-D tensor (B, d), got shape ",
-              shape_str(logits.sizes()));
-  const int64_t d = logits.size(1);
-  check_like_x(op, "logits", logits, {B, d}, x);
-  check_like_x(op, "weight", weight, {k, d}, x);
-  check_optional_like_x(op, "bias", bias, {k}, x);
-  check_like_x(op, "logvar_weight", logvar_weight, {k, d}, x);
-  check_optional_like_x(op, "logvar_bias", logvar_bias, {k}, x);
-}
-
 at::Tensor bernoulli_logvar_nll_cuda(const at::Tensor& x, const at::Tensor& logits,
                                      const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                      const at::Tensor& logvar_weight,
                                      const c10::optional<at::Tensor>& logvar_bias) {
   const char* op = "silent_kernels::bernoulli_logvar_nll";
-  check_bernoulli_logvar_args(op, x, logits, weight, bias, logvar_weight, logvar_bias);
+  check_bernoulli_logvar_inputs(op, c10::DeviceType::CUDA, x, logits, weight, bias, logvar_weight,
+                                logvar_bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), lc = logits.contiguous(), wc = weight.contiguous(),
                    hc = logvar_weight.contiguous();
@@ -311,7 +283,8 @@ bernoulli_logvar_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                    const c10::optional<at::Tensor>& logvar_bias,
                                    const c10::List<bool>& needs_list) {
   const char* op = "silent_kernels::bernoulli_logvar_nll_backward";
-  check_bernoulli_logvar_args(op, x, logits, weight, bias, logvar_weight, logvar_bias);
+  check_bernoulli_logvar_inputs(op, c10::DeviceType::CUDA, x, logits, weight, bias, logvar_weight,
+                                logvar_bias);
   check_grad(op, grad, x);
   const std::vector<bool> needs = needs_list.vec();
   check_needs(op, needs, 6);
