@@ -12,7 +12,7 @@ result up to floating-point summation order.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -20,10 +20,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from .errors import UsageError
+from .errors import EXIT_INTERNAL, PeerFailure, SilentVAEError, UsageError
+
+T = TypeVar("T")
 
 __all__ = ["dist_info", "init_from_env", "shutdown", "local_device", "check_device",
-           "epoch_batches", "all_reduce_sum", "barrier", "GradientSync", "describe"]
+           "epoch_batches", "all_reduce_sum", "barrier", "GradientSync", "describe",
+           "run_together"]
 
 
 def dist_info() -> tuple[int, int]:
@@ -101,6 +104,31 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist_info()[1] > 1:
         dist.barrier()
+
+
+def run_together(work: Callable[[], T]) -> T:
+    """``work()`` on every process, then a collective check: when it raised on any process,
+    it raises everywhere (the others raise ``PeerFailure`` with the failing exit code) instead
+    of leaving them waiting in the next collective for a peer that is gone. Also a barrier."""
+    error, code = None, 0
+    try:
+        result = work()
+    except SilentVAEError as exc:
+        error, code = exc, exc.exit_code
+    except Exception as exc:    # noqa: BLE001 - re-raised below after the peers are told
+        error, code = exc, EXIT_INTERNAL
+    if dist_info()[1] > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        flag = torch.tensor([code], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        worst = int(flag.item())
+    else:
+        worst = code
+    if error is not None:
+        raise error
+    if worst:
+        raise PeerFailure(worst)
+    return result
 
 
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ documents (a test keeps the two equal).
 from __future__ import annotations
 
 __all__ = ["SilentVAEError", "UsageError", "DivergenceError", "InputFileError", "RunDirError",
-           "WriteError", "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE", "EXIT_DIVERGED", "EXIT_INPUT",
+           "WriteError", "PeerFailure", "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE", "EXIT_DIVERGED", "EXIT_INPUT",
            "EXIT_RUN_DIR", "EXIT_WRITE", "EXIT_INTERRUPTED", "EXIT_CODES"]
 
 EXIT_OK = 0
@@ -70,3 +70,13 @@ class WriteError(SilentVAEError, OSError):
     """Writing an output failed (disk full, permissions); earlier files are intact."""
 
     exit_code = EXIT_WRITE
+
+
+class PeerFailure(SilentVAEError, RuntimeError):
+    """Another process of the same torchrun job failed (it printed why); this one stops too,
+    with that process's exit code."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(f"another process of this torchrun job failed (exit code {exit_code}); "
+                         "its own message says why")
+        self.exit_code = exit_code

@@ -113,10 +113,10 @@ class Trainer:
         self.is_main = self.rank == 0
         self._log = log
         self.lock = RunDirLock(self.run_dir)
-        if self.is_main:
-            self.lock.acquire()
         try:
-            self._setup(cfg, resume, data)
+            # the main process's checks (lock, existing run) must stop every process
+            distributed.run_together(lambda: self.lock.acquire() if self.is_main else None)
+            distributed.run_together(lambda: self._setup(cfg, resume, data))
         except BaseException:
             self.lock.release()
             raise
@@ -437,26 +437,31 @@ class Trainer:
             self.epoch += 1
             rec["step"] = self.step
             rec["train_time_s"] = time.perf_counter() - t0
-            if self.is_main:
-                if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
-                    rec.update({f"val_{k}": v for k, v in self.evaluate().items()})
-                    bad = [k for k, v in rec.items() if k.startswith("val_") and isinstance(v, float)
-                           and not math.isfinite(v)]
-                    if bad:
-                        raise NonFiniteLossError(self._divergence_message(
-                            f"validation gave non-finite {', '.join(bad)}", self.epoch - 1))
-                if self.epoch in set(cfg.gradvar_epochs):
-                    rec["gradvar"] = self.gradient_variance()
-                rec["time_s"] = time.perf_counter() - t0
-                # metrics first: a kill between the two writes leaves a record that --resume
-                # drops and recomputes identically, never a checkpoint without its record
-                self.metrics.append(rec)
-                self.save_checkpoint()
-                self.log(_epoch_line(rec, cfg.epochs))
-            distributed.barrier()
+            # a failure of the main process's writes must stop every process
+            distributed.run_together(lambda: self._finish_epoch(rec, t0) if self.is_main else None)
         if self.is_main and cfg.figures:
             self.make_figures()
         return read_metrics(self.metrics_path) if self.is_main else []
+
+    def _finish_epoch(self, rec: dict, t0: float) -> None:
+        """The main process's end of an epoch: validation, gradient variance, the metrics
+        record and the checkpoint."""
+        cfg = self.cfg
+        if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
+            rec.update({f"val_{k}": v for k, v in self.evaluate().items()})
+            bad = [k for k, v in rec.items() if k.startswith("val_") and isinstance(v, float)
+                   and not math.isfinite(v)]
+            if bad:
+                raise NonFiniteLossError(self._divergence_message(
+                    f"validation gave non-finite {', '.join(bad)}", self.epoch - 1))
+        if self.epoch in set(cfg.gradvar_epochs):
+            rec["gradvar"] = self.gradient_variance()
+        rec["time_s"] = time.perf_counter() - t0
+        # metrics first: a kill between the two writes leaves a record that --resume
+        # drops and recomputes identically, never a checkpoint without its record
+        self.metrics.append(rec)
+        self.save_checkpoint()
+        self.log(_epoch_line(rec, cfg.epochs))
 
     def make_figures(self) -> None:
         from . import plots

@@ -90,3 +90,14 @@ def test_batch_size_must_split_over_processes(tmp_path):
     line = "silent-vae: error: --batch-size: expected a multiple of the 2 processes, got 31"
     assert res.stderr.count(line) == 2          # one line per process (torchrun adds its summary)
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_failure_of_rank_zero_stops_every_process(runs):
+    """Only rank 0 checks the run folder; the other processes must not wait for it forever."""
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "silent_kernels.api.cli", "train", "--run-dir", str(runs[2]), *ARGS],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    assert res.stderr.count("silent-vae: error: --run-dir") == 1 and "already holds a run" in res.stderr
+    assert "silent-vae: error: another process of this torchrun job failed (exit code 5)" in res.stderr
+    assert "Connection closed by peer" not in res.stderr
