@@ -343,7 +343,7 @@ def _config(B: int, P: int, ncat: int, dtype: torch.dtype, device: torch.device)
     budget = _INTERP_TILE if interp else _GPU_TILE[8 if dtype == torch.float64 else 4]
     bc = _pow2(ncat, 2, 1 << 20)
     rest = max(1, budget // bc)
-    bb = _pow2(B, 2, max(2, min(16, rest)))
+    bb = _pow2(B, 2, max(2, min(16, rest // 2)))
     bp = _pow2(P, 2, max(2, min(64, rest // bb)))
     cfg = dict(BLOCK_B=bb, BLOCK_P=bp, BLOCK_C=bc)
     if not interp:

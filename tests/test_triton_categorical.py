@@ -1,0 +1,409 @@
+"""The Triton kernels of one-hot categorical latents (MATH.md §12-13, silent_kernels/
+triton_categorical.py) against enumeration of all K^G joint states and against the float64
+reference (silent_kernels/categorical.py), every head, forward and every gradient.
+
+Heads (op argument ``head``): 3 fixed variance (sigma2), 0 learnable precision with the
+paper's Taylor log term (second weight C), 2 log-variance (second weight H), exact by per-group
+tilting.
+
+Without a GPU the kernels run in the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 first), so the shapes are small. Error measure: normwise relative error
+max|actual - expected| / max|expected| per tensor, against float64 on the very same input
+values (float32 inputs upcast exactly). Tolerances: float64 1e-10, float32 2e-5.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import distributions as D
+
+from silent_kernels import LatentMoments, analytic_nll, backends
+
+triton = pytest.importorskip("triton")
+
+from silent_kernels import triton_categorical, triton_ops  # noqa: E402  (after TRITON_INTERPRET; registers the ops)
+from silent_kernels.autograd import HEADS, reference_loss  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OPS = torch.ops.silent_kernels
+F64 = torch.float64
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+DTYPES = [torch.float64, torch.float32]
+HEAD_CODES = {"fixed": HEADS["fixed"], "precision": HEADS["taylor"], "logvar": HEADS["logvar"]}
+NAMES = ("x", "logits", "weight", "bias", "second_weight", "second_bias", "sigma2")
+LOG_2PI = math.log(2 * math.pi)
+REFERENCE = reference_loss("categorical")
+WORST: dict = {}  # largest error per (head, dtype), printed by the last test (pytest -s)
+
+
+def rel_err(actual, expected) -> float:
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, (a.shape, e.shape)
+    if e.numel() == 0:
+        return 0.0
+    scale = e.abs().max().item()
+    err = (a - e).abs().max().item()
+    return err / scale if scale > 0 else err
+
+
+def check(actual, expected, dtype, what, head):
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = rel_err(actual, expected)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:g}"
+    key = f"{head}/{str(dtype).replace('torch.', '')}"
+    WORST[key] = max(WORST.get(key, 0.0), err)
+
+
+# ---------------------------------------------------------------------------- cases
+def case(head, B, k, G, K, seed=0, saturate=False, bias=True, second_bias=True):
+    """float64 op inputs (x, logits, weight, bias, second_weight, second_bias, sigma2) for
+    ``head``; ``saturate`` puts logits +-40 into group 0 of sample 0 (and a one-sided group)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=F64) * scale
+
+    d = G * K
+    s = 1.0 / math.sqrt(max(G, 1))
+    x = torch.rand(B, k, generator=g, dtype=F64)
+    logits = rnd(B, G, K, scale=1.5)
+    if saturate and B > 0 and G > 0:
+        logits[0, 0] = torch.tensor([40.0, -40.0, 0.0][:K] + [-40.0] * max(0, K - 3), dtype=F64)
+        if B > 1:
+            logits[-1, -1] = torch.full((K,), -40.0, dtype=F64)
+            logits[-1, -1, 0] = 40.0
+    weight = rnd(k, d, scale=s)
+    b = rnd(k, scale=0.5) if bias else None
+    if head == "fixed":
+        return [x, logits, weight, b, None, None, 0.2 + torch.rand(k, generator=g, dtype=F64)]
+    second = rnd(k, d, scale=0.4 * s)
+    if head == "precision":
+        c = (1.0 + 0.3 * rnd(k)) if second_bias else None
+    else:
+        c = rnd(k, scale=0.5) if second_bias else None
+    return [x, logits, weight, b, second, c, None]
+
+
+def _grad_on(inputs):
+    return [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+
+
+def compare(head, inputs, dtype, grad_weights=None, logits_scale=None):
+    """The Triton op (forward and its backward through autograd) against the float64 reference
+    on the same (rounded) values. ``logits_scale``: measure the logits' gradient against this
+    scale instead of its own maximum (all groups saturated: that gradient is ~1e-35 everywhere,
+    and kernel and reference alike get it only to ~1e-16 of the unsaturated scale)."""
+    code = HEAD_CODES[head]
+    cast = _grad_on([t.to(DEVICE, dtype) if t is not None else None for t in inputs])
+    ref_in = _grad_on([t.detach().double().cpu() if t is not None else None for t in cast])
+    B = inputs[0].shape[0]
+    w = grad_weights if grad_weights is not None else torch.linspace(0.5, 1.5, B, dtype=F64)
+    got = OPS.triton_categorical_nll(*cast, code)
+    want = REFERENCE(*ref_in, code)
+    assert got.dtype == dtype and got.shape == (B,)
+    check(got, want, dtype, f"{head} loss", head)
+    leaves = [i for i, t in enumerate(cast) if t is not None]
+    g_got = torch.autograd.grad((got * w.to(got)).sum(), [cast[i] for i in leaves])
+    g_want = torch.autograd.grad((want * w).sum(), [ref_in[i] for i in leaves])
+    for i, a, b in zip(leaves, g_got, g_want):
+        assert a.dtype == dtype
+        if i == 1 and logits_scale is not None:
+            err = (a.double().cpu() - b).abs().max().item() / logits_scale
+            assert err <= TOL[dtype], f"{head} dlogits: error {err:.3g} of the scale {logits_scale:g}"
+            continue
+        check(a, b, dtype, f"{head} d{NAMES[i]}", head)
+
+
+# ------------------------------------------------------------------ enumeration oracle
+def enumerate_states(inputs, head):
+    """E over all K^G joint one-hot states of the exact per-state loss (fixed, log-variance) or
+    the Taylor term from the enumerated E[v^2], E[v^4] (precision); differentiable."""
+    x, logits, A, b, C, c, sigma2 = inputs
+    B, G, K = logits.shape
+    probs = torch.softmax(logits, -1)
+    b = 0 if b is None else b
+    c = 0 if c is None else c
+    total, e2v2, m2, v4 = 0, 0, 0, 0
+    for state in itertools.product(range(K), repeat=G):
+        idx = torch.tensor(state)
+        z = torch.zeros(G, K, dtype=F64)
+        z[torch.arange(G), idx] = 1.0
+        w = probs[:, torch.arange(G), idx].prod(-1)[:, None]            # (B, 1)
+        u = A @ z.flatten() + b
+        r2 = (x - u) ** 2
+        if head == "fixed":
+            total = total + w * (r2 / (2 * sigma2) + 0.5 * (LOG_2PI + torch.log(sigma2)))
+            continue
+        v = C @ z.flatten() + c
+        if head == "logvar":
+            total = total + w * 0.5 * (LOG_2PI + v + r2 * torch.exp(-v))
+        else:
+            e2v2, m2, v4 = e2v2 + w * r2 * v * v, m2 + w * v * v, v4 + w * v ** 4
+    if head == "precision":
+        total = 0.5 * e2v2 - 0.5 * torch.log(m2) + (v4 - m2 * m2) / (4 * m2 * m2) + 0.5 * LOG_2PI
+    return total.sum(-1)
+
+
+@pytest.mark.parametrize("head", ["fixed", "precision", "logvar"])
+@pytest.mark.parametrize("shape", [(2, 3, 3, 3), (3, 2, 2, 5), (1, 1, 1, 2), (2, 4, 4, 2)])
+def test_against_enumeration(head, shape):
+    """float64 loss and every gradient against enumeration of all K^G joint states."""
+    B, k, G, K = shape
+    inputs = case(head, B, k, G, K, seed=G * K + k)
+    cast = _grad_on([t.to(DEVICE) if t is not None else None for t in inputs])
+    ref_in = _grad_on(inputs)
+    got = OPS.triton_categorical_nll(*cast, HEAD_CODES[head])
+    want = enumerate_states(ref_in, head)
+    check(got, want, F64, f"{head} loss vs enumeration", head)
+    w = torch.linspace(0.5, 1.5, B, dtype=F64)
+    leaves = [i for i, t in enumerate(cast) if t is not None]
+    g_got = torch.autograd.grad((got * w.to(got)).sum(), [cast[i] for i in leaves])
+    g_want = torch.autograd.grad((want * w).sum(), [ref_in[i] for i in leaves])
+    for i, a, b in zip(leaves, g_got, g_want):
+        check(a, b, F64, f"{head} d{NAMES[i]} vs enumeration", head)
+
+
+# ------------------------------------------------------------------ against the reference
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head", ["fixed", "precision", "logvar"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 2), (3, 7, 5, 3), (5, 3, 2, 7), (2, 5, 3, 1)])
+def test_against_reference(head, shape, dtype):
+    """Odd shapes (B = 1, k = 1, G = 1, K = 2; primes; K = 1, a degenerate group) with
+    saturated groups (logits +-40) among unsaturated ones."""
+    B, k, G, K = shape
+    compare(head, case(head, B, k, G, K, seed=sum(shape), saturate=K >= 2 and B * G > 2), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head", ["fixed", "precision", "logvar"])
+def test_saturated_logits(head, dtype):
+    """Every group of every sample saturated at +-40 (one category carries all the mass): the
+    loss and every other gradient to the usual relative tolerance; the logits' gradient (~1e-35)
+    to the tolerance of its unsaturated scale (the same problem at logits +-1)."""
+    inputs = case(head, 3, 4, 3, 3, seed=7)
+    g = torch.Generator().manual_seed(1)
+    sign = torch.stack([torch.tensor([1.0, -1.0, -1.0], dtype=F64)[torch.randperm(3, generator=g)]
+                        for _ in range(9)]).reshape(3, 3, 3)
+    mild = [t.clone() if t is not None else None for t in inputs]
+    mild[1] = sign.clone().requires_grad_()
+    w = torch.linspace(0.5, 1.5, 3, dtype=F64)
+    scale = torch.autograd.grad((REFERENCE(*mild, HEAD_CODES[head]) * w).sum(), mild[1])[0].abs().max().item()
+    inputs[1] = 40.0 * sign
+    compare(head, inputs, dtype, logits_scale=scale)
+
+
+@pytest.mark.parametrize("head", ["fixed", "precision", "logvar"])
+def test_optional_biases_and_strided_inputs(head):
+    """No biases; non-contiguous weights (a transposed view) and x (a column slice)."""
+    inputs = case(head, 3, 5, 2, 3, seed=11, bias=False, second_bias=False)
+    inputs[0] = torch.cat([inputs[0], torch.zeros(3, 2, dtype=F64)], 1)[:, :5]
+    inputs[2] = inputs[2].t().contiguous().t()
+    if inputs[4] is not None:
+        inputs[4] = inputs[4].t().contiguous().t()
+    assert not inputs[0].is_contiguous() and not inputs[2].is_contiguous()
+    compare(head, inputs, F64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head", ["fixed", "precision", "logvar"])
+def test_multiple_tiles(monkeypatch, head, dtype):
+    """Tiny tiles (2 x 2 samples x pixels), so several programs own ragged tiles and the
+    per-tile partials of the loss, dlogits, dweights and the bias gradients are summed."""
+    monkeypatch.setattr(triton_categorical, "_INTERP_TILE", 8)
+    monkeypatch.setattr(triton_categorical, "_GPU_TILE", {4: 8, 8: 8})
+    cfg = triton_categorical._config(5, 7, 3, dtype, torch.device(DEVICE))
+    assert (cfg["BLOCK_B"], cfg["BLOCK_P"]) == (2, 2)
+    compare(head, case(head, 5, 7, 3, 3, seed=13, saturate=True), dtype,
+            grad_weights=torch.tensor([0.5, -1.0, 2.0, 0.0, 1.5], dtype=F64))
+
+
+def test_gpu_block_configuration(monkeypatch):
+    """The GPU blocks hold all categories of a group and respect the tile budget (a 2 x 2
+    sample x pixel tile at least); then the GPU blocks run here on a ragged problem."""
+    monkeypatch.setattr(triton_categorical, "_sized_to_problem", lambda device: False)
+    for ncat in (1, 2, 3, 10, 100, 1000):
+        for dtype in DTYPES:
+            budget = triton_categorical._GPU_TILE[8 if dtype == F64 else 4]
+            cfg = triton_categorical._config(128, 784, ncat, dtype, torch.device(DEVICE))
+            tile = cfg["BLOCK_B"] * cfg["BLOCK_P"] * cfg["BLOCK_C"]
+            assert cfg["BLOCK_C"] >= ncat and tile <= max(budget, 4 * cfg["BLOCK_C"]), (ncat, cfg)
+            assert cfg["num_warps"] == 4
+    compare("precision", case("precision", 19, 37, 3, 5, seed=3, saturate=True), torch.float32)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-3), (torch.bfloat16, 8e-3)])
+def test_half_precision_inputs(dtype, tol):
+    """fp16 / bf16 inputs: fp32 accumulation, outputs in the input dtype."""
+    inputs = case("logvar", 3, 5, 2, 3, seed=17)
+    cast = [t.to(DEVICE, dtype) if t is not None else None for t in inputs]
+    ref_in = _grad_on([t.double().cpu() if t is not None else None for t in cast])
+    ref = REFERENCE(*ref_in, HEAD_CODES["logvar"])
+    grad = torch.tensor([1.0, -0.5, 2.0], dtype=F64)
+    (ref * grad).sum().backward()
+    loss = OPS.triton_categorical_nll(*cast, HEAD_CODES["logvar"])
+    assert loss.dtype == dtype and rel_err(loss, ref) <= tol
+    outs = OPS.triton_categorical_nll_backward(grad.to(DEVICE, dtype), *cast, [t is not None for t in cast],
+                                               HEAD_CODES["logvar"])
+    for got, r in zip(outs, ref_in):
+        if r is not None:
+            assert got.dtype == dtype and rel_err(got, r.grad) <= tol
+
+
+# --------------------------------------------------------------- backward contract
+@pytest.mark.parametrize("head", ["fixed", "precision", "logvar"])
+def test_backward_each_needs_flag(head):
+    """Each needs flag alone: that gradient (vs the reference) and (0,) tensors elsewhere."""
+    inputs = [t.to(DEVICE) if t is not None else None for t in case(head, 3, 4, 2, 3, seed=21)]
+    code = HEAD_CODES[head]
+    grad = torch.tensor([0.5, -1.0, 2.0], dtype=F64, device=DEVICE)
+    ref_in = _grad_on([t.cpu() if t is not None else None for t in inputs])
+    (REFERENCE(*ref_in, code) * grad.cpu()).sum().backward()
+    for i in range(7):
+        outs = OPS.triton_categorical_nll_backward(grad, *inputs, [j == i for j in range(7)], code)
+        for j, (o, inp) in enumerate(zip(outs, inputs)):
+            if j == i and inp is not None:
+                assert o.shape == inp.shape
+                assert rel_err(o, ref_in[i].grad) <= TOL[F64], (head, i)
+            else:
+                assert o.shape == (0,), (head, i, j)
+
+
+def test_empty_batch_and_no_pixels():
+    for head in ("fixed", "logvar"):
+        for B, k in ((0, 3), (2, 0)):
+            inputs = [t.to(DEVICE) if t is not None else None for t in case(head, B, k, 2, 3)]
+            loss = OPS.triton_categorical_nll(*inputs, HEAD_CODES[head])
+            assert loss.shape == (B,) and (loss == 0).all()
+            outs = OPS.triton_categorical_nll_backward(torch.ones(B, dtype=F64, device=DEVICE), *inputs,
+                                                       [True] * 7, HEAD_CODES[head])
+            for o, t in zip(outs, inputs):
+                assert o.shape == (t.shape if t is not None else (0,)) and (o == 0).all()
+
+
+def test_argument_checks():
+    x, logits, weight, bias, second, second_bias, _ = [t.to(DEVICE) if t is not None else None
+                                                       for t in case("logvar", 2, 3, 2, 3)]
+    sigma2 = torch.ones(3, dtype=F64, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"head=3 \(fixed\) needs sigma2 and no second_weight"):
+        OPS.triton_categorical_nll(x, logits, weight, bias, second, None, None, 3)
+    with pytest.raises(RuntimeError, match=r"head=2 needs second_weight and no sigma2"):
+        OPS.triton_categorical_nll(x, logits, weight, bias, second, second_bias, sigma2, 2)
+    with pytest.raises(RuntimeError, match=r"head: expected 3 \(fixed\), 0 .* got 1"):
+        OPS.triton_categorical_nll(x, logits, weight, bias, second, second_bias, None, 1)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(3, 6\), got \(3, 5\)"):
+        OPS.triton_categorical_nll(x, logits, weight[:, :5], bias, None, None, sigma2, 3)
+    with pytest.raises(ValueError, match=r"logits: expected shape \(B=2, G, K\)"):
+        OPS.triton_categorical_nll(x, logits.flatten(1), weight, bias, None, None, sigma2, 3)
+    with pytest.raises(ValueError, match=r"bias: all inputs must share x's dtype"):
+        OPS.triton_categorical_nll(x, logits, weight, bias.float(), None, None, sigma2, 3)
+
+
+# -------------------------------------------------------- autograd, opcheck, gradcheck
+def test_opcheck():
+    grad = torch.tensor([1.0, -0.5], device=DEVICE)
+    for head in ("fixed", "precision", "logvar"):
+        for bias in (True, False):
+            inputs = [t.to(DEVICE, torch.float32) if t is not None else None
+                      for t in case(head, 2, 3, 2, 3, seed=5, bias=bias, second_bias=bias)]
+            torch.library.opcheck(OPS.triton_categorical_nll.default, [*_grad_on(inputs), HEAD_CODES[head]])
+        torch.library.opcheck(OPS.triton_categorical_nll_backward.default,
+                              [grad, *inputs, [True] * 7, HEAD_CODES[head]])
+        torch.library.opcheck(OPS.triton_categorical_nll_backward.default,
+                              [grad, *inputs, [False, True, False, True, True, False, True], HEAD_CODES[head]])
+
+
+@pytest.mark.parametrize("head", ["fixed", "precision", "logvar"])
+def test_gradcheck(head):
+    """torch.autograd.gradcheck in float64 through the public wrappers."""
+    x, logits, weight, bias, second, second_bias, sigma2 = _grad_on(
+        [t.to(DEVICE) if t is not None else None for t in case(head, 2, 2, 2, 3, seed=31)])
+    if head == "fixed":
+        fn, inputs = triton_ops.triton_categorical_fixed_nll, (x, logits, weight, bias, sigma2)
+    elif head == "precision":
+        fn, inputs = triton_ops.triton_categorical_precision_nll, (x, logits, weight, bias, second, second_bias)
+    else:
+        fn, inputs = triton_ops.triton_categorical_logvar_nll, (x, logits, weight, bias, second, second_bias)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+# ------------------------------------------------------------- through analytic_nll
+def _public_loss(t, head, backend):
+    q = D.OneHotCategorical(logits=t["logits"])
+    if head == "fixed":
+        kwargs = dict(sigma2=t["sigma2"])
+    elif head == "precision":
+        kwargs = dict(precision_weight=t["second"], precision_bias=t["second_bias"])
+    else:
+        kwargs = dict(logvar_weight=t["second"], logvar_bias=t["second_bias"])
+    return analytic_nll(t["x"], q, t["weight"], t["bias"], reduction="sum", backend=backend, **kwargs)
+
+
+def _public_leaves(head, seed):
+    x, logits, weight, bias, second, second_bias, sigma2 = case(head, 3, 4, 2, 3, seed=seed)
+    leaves = {"x": x, "logits": logits, "weight": weight, "bias": bias}
+    if head == "fixed":
+        leaves["sigma2"] = sigma2
+    else:
+        leaves.update(second=second, second_bias=second_bias)
+    return leaves
+
+
+@pytest.mark.parametrize("head", ["fixed", "precision", "logvar"])
+def test_analytic_nll_triton_backend(head):
+    """analytic_nll(backend="triton") routes categorical latents to the Triton op (the kinds
+    _load_triton offers) and matches the reference backend, gradients included."""
+    backend = backends.resolve("triton", torch.device(DEVICE), f"categorical_{head}")
+    assert backend.name == "triton"
+    leaves = _public_leaves(head, seed=41)
+    results = []
+    for name, device in (("triton", DEVICE), ("torch", "cpu")):
+        t = {n: v.to(device).requires_grad_() for n, v in leaves.items()}
+        loss = _public_loss(t, head, name)
+        loss.backward()
+        results.append((loss.detach(), {n: v.grad for n, v in t.items()}))
+    (got, got_grads), (ref, ref_grads) = results
+    check(got, ref, F64, f"{head} analytic_nll", head)
+    for n in ref_grads:
+        check(got_grads[n], ref_grads[n], F64, f"{head} analytic_nll d{n}", head)
+
+
+def test_latent_moments_categorical_triton():
+    """LatentMoments.categorical goes through the same Triton kernels."""
+    leaves = _public_leaves("logvar", seed=43)
+    q = LatentMoments.categorical(logits=leaves["logits"].to(DEVICE))
+    got = analytic_nll(leaves["x"].to(DEVICE), q, leaves["weight"].to(DEVICE), leaves["bias"].to(DEVICE),
+                       logvar_weight=leaves["second"].to(DEVICE), logvar_bias=leaves["second_bias"].to(DEVICE),
+                       reduction="none", backend="triton")
+    want = REFERENCE(leaves["x"], leaves["logits"], leaves["weight"], leaves["bias"], leaves["second"],
+                     leaves["second_bias"], None, HEAD_CODES["logvar"])
+    check(got, want, F64, "logvar LatentMoments.categorical", "logvar")
+
+
+def test_torch_compile_fullgraph():
+    """The three heads through analytic_nll(backend="triton") inside torch.compile(fullgraph=True)
+    give the eager loss and gradients."""
+    heads = ("fixed", "precision", "logvar")
+    leaves = {h: _public_leaves(h, seed=51 + i) for i, h in enumerate(heads)}
+
+    def loss_fn(ts):
+        return sum(_public_loss(ts[h], h, "triton") for h in heads)
+
+    results = []
+    for fn in (torch.compile(loss_fn, fullgraph=True), loss_fn):
+        ts = {h: {n: v.to(DEVICE).float().requires_grad_() for n, v in leaves[h].items()} for h in heads}
+        loss = fn(ts)
+        loss.backward()
+        results.append((loss.detach(), [v.grad for h in heads for v in ts[h].values()]))
+    (compiled, compiled_grads), (eager, eager_grads) = results
+    assert rel_err(compiled, eager) <= 1e-6
+    for i, (a, b) in enumerate(zip(compiled_grads, eager_grads)):
+        assert rel_err(a, b) <= 1e-6, i
+
+
+def test_report_worst_errors():
+    """Prints the largest errors the comparisons above saw (pytest -s)."""
+    print("\nworst normwise relative error (head/dtype):", {k: f"{v:.2e}" for k, v in sorted(WORST.items())})
