@@ -30,7 +30,7 @@ from .arguments import (Parser, add_config_flags, check_backend, check_flags_app
                         int_at_least)
 from .checkpoints import load_checkpoint, read_json, write_json_atomic
 from .errors import (EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, EXIT_WRITE,
-                     RunDirError, SilentVAEError, UsageError)
+                     InputFileError, RunDirError, SilentVAEError, UsageError)
 from .reproduce.command import add_parser as add_reproduce_parser
 from .reproduce.command import run_command as run_reproduce
 from .runs import load_run
@@ -138,6 +138,10 @@ def _train_config(args):
     if changed:
         raise UsageError(f"--resume: only {', '.join(map(flag, RESUMABLE_FIELDS))} may change on resume, got "
                          + ", ".join(f"{flag(k)} {overrides[k]!r} (the run has {saved.get(k)!r})" for k in changed))
+    try:
+        TrainConfig.from_dict(saved).validate()
+    except ValueError as exc:
+        raise InputFileError(f"{path}: the checkpoint's config is not valid here ({exc})") from None
     return TrainConfig.from_dict({**saved, **overrides}).validate()
 
 

@@ -18,6 +18,9 @@ def load_run(run_dir: str, checkpoint: Optional[str] = None, device="cpu", with_
     ckpt = load_checkpoint(path, map_location=device)
     try:
         cfg = TrainConfig.from_dict(ckpt["config"]).validate()
+    except ValueError as exc:
+        raise InputFileError(f"{path}: the checkpoint's config is not valid here ({exc})") from None
+    try:
         model = build_model(cfg, tuple(ckpt["image_shape"]))
         model.load_state_dict(ckpt["model"])
     except (ValueError, TypeError, RuntimeError) as exc:

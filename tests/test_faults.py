@@ -213,6 +213,10 @@ def _wrong_width(ckpt):
     ckpt["config"]["latent_dim"] = 7
 
 
+def _future_field(ckpt):
+    ckpt["config"]["warmup_epochs"] = 3
+
+
 CHECKPOINT_FAULTS = [
     ("truncated", truncate_half, ["last.pt", "truncated or corrupt"]),
     ("empty", lambda p: p.write_bytes(b""), ["last.pt", "truncated or corrupt"]),
@@ -221,6 +225,7 @@ CHECKPOINT_FAULTS = [
     ("no config", _edit_checkpoint(lambda c: c.pop("config")), ["last.pt", "missing config"]),
     ("non-finite weights", _edit_checkpoint(_nan_weight), ["last.pt", "non-finite"]),
     ("weights of another shape", _edit_checkpoint(_wrong_width), ["last.pt", "do not match"]),
+    ("a config field this version lacks", _edit_checkpoint(_future_field), ["last.pt", "warmup_epochs"]),
 ]
 
 
