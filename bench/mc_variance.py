@@ -53,7 +53,8 @@ def _grad(encoder, loss) -> torch.Tensor:
 def analytic_gradient(latent, x, encoder, w, b) -> torch.Tensor:
     h = encoder(x)
     if latent == "gaussian":
-        q = LatentMoments.gaussian(*h.chunk(2, dim=-1))
+        mu, logvar = h.chunk(2, dim=-1)
+        q = LatentMoments.gaussian(mu, logvar=logvar)
     else:
         q = LatentMoments.bernoulli(logits=h)
     return _grad(encoder, analytic_nll(x, q, w, b, sigma2=SIGMA2))

@@ -38,7 +38,8 @@ class Runner:
 
 def _moments(p: Problem, inp: Inputs) -> LatentMoments:
     if p.latent == "gaussian":
-        return LatentMoments.gaussian(*inp.encoder_out)
+        mu, logvar = inp.encoder_out
+        return LatentMoments.gaussian(mu, logvar=logvar)
     if p.latent == "categorical":
         return LatentMoments.categorical(logits=inp.encoder_out[0].unflatten(-1, (-1, CATEGORIES)))
     return LatentMoments.bernoulli(logits=inp.encoder_out[0])

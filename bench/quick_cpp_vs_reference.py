@@ -151,7 +151,7 @@ def main() -> None:
     gparams = [mu, logvar, A, b]
 
     def analytic_step():
-        loss = analytic_nll(x, LatentMoments.gaussian(mu, logvar), A, b, sigma2=sigma2, backend="cpp")
+        loss = analytic_nll(x, LatentMoments.gaussian(mu, logvar=logvar), A, b, sigma2=sigma2, backend="cpp")
         return torch.autograd.grad(loss, gparams)
 
     def mc_step():

@@ -73,7 +73,7 @@ def kl_to_standard_normal(mu, logvar):
 def loss_function(model, x, recon, mu, logvar, exact: bool):
     """Negative ELBO summed over the batch: reconstruction NLL + KL."""
     if exact:   # the switch: E_q[-log p(x|z)] in closed form instead of one sample
-        q = LatentMoments.gaussian(mu, logvar)
+        q = LatentMoments.gaussian(mu, logvar=logvar)
         nll = analytic_nll(x, q, model.decoder.weight, model.decoder.bias, sigma2=SIGMA2, reduction="sum")
     else:
         nll = gaussian_nll(x, recon)

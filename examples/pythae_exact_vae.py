@@ -72,7 +72,7 @@ class ExactLossVAE(VAE):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"decoder: ExactLossVAE needs a decoder whose `linear` attribute is the "
                             f"nn.Linear producing the mean, got {type(self.decoder).__name__}")
-        q = LatentMoments.gaussian(mu, log_var)
+        q = LatentMoments.gaussian(mu, logvar=log_var)
         recon_loss = (analytic_nll(x, q, linear.weight, linear.bias, sigma2=1.0, reduction="none")
                       - 0.5 * x[0].numel() * math.log(2 * math.pi))   # pythae's "mse" leaves it out
         kld = -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp(), dim=-1)
@@ -101,7 +101,7 @@ def heldout_elbo(model: VAE, images: torch.Tensor, batch_size: int = 1000) -> fl
         out = model.encoder(x)
         mu, log_var = out.embedding, out.log_covariance
         linear = model.decoder.linear
-        nll = analytic_nll(x, LatentMoments.gaussian(mu, log_var), linear.weight, linear.bias, sigma2=1.0,
+        nll = analytic_nll(x, LatentMoments.gaussian(mu, logvar=log_var), linear.weight, linear.bias, sigma2=1.0,
                            reduction="sum")
         kld = -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp())
         total -= (nll + kld).item()

@@ -133,7 +133,7 @@ class Posterior:
 
     def moments(self) -> LatentMoments:
         if self.latent == "gaussian":
-            return LatentMoments.gaussian(self.mu, self.logvar)
+            return LatentMoments.gaussian(self.mu, logvar=self.logvar)
         if self.latent == "categorical":
             return LatentMoments.categorical(logits=self.group_logits)
         return LatentMoments.bernoulli(logits=self.logits)

@@ -103,7 +103,7 @@ class LinearVAE(nn.Module):
 
     def moments(self, X: Tensor) -> LatentMoments:
         mu = self.encoder(X)
-        return LatentMoments.gaussian(mu, self.logvar.expand_as(mu))
+        return LatentMoments.gaussian(mu, logvar=self.logvar.expand_as(mu))
 
     def terms(self, X: Tensor) -> dict:
         """Per-sample means of the exact ELBO, the entropy sum and E_q||x - g(z)||^2."""

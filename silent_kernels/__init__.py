@@ -2,7 +2,7 @@
 Gaussian decoder ("Silent Gradients"), with zero-variance encoder gradients.
 
     from silent_kernels import analytic_nll, LatentMoments
-    loss = analytic_nll(x, LatentMoments.gaussian(mu, logvar), decoder.weight, decoder.bias, sigma2=0.01)
+    loss = analytic_nll(x, LatentMoments.gaussian(mu, logvar=logvar), decoder.weight, decoder.bias, sigma2=0.01)
 """
 
 from . import nn

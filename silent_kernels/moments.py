@@ -138,10 +138,18 @@ class LatentMoments:
 
     # ------------------------------------------------------------- constructors
     @classmethod
-    def gaussian(cls, mu: Tensor, logvar: Tensor) -> "LatentMoments":
-        """Gaussian latents from an encoder's (mu, logvar), both (B, d): Var = exp(logvar).
+    def gaussian(cls, mu: Tensor, *positional, logvar: Optional[Tensor] = None) -> "LatentMoments":
+        """Gaussian latents from an encoder's mean and log-variance, both (B, d):
+        ``LatentMoments.gaussian(mu, logvar=logvar)``, Var = exp(logvar).
 
-        If your encoder returns a standard deviation instead, use ``from_std``."""
+        The log-variance is keyword-only so that a standard deviation or a variance cannot be
+        passed by mistake: use ``from_std(mu, std)`` for a standard deviation."""
+        if positional:
+            raise TypeError("LatentMoments.gaussian: pass the log-variance by name, "
+                            "LatentMoments.gaussian(mu, logvar=logvar); for a standard deviation use "
+                            "LatentMoments.from_std(mu, std)")
+        if logvar is None:
+            raise TypeError("LatentMoments.gaussian: missing logvar= (the log-variance, shape (B, d))")
         return cls(mu, torch.exp(logvar), family="gaussian")
 
     @classmethod

@@ -1,7 +1,7 @@
 """``nn.Module`` heads: a linear Gaussian decoder whose expected NLL is one call.
 
     decoder = silent_kernels.nn.LinearGaussianDecoder(d, k, variance="logvar")
-    loss = decoder.nll(x, LatentMoments.gaussian(mu, logvar)).mean() + kl
+    loss = decoder.nll(x, LatentMoments.gaussian(mu, logvar=logvar)).mean() + kl
     x_mean = decoder(z)                      # the mean image of a latent code
 
 Variances:

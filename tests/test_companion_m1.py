@@ -26,7 +26,7 @@ def test_expected_sq_error_is_the_fixed_variance_quantity():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 6, generator=g, dtype=torch.float64)
     q = LatentMoments.gaussian(torch.randn(4, 3, generator=g, dtype=torch.float64),
-                               torch.randn(4, 3, generator=g, dtype=torch.float64))
+                               logvar=torch.randn(4, 3, generator=g, dtype=torch.float64))
     W = torch.randn(6, 3, generator=g, dtype=torch.float64)
     b = torch.randn(6, generator=g, dtype=torch.float64)
     want = ((x - (q.mean @ W.T + b)).square() + q.var @ W.square().T).sum(-1)

@@ -74,7 +74,7 @@ def test_adam_minibatch_schedule_runs():
 def test_entropy_sum_fixed_and_per_pixel_variance():
     g = torch.Generator().manual_seed(0)
     mu, logvar = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
-    q = LatentMoments.gaussian(mu, logvar)
+    q = LatentMoments.gaussian(mu, logvar=logvar)
     k = 5
     want = 0.5 * logvar.sum(-1) - 0.5 * k * math.log(2 * math.pi * math.e * 0.3)
     assert torch.allclose(entropy_sum(q, k, sigma2=0.3), want)
@@ -95,7 +95,7 @@ def test_expected_log_precision_is_the_packages_log_term(family, log_term):
     B, d, k = 4, 3, 6
     if family == "gaussian":
         q = LatentMoments.gaussian(torch.randn(B, d, generator=g, dtype=torch.float64),
-                                   torch.randn(B, d, generator=g, dtype=torch.float64) - 1)
+                                   logvar=torch.randn(B, d, generator=g, dtype=torch.float64) - 1)
     else:
         q = LatentMoments.bernoulli(logits=torch.randn(B, d, generator=g, dtype=torch.float64))
     C = 0.3 * torch.randn(k, d, generator=g, dtype=torch.float64)
@@ -116,7 +116,7 @@ def test_expected_log_precision_close_to_monte_carlo_for_small_spread():
     bp = torch.full((4,), 3.0, dtype=torch.float64)
     z = mu + 0.1 * torch.randn(200_000, 2, 3, generator=g, dtype=torch.float64)
     mc = torch.log((z @ C.T + bp).square()).mean(0)
-    ours = expected_log_precision_sq(LatentMoments.gaussian(mu, logvar), C, bp)
+    ours = expected_log_precision_sq(LatentMoments.gaussian(mu, logvar=logvar), C, bp)
     assert torch.allclose(ours, mc, atol=2e-3)
 
 

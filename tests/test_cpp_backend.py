@@ -53,7 +53,7 @@ def make_q(family: str, enc: torch.Tensor, enc2: torch.Tensor):
     loc = 0.5 + enc.sigmoid()
     spread = F.softplus(enc2) + 0.1
     if family == "gaussian":
-        return LatentMoments.gaussian(loc, enc2 * 0.5 - 1.0)  # k3 = k4 = None
+        return LatentMoments.gaussian(loc, logvar=enc2 * 0.5 - 1.0)  # k3 = k4 = None
     if family == "bernoulli":
         return LatentMoments.bernoulli(logits=enc)
     if family == "uniform":

@@ -30,7 +30,7 @@ class TinyVAELoss(nn.Module):
     def forward(self, x):
         logits, logvar = self.encoder(x).chunk(2, dim=-1)
         q_bern = LatentMoments.bernoulli(logits=logits)
-        q_gauss = LatentMoments.gaussian(logits, logvar)
+        q_gauss = LatentMoments.gaussian(logits, logvar=logvar)
         precision = analytic_nll(x, q_bern, self.mean_head.weight, self.mean_head.bias,
                                  precision_weight=self.precision_head.weight,
                                  precision_bias=self.precision_head.bias, backend="cpp")

@@ -113,7 +113,7 @@ def _problem(B=3, d=4, k=5, *, family="gaussian", seed=0, dtype=F64, saturate=Fa
 
 def _q(t):
     if "mu" in t:
-        return LatentMoments.gaussian(t["mu"], t["lv"])
+        return LatentMoments.gaussian(t["mu"], logvar=t["lv"])
     return LatentMoments.bernoulli(logits=t["logits"])
 
 
@@ -256,7 +256,7 @@ def test_double_backward_fixed_head_matches_reference(backend):
     for be in (backend, "torch"):
         mu = t["mu"].detach().requires_grad_(True)
         W = t["A"].detach().requires_grad_(True)
-        loss = analytic_nll(t["x"].detach(), LatentMoments.gaussian(mu, t["lv"].detach()), W, None,
+        loss = analytic_nll(t["x"].detach(), LatentMoments.gaussian(mu, logvar=t["lv"].detach()), W, None,
                             sigma2=0.3, backend=be)
         g, = torch.autograd.grad(loss, mu, create_graph=True)
         g.square().sum().backward()

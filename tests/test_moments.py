@@ -228,13 +228,13 @@ def test_gaussian_from_mu_logvar():
     g = gen(6)
     mu = torch.randn(B, d, generator=g, dtype=DT, requires_grad=True)
     logvar = torch.randn(B, d, generator=g, dtype=DT, requires_grad=True)
-    q = LatentMoments.gaussian(mu, logvar)
+    q = LatentMoments.gaussian(mu, logvar=logvar)
     assert q.is_gaussian and q.k3 is None and q.k4 is None
     assert q.mean is mu
     torch.testing.assert_close(q.var, logvar.detach().exp(), rtol=1e-15, atol=0)
     ref = LatentMoments.from_distribution(D.Normal(mu, (0.5 * logvar).exp()))
     torch.testing.assert_close(q.var, ref.var, rtol=1e-14, atol=0)
-    assert torch.autograd.gradcheck(lambda m, lv: LatentMoments.gaussian(m, lv).tensors()[:2], (mu, logvar))
+    assert torch.autograd.gradcheck(lambda m, lv: LatentMoments.gaussian(m, logvar=lv).tensors()[:2], (mu, logvar))
     x, A = torch.randn(B, 5, generator=g, dtype=DT), torch.randn(5, d, generator=g, dtype=DT)
     gm, glv = torch.autograd.grad(analytic_nll(x, q, A, sigma2=0.3, backend="torch"), (mu, logvar))
     for gr in (gm, glv):
@@ -338,3 +338,11 @@ def test_latent_moments_shape_validation():
         LatentMoments([[0.0]], v)
     q = LatentMoments(m, v, k4=torch.zeros(B, d))
     assert (q.batch_size, q.latent_dim) == (B, d) and not q.is_gaussian
+
+
+def test_gaussian_constructors_are_explicit_about_the_scale():
+    mu, logvar = torch.zeros(2, 3), torch.full((2, 3), math.log(4.0))
+    with pytest.raises(TypeError, match=r"logvar=logvar.*from_std"):
+        LatentMoments.gaussian(mu, logvar)                   # positional: refused, not guessed
+    assert torch.allclose(LatentMoments.gaussian(mu, logvar=logvar).var, torch.full((2, 3), 4.0))
+    assert torch.allclose(LatentMoments.from_std(mu, torch.full((2, 3), 2.0)).var, torch.full((2, 3), 4.0))

@@ -19,7 +19,7 @@ def test_decoder_nll_is_the_functional_loss_and_trains_every_parameter(variance,
     x = torch.rand(B, k)
     enc = torch.randn(B, 2 * d, requires_grad=True)
     mu, lv = enc.chunk(2, -1)
-    q = LatentMoments.gaussian(mu, lv) if family == "gaussian" else LatentMoments.bernoulli(logits=mu)
+    q = LatentMoments.gaussian(mu, logvar=lv) if family == "gaussian" else LatentMoments.bernoulli(logits=mu)
     loss = dec.nll(x, q)
     kwargs = {"fixed": dict(sigma2=dec.sigma2) if variance == "fixed" else {},
               "scalar": dict(sigma2=dec.log_sigma2.exp()) if variance == "scalar" else {},

@@ -91,7 +91,7 @@ def make_leaves(family, head, B, k, d, *, bias=True, pbias=True, sigma_kind="pix
 
 def build_q(family, t):
     if family == "gaussian":
-        return LatentMoments.gaussian(t["mu"], t["logvar"])
+        return LatentMoments.gaussian(t["mu"], logvar=t["logvar"])
     if family == "bernoulli":
         return LatentMoments.bernoulli(logits=t["logits"])
     return LatentMoments.from_distribution(D.Uniform(t["low"], t["low"] + t["logwidth"].exp()))
@@ -527,7 +527,7 @@ def test_torch_compile_fullgraph():
     params = [rnd(B, d), rnd(B, d, scale=0.3), rnd(k, d, scale=0.5), rnd(k, d, scale=0.2), rnd(()).abs() + 0.5]
 
     def loss_fn(mu, logvar, weight, pweight, sigma2):
-        q = LatentMoments.gaussian(mu, logvar)
+        q = LatentMoments.gaussian(mu, logvar=logvar)
         fixed = analytic_nll(x, q, weight, sigma2=sigma2, reduction="sum", backend="triton")
         prec = analytic_nll(x, q, weight, precision_weight=pweight, precision_bias=bc, backend="triton")
         return fixed + prec

@@ -122,7 +122,7 @@ def precision_reference(head, inputs):
     x, mean, var, _, _, weight, b, second, second_b = inputs
     if head == EXACT:
         return reference.precision_nll(x, mean, var, None, None, weight, b, second, second_b, log_term="exact")
-    q = LatentMoments.gaussian(mean, var.log())
+    q = LatentMoments.gaussian(mean, logvar=var.log())
     return reference.logvar_nll(x, q, weight, b, second, second_b)
 
 
@@ -609,7 +609,7 @@ def _public_loss(path, t, backend, reduction="sum"):
     if path == "bernoulli_logvar":
         q = LatentMoments.bernoulli(logits=t["logits"])
     else:
-        q = LatentMoments.gaussian(t["mu"], t["logvar"])
+        q = LatentMoments.gaussian(t["mu"], logvar=t["logvar"])
     if path == "exact":
         return analytic_nll(t["x"], q, t["weight"], t["bias"], precision_weight=t["second"],
                             precision_bias=t["second_bias"], log_term="exact", reduction=reduction,
