@@ -66,9 +66,18 @@ def _central(p3, a3, c3, HAS_C: tl.constexpr, HIGHER: tl.constexpr):
     """Moments of one group per (sample, pixel): p3 (BB, 1, BC) the probabilities (0 on padded
     categories), a3 / c3 (1, BP, BC) the weights. Returns the means m10, m01, the deviations
     x = a - m10, y = c - m01 (3-D) and k20, k02, k11, k21, k12, k03, e22 = E[x^2 y^2],
-    e04 = E[y^4] (zeros where HAS_C / HIGHER are off)."""
-    m10 = tl.sum(p3 * a3, axis=2)
-    xd = a3 - m10[:, :, None]
+    e04 = E[y^4] (zeros where HAS_C / HIGHER are off).
+
+    The deviations are taken through the weight of the group's mode when one category holds
+    more than half the mass: x_j = (a_j - a_mode) - E[a - a_mode], so that at saturated logits
+    the mode's deviation (~ the other categories' tiny mass) keeps its relative accuracy, and
+    so does the logits' gradient built from it."""
+    mode = p3 > 0.5                     # at most one category per group
+    a_ref = tl.sum(tl.where(mode, a3, 0.0), axis=2)
+    ad = a3 - a_ref[:, :, None]
+    shift_a = tl.sum(p3 * ad, axis=2)
+    m10 = a_ref + shift_a
+    xd = ad - shift_a[:, :, None]
     px = p3 * xd
     k20 = tl.sum(px * xd, axis=2)
     zero = tl.zeros_like(k20)
@@ -82,8 +91,11 @@ def _central(p3, a3, c3, HAS_C: tl.constexpr, HIGHER: tl.constexpr):
     e04 = zero
     yd = tl.zeros_like(xd)
     if HAS_C:
-        m01 = tl.sum(p3 * c3, axis=2)
-        yd = c3 - m01[:, :, None]
+        c_ref = tl.sum(tl.where(mode, c3, 0.0), axis=2)
+        cd = c3 - c_ref[:, :, None]
+        shift_c = tl.sum(p3 * cd, axis=2)
+        m01 = c_ref + shift_c
+        yd = cd - shift_c[:, :, None]
         py = p3 * yd
         k02 = tl.sum(py * yd, axis=2)
         k11 = tl.sum(px * yd, axis=2)
@@ -141,17 +153,29 @@ def _tilt(lp3, p3, a3, h3, cmask3):
     """One group tilted by exp(-h.z_g) (categorical.h: tilt_group): lp3 (BB, 1, BC) the
     normalised log-probabilities, p3 = exp(lp3) (0 on padded categories), a3 / h3 (1, BP, BC).
     Returns hm = E[h.z_g], log_mgf = log E[exp(-h.z_g)], mean / var of a.z_g under the tilted
-    law, the tilted probabilities pt and the deviations a - mean."""
+    law, the tilted probabilities pt, the deviations a - mean, h - hm and pt - p (3-D). Like
+    ``_central``, deviations go through the mode's weights (tilted mode for a, untilted for h)
+    and pt - p through the other categories at the untilted mode, so the logits' gradient keeps
+    its relative accuracy at saturated logits."""
     v = tl.where(cmask3, lp3 - h3, float("-inf"))
     shift = tl.max(v, axis=2)
     w = tl.exp(v - shift[:, :, None])
     norm = tl.sum(w, axis=2)
     pt = w / norm[:, :, None]
-    mean = tl.sum(pt * a3, axis=2)
-    dev = a3 - mean[:, :, None]
+    a_ref = tl.sum(tl.where(pt > 0.5, a3, 0.0), axis=2)
+    ad = a3 - a_ref[:, :, None]
+    shift_a = tl.sum(pt * ad, axis=2)
+    dev = ad - shift_a[:, :, None]
+    mode = p3 > 0.5
+    h_ref = tl.sum(tl.where(mode, h3, 0.0), axis=2)
+    hd = h3 - h_ref[:, :, None]
+    shift_h = tl.sum(p3 * hd, axis=2)
+    # pt - p, with the untilted mode's entry as minus the sum of the others (they sum to 0)
+    diff = pt - p3
+    diff = tl.where(mode, -tl.sum(tl.where(mode, 0.0, diff), axis=2)[:, :, None], diff)
     var = tl.sum(pt * dev * dev, axis=2)
-    hm = tl.sum(p3 * h3, axis=2)
-    return hm, shift + tl.log(norm), mean, var, pt, dev
+    return (h_ref + shift_h, shift + tl.log(norm), a_ref + shift_a, var, pt, dev,
+            hd - shift_h[:, :, None], diff)
 
 
 # ---------------------------------------------------------------------------- kernel
@@ -203,7 +227,7 @@ def _categorical_kernel(x_ptr, lp_ptr, a_ptr, b_ptr, c_ptr, c0_ptr, s2_ptr, go_p
         if HAS_C:
             c3 = tl.load(c_ptr + offsets(pix, cols, sck, scd), mask=w_mask, other=0.0).to(ACC)[None, :, :]
         if LOGVAR:
-            hm, log_mgf, mean, var, _pt, _dev = _tilt(lp[:, None, :], p3, a3, c3, cmask3)
+            hm, log_mgf, mean, var, _pt, _dev, _hd, _diff = _tilt(lp[:, None, :], p3, a3, c3, cmask3)
             vbar += hm        # hm = sum_g E[h.z_g]
             scc += log_mgf    # S = sum_g K_g
             ubar += mean      # T1 = sum_g tilted mean
@@ -309,15 +333,15 @@ def _categorical_kernel(x_ptr, lp_ptr, a_ptr, b_ptr, c_ptr, c0_ptr, s2_ptr, go_p
                 if HAS_C:
                     c3 = tl.load(c_ptr + offsets(pix, cols, sck, scd), mask=w_mask, other=0.0).to(ACC)[None, :, :]
                 if LOGVAR:
-                    hm, _lm, _mean, var, pt, dev = _tilt(lp[:, None, :], p3, a3, c3, cmask3)
+                    _hm, _lm, _mean, var, pt, dev, hd, diff = _tilt(lp[:, None, :], p3, a3, c3, cmask3)
                     g_s = gscc[:, :, None]
                     g_1 = gu[:, :, None]
                     g_2 = gsaa[:, :, None]
                     g_hm = gv[:, :, None]
-                    tilted = pt * (g_s + g_1 * dev + g_2 * (dev * dev - var[:, :, None]))
-                    dlogit = g_hm * p3 * (c3 - hm[:, :, None]) + tilted - g_s * p3
+                    central = pt * (g_1 * dev + g_2 * (dev * dev - var[:, :, None]))
+                    dlogit = g_hm * p3 * hd + g_s * diff + central
                     da = pt * (g_1 + 2.0 * g_2 * dev)
-                    dc = g_hm * p3 - tilted
+                    dc = g_hm * p3 - g_s * pt - central
                 else:
                     m10, m01, xd, yd, k20, k02, k11, _k21, _k12, _k03, _e22, _e04 = _central(
                         p3, a3, c3, HAS_C, False)
