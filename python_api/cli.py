@@ -229,9 +229,14 @@ def cmd_plot(args) -> int:
     out = args.out or os.path.join(args.run_dirs[0], "figures")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out}: is a file, expected a folder for the figures")
-    models, curves, images = {}, {}, None
+    models, curves, images, shapes = {}, {}, None, {}
     for label, run_dir in zip(labels, args.run_dirs):
-        cfg, model, data, _ = load_run(run_dir, os.path.join(run_dir, "checkpoints", args.checkpoint_name))
+        cfg, model, data, ckpt = load_run(run_dir, os.path.join(run_dir, "checkpoints", args.checkpoint_name),
+                                          with_data=images is None)
+        shapes[run_dir] = tuple(ckpt["image_shape"])
+        if len(set(shapes.values())) > 1:
+            raise UsageError("plot: the runs have different image shapes ("
+                             + ", ".join(f"{d} {s}" for d, s in shapes.items()) + "); plot them separately")
         models[label] = model
         curves[label] = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
         if images is None:

@@ -391,6 +391,18 @@ def test_corrupt_data_files(fault, tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_plot_refuses_runs_of_different_image_shapes(base_run, tmp_path):
+    cifar = _cifar_folder(tmp_path / "cifar")
+    run = tmp_path / "cifar-run"
+    code, _, err = run_cli(["train", "--run-dir", run, *TINY, "--dataset", "cifar10", "--data-root", cifar,
+                            "--train-limit", "16", "--val-limit", "8", "--batch-size", "8",
+                            "--enc-channels", "2,2,2,2", "--dec-channels", "2,2,2,2"])
+    assert code == 0, err
+    code, _, err = run_cli(["plot", base_run, run, "--out", tmp_path / "figs"])
+    assert code == EXIT_USAGE
+    assert_one_error_line(err, "different image shapes", "(1, 28, 28)", "(3, 32, 32)")
+
+
 def test_corrupt_digits_csv(tmp_path):
     (tmp_path / "digits.csv").write_text("1,2,3\n")
     code, _, err = run_cli(["train", "--run-dir", tmp_path / "r", *TINY, "--data-root", tmp_path / "digits.csv"])
