@@ -53,9 +53,13 @@ HEAD_TAYLOR, HEAD_LOGVAR, HEAD_FIXED = 0, 2, 3
 _HEAD_NAMES = {HEAD_FIXED: "fixed", HEAD_TAYLOR: "precision, Taylor log term", HEAD_LOGVAR: "log-variance"}
 
 # Elements of one (BLOCK_B, BLOCK_P, BLOCK_C) tile. GPU: a program holds about ten such tiles
-# live (deviations, their products, the gradient terms), so the budget is small; not timed
-# (no GPU here). Interpreter: larger tiles, fewer programs.
-_GPU_TILE = {4: 2048, 8: 1024}
+# live (deviations, their products, the gradient terms), so the budget is small: the largest
+# power of two whose sm_90 build of every head needs no local memory (Triton's ptxas,
+# cuobjdump -res-usage; tests/test_triton_categorical.py checks it). Not timed (no GPU here).
+# Interpreter: larger tiles, fewer programs.
+_GPU_TILE = {4: {"fwd": 2048, "bwd": 1024}, 8: {"fwd": 512, "bwd": 512}}
+# ... and at most this many (sample, pixel) pairs: the ten 2-D accumulators matter at small K.
+_GPU_PAIRS = {4: 512, 8: 128}
 _INTERP_TILE = 16384
 _GPU_WARPS = 4
 
@@ -360,15 +364,21 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def _config(B: int, P: int, ncat: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Blocks: all categories of a group in one block; samples, then pixels fill the tile
-    budget. Interpreter / CPU tensors: a large budget (fewer, larger programs)."""
+def _config(B: int, P: int, ncat: int, dtype: torch.dtype, device: torch.device, kind: str = "fwd") -> dict:
+    """Blocks: all categories of a group in one block; samples and pixels share the rest of the
+    tile budget (``kind`` "fwd" or "bwd": the backward holds more tiles). Interpreter / CPU
+    tensors: a large budget (fewer, larger programs)."""
     interp = _sized_to_problem(device)
-    budget = _INTERP_TILE if interp else _GPU_TILE[8 if dtype == torch.float64 else 4]
+    width = 8 if dtype == torch.float64 else 4
+    budget = _INTERP_TILE if interp else _GPU_TILE[width][kind]
+    pairs = 1 << 30 if interp else _GPU_PAIRS[width]
     bc = _pow2(ncat, 2, 1 << 20)
     rest = max(1, budget // bc)
-    bb = _pow2(B, 2, max(2, min(16, rest // 2)))
-    bp = _pow2(P, 2, max(2, min(64, rest // bb)))
+    # samples and pixels about equal (a power of two each): the backward's dlogits partials
+    # scale as B k d / BLOCK_P and its dweight partials as B k d / BLOCK_B
+    half = 1 << max(0, (rest.bit_length() - 1) // 2)
+    bb = _pow2(B, 2, max(2, min(16, half)))
+    bp = _pow2(P, 2, max(2, min(64, rest // bb, pairs // bb)))
     cfg = dict(BLOCK_B=bb, BLOCK_P=bp, BLOCK_C=bc)
     if not interp:
         cfg.update(num_warps=_GPU_WARPS, num_stages=1)
@@ -466,7 +476,7 @@ def categorical_backward(grad: Tensor, x: Tensor, logits: Tensor, weight: Tensor
     need_l, need_a, need_c = (n and D > 0 for n in (need_l, need_a, need_c))
     acc_tl, acc_torch = acc_dtypes(x.dtype)
     dev = x.device
-    cfg = _config(B, P, ncat, x.dtype, dev)
+    cfg = _config(B, P, ncat, x.dtype, dev, "bwd")
     n_b, n_p = cdiv(B, cfg["BLOCK_B"]), cdiv(P, cfg["BLOCK_P"])
     lp = _log_probs(logits, acc_torch)
     dl = torch.empty((n_p, B, D), dtype=acc_torch, device=dev) if need_l else None

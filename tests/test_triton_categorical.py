@@ -318,7 +318,6 @@ def test_multiple_tiles(monkeypatch, head, dtype):
     """Tiny tiles (2 x 2 samples x pixels), so several programs own ragged tiles and the
     per-tile partials of the loss, dlogits, dweights and the bias gradients are summed."""
     monkeypatch.setattr(triton_categorical, "_INTERP_TILE", 8)
-    monkeypatch.setattr(triton_categorical, "_GPU_TILE", {4: 8, 8: 8})
     cfg = triton_categorical._config(5, 7, 3, dtype, torch.device(DEVICE))
     assert (cfg["BLOCK_B"], cfg["BLOCK_P"]) == (2, 2)
     compare(head, case(head, 5, 7, 3, 3, seed=13, saturate=True), dtype,
@@ -329,13 +328,13 @@ def test_gpu_block_configuration(monkeypatch):
     """The GPU blocks hold all categories of a group and respect the tile budget (a 2 x 2
     sample x pixel tile at least); then the GPU blocks run here on a ragged problem."""
     monkeypatch.setattr(triton_categorical, "_sized_to_problem", lambda device: False)
-    for ncat in (1, 2, 3, 10, 100, 1000):
-        for dtype in DTYPES:
-            budget = triton_categorical._GPU_TILE[8 if dtype == F64 else 4]
-            cfg = triton_categorical._config(128, 784, ncat, dtype, torch.device(DEVICE))
-            tile = cfg["BLOCK_B"] * cfg["BLOCK_P"] * cfg["BLOCK_C"]
-            assert cfg["BLOCK_C"] >= ncat and tile <= max(budget, 4 * cfg["BLOCK_C"]), (ncat, cfg)
-            assert cfg["num_warps"] == 4
+    for ncat, dtype, kind in itertools.product((1, 2, 3, 10, 100, 1000), DTYPES, ("fwd", "bwd")):
+        width = 8 if dtype == F64 else 4
+        budget, pairs = triton_categorical._GPU_TILE[width][kind], triton_categorical._GPU_PAIRS[width]
+        cfg = triton_categorical._config(128, 784, ncat, dtype, torch.device(DEVICE), kind)
+        tile = cfg["BLOCK_B"] * cfg["BLOCK_P"] * cfg["BLOCK_C"]
+        assert cfg["BLOCK_C"] >= ncat and tile <= max(budget, 4 * cfg["BLOCK_C"]), (ncat, cfg)
+        assert cfg["BLOCK_B"] * cfg["BLOCK_P"] <= pairs and cfg["num_warps"] == 4
     compare("precision", case("precision", 19, 37, 3, 5, seed=3, saturate=True), torch.float32)
 
 
@@ -506,6 +505,73 @@ def test_torch_compile_fullgraph():
     assert rel_err(compiled, eager) <= 1e-6
     for i, (a, b) in enumerate(zip(compiled_grads, eager_grads)):
         assert rel_err(a, b) <= 1e-6, i
+
+
+# ------------------------------------------------------ GPU build check (no GPU needed)
+_BUILD_SCRIPT = r"""
+import json, os, re, subprocess, sys, tempfile
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from silent_kernels import triton_categorical as tc, triton_common as common
+assert not common.INTERPRET
+tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+kernel = tc._categorical_kernel
+acc_ptrs = {"lp_ptr", "loss_ptr", "dl_ptr", "da_ptr", "dc_ptr", "dv_ptr"}
+ptr = {"float32": "*fp32", "float64": "*fp64", "bfloat16": "*bf16"}
+out = {}
+for head, dtype, grad, ncat in json.loads(sys.argv[1]):
+    dt = getattr(torch, dtype)
+    cfg = tc._config(128, 784, ncat, dt, torch.device("cuda"), "bwd" if grad else "fwd")
+    options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+    fixed = head == 3
+    consts = dict(HEAD=head, HAS_C=not fixed, TAYLOR=head == 0, LOGVAR=head == 2, HAS_BIAS=True,
+                  HAS_C0=not fixed, GRAD=grad, NEED_X=grad, NEED_L=grad, NEED_A=grad,
+                  NEED_C=grad and not fixed, NEED_B=grad, NEED_C0=grad and not fixed,
+                  NEED_S2=grad and fixed, ACC=common.acc_dtypes(dt)[0], **cfg)
+    acc = "float64" if dtype == "float64" else "float32"
+    sig = {a: "constexpr" if a in consts else (ptr[acc] if a in acc_ptrs else ptr[dtype])
+           if a.endswith("_ptr") else "i32" for a in kernel.arg_names}
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts)
+    binary = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(binary.asm["cubin"])
+    usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name],
+                           capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    key = f"head{head}/{dtype}/{'bwd' if grad else 'fwd'}/K={ncat}"
+    out[key] = [int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))]
+print(json.dumps(out))
+"""
+
+_BUILD_CASES = ([[h, dt, g, 10] for h in (3, 0, 2) for dt in ("float32", "float64") for g in (False, True)]
+                + [[0, dt, g, K] for K in (2, 3) for dt in ("float32", "float64") for g in (False, True)]
+                + [[0, "float32", True, 100], [0, "float64", True, 100], [2, "float64", True, 2],
+                   [0, "bfloat16", True, 10]])
+
+
+@pytest.mark.slow
+def test_kernel_builds_for_sm90_without_spills():
+    """Ahead-of-time sm_90 build of the kernel (forward and backward of every head, fp32 / fp64,
+    K = 2 .. 100) with the GPU block configurations: it compiles outside the interpreter, and
+    needs no local memory (register spills). Runs without a GPU (Triton's bundled ptxas)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                       "cuobjdump")):
+        pytest.skip("this triton build has no NVIDIA backend tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    run = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, json.dumps(_BUILD_CASES)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    usage = json.loads(run.stdout.strip().splitlines()[-1])
+    print("\nregisters / stack bytes:", usage)
+    assert len(usage) == len(_BUILD_CASES)
+    for name, (regs, stack) in usage.items():
+        assert stack == 0, f"{name} spills ({regs} registers, {stack} bytes of stack)"
 
 
 def test_report_worst_errors():
