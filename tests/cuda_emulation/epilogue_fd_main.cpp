@@ -47,7 +47,7 @@ int main() {
     // exact log term and Gaussian log-variance head: the five Gaussian contractions
     PixelTerms<double> gc = c;
     gc.Tacc = gc.Taac = gc.C3 = gc.Q = gc.C4 = 0;
-    PixelTerms<double> ge = exact_log_pixel_grad(x, gc), gl = logvar_pixel_grad(x, gc);
+    PixelTerms<double> ge = head_pixel_grad<Head::kExactLog>(x, gc), gl = head_pixel_grad<Head::kLogVar>(x, gc);
     for (int j = 0; j < 5; ++j) {
       const double h = 1e-5 * std::fmax(1.0, std::fabs(at(gc, j)));
       PixelTerms<double> p = gc, m = gc;
