@@ -387,6 +387,34 @@ def test_empty_batch_and_no_pixels():
                 assert o.shape == (t.shape if t is not None else (0,)) and (o == 0).all()
 
 
+@pytest.mark.parametrize("head", ["fixed", "precision", "logvar"])
+def test_no_groups(head):
+    """G = 0 (no latents): the loss of the constant decoder x ~ N(b, v), v = sigma2, 1/c^2 or
+    exp(h0), and its gradients; an empty logits gradient."""
+    x, logits, weight, bias, second, second_bias, sigma2 = case(head, 2, 3, 0, 3, seed=29)
+    assert logits.shape == (2, 0, 3) and weight.shape == (3, 0)
+    leaves = _grad_on([x, bias, sigma2 if head == "fixed" else second_bias])
+    xl, bl, vl = leaves
+    r2 = (xl - bl) ** 2
+    if head == "fixed":
+        want = 0.5 * (r2 / vl + torch.log(vl) + LOG_2PI)
+    elif head == "precision":
+        want = 0.5 * (r2 * vl * vl - torch.log(vl * vl) + LOG_2PI)
+    else:
+        want = 0.5 * (LOG_2PI + vl + r2 * torch.exp(-vl))
+    want = want.sum(-1)
+    inputs = [xl, logits, weight, bl, second, vl if head != "fixed" else None, vl if head == "fixed" else None]
+    got = OPS.triton_categorical_nll(*[t.to(DEVICE) if t is not None else None for t in inputs], HEAD_CODES[head])
+    check(got, want, F64, f"{head} G=0 loss", head)
+    grads = torch.autograd.grad(want.sum(), leaves)
+    outs = OPS.triton_categorical_nll_backward(torch.ones(2, dtype=F64, device=DEVICE),
+                                               *[t.detach().to(DEVICE) if t is not None else None for t in inputs],
+                                               [True] * 7, HEAD_CODES[head])
+    assert outs[1].shape == (2, 0, 3) and outs[2].shape == (3, 0)
+    for got_g, want_g in zip((outs[0], outs[3], outs[6] if head == "fixed" else outs[5]), grads):
+        check(got_g, want_g, F64, f"{head} G=0 gradient", head)
+
+
 def test_argument_checks():
     x, logits, weight, bias, second, second_bias, _ = [t.to(DEVICE) if t is not None else None
                                                        for t in case("logvar", 2, 3, 2, 3)]
@@ -572,6 +600,21 @@ def test_kernel_builds_for_sm90_without_spills():
     assert len(usage) == len(_BUILD_CASES)
     for name, (regs, stack) in usage.items():
         assert stack == 0, f"{name} spills ({regs} registers, {stack} bytes of stack)"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head", ["fixed", "precision", "logvar"])
+def test_gpu_mnist_shape(head):
+    """The GPU build at the MNIST shape (B = 64, k = 784, G = 20, K = 10) in float32 against the
+    float64 reference, with saturated groups, and bitwise determinism (no atomics)."""
+    inputs = case(head, 64, 784, 20, 10, seed=71, saturate=True)
+    compare(head, inputs, torch.float32)
+    cast = [t.to("cuda", torch.float32) if t is not None else None for t in inputs]
+    grad = torch.linspace(-1.0, 1.0, 64, device="cuda")
+    runs = [OPS.triton_categorical_nll_backward(grad, *cast, [t is not None for t in cast], HEAD_CODES[head])
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def test_report_worst_errors():
