@@ -339,18 +339,20 @@ def test_gpu_block_configuration(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-3), (torch.bfloat16, 8e-3)])
-def test_half_precision_inputs(dtype, tol):
-    """fp16 / bf16 inputs: fp32 accumulation, outputs in the input dtype."""
-    inputs = case("logvar", 3, 5, 2, 3, seed=17)
+@pytest.mark.parametrize("head", ["fixed", "precision", "logvar"])
+def test_half_precision_inputs(head, dtype, tol):
+    """fp16 / bf16 inputs: fp32 accumulation, outputs in the input dtype, within the README's
+    tolerances of the float64 reference on the same rounded values."""
+    inputs = case(head, 3, 5, 2, 3, seed=17)
     cast = [t.to(DEVICE, dtype) if t is not None else None for t in inputs]
     ref_in = _grad_on([t.double().cpu() if t is not None else None for t in cast])
-    ref = REFERENCE(*ref_in, HEAD_CODES["logvar"])
+    ref = REFERENCE(*ref_in, HEAD_CODES[head])
     grad = torch.tensor([1.0, -0.5, 2.0], dtype=F64)
     (ref * grad).sum().backward()
-    loss = OPS.triton_categorical_nll(*cast, HEAD_CODES["logvar"])
+    loss = OPS.triton_categorical_nll(*cast, HEAD_CODES[head])
     assert loss.dtype == dtype and rel_err(loss, ref) <= tol
     outs = OPS.triton_categorical_nll_backward(grad.to(DEVICE, dtype), *cast, [t is not None for t in cast],
-                                               HEAD_CODES["logvar"])
+                                               HEAD_CODES[head])
     for got, r in zip(outs, ref_in):
         if r is not None:
             assert got.dtype == dtype and rel_err(got, r.grad) <= tol
@@ -449,7 +451,7 @@ def test_opcheck():
 
 @pytest.mark.parametrize("head", ["fixed", "precision", "logvar"])
 def test_gradcheck(head):
-    """torch.autograd.gradcheck in float64 through the public wrappers."""
+    """torch.autograd.gradcheck (and gradgradcheck) in float64 through the public wrappers."""
     x, logits, weight, bias, second, second_bias, sigma2 = _grad_on(
         [t.to(DEVICE) if t is not None else None for t in case(head, 2, 2, 2, 3, seed=31)])
     if head == "fixed":
@@ -459,6 +461,8 @@ def test_gradcheck(head):
     else:
         fn, inputs = triton_ops.triton_categorical_logvar_nll, (x, logits, weight, bias, second, second_bias)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
+    # second derivatives (create_graph=True differentiates the reference, autograd.py)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
 
 
 # ------------------------------------------------------------- through analytic_nll
