@@ -308,8 +308,18 @@ def test_optional_biases_and_strided_inputs(head):
     inputs[2] = inputs[2].t().contiguous().t()
     if inputs[4] is not None:
         inputs[4] = inputs[4].t().contiguous().t()
+    inputs = [t.to(DEVICE) if t is not None else None for t in inputs]
     assert not inputs[0].is_contiguous() and not inputs[2].is_contiguous()
-    compare(head, inputs, F64)
+    code = HEAD_CODES[head]
+    ref_in = _grad_on([t.cpu() if t is not None else None for t in inputs])
+    grad = torch.tensor([1.0, -0.5, 2.0], dtype=F64)
+    ref = REFERENCE(*ref_in, code)
+    (ref * grad).sum().backward()
+    check(OPS.triton_categorical_nll(*inputs, code), ref, F64, f"{head} strided loss", head)
+    outs = OPS.triton_categorical_nll_backward(grad.to(DEVICE), *inputs, [t is not None for t in inputs], code)
+    for i, (got, r) in enumerate(zip(outs, ref_in)):
+        if r is not None:
+            check(got, r.grad, F64, f"{head} strided d{NAMES[i]}", head)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
