@@ -211,6 +211,72 @@ BernoulliLogvarPlan plan_bernoulli_logvar_forward(int64_t B, int64_t k, int64_t 
 BernoulliLogvarPlan plan_bernoulli_logvar_backward(int64_t B, int64_t k, int64_t d, bool is_double,
                                                    const BernoulliLogvarNeeds& needs);
 
+// One-hot categorical latents (MATH.md §12): x (B, k); logits (B, G, K) (unnormalised, per
+// group); weight (k, G K) group-major = A; bias (k,); second_weight (k, G K) = C (precision
+// head) or H (log-variance head), second_bias (k,); sigma2 (k,) (fixed head); grad (B,).
+// head (epilogue.h Head): 3 fixed (sigma2, no second weight), 0 learnable precision with the
+// paper's Taylor log term, 2 log-variance (second weight, no sigma2); the launchers return
+// cudaErrorInvalidValue otherwise. Per (sample, pixel) the kernels walk the G groups with the
+// shared per-group math of csrc/categorical.h: no (B, k, G) or (B, k, G K) tensor is stored.
+template <typename T>
+struct CategoricalArgs {
+  const T* x;
+  const T* logits;
+  const T* weight;
+  const T* bias;           // nullable
+  const T* second_weight;  // nullable (fixed head)
+  const T* second_bias;    // nullable
+  const T* sigma2;         // nullable (precision / log-variance heads)
+  const T* grad;           // backward only
+  int64_t B, k, G, K;
+  int head;
+};
+template <typename T>
+struct CategoricalGrads {
+  T *x, *logits, *weight, *bias, *second_weight, *second_bias, *sigma2;
+};
+struct CategoricalNeeds {
+  bool x, logits, weight, bias, second_weight, second_bias, sigma2;
+};
+
+// Forward: (1) per-group normalisation of the logits into (B, G K) probabilities (log-
+//   probabilities for the log-variance head) in acc_t; (2) one thread per (sample, pixel) over
+//   the groups, the head's epilogue, warp sums into per-pixel-tile partial losses
+//   (pixel_tiles, B), summed in order.
+// Backward: (1) as forward; (2) coefficient kernel: d loss / d(contraction) times grad[n] as
+//   (nplanes, B, k) planes, dx, per-sample-tile column sums (bias; second bias or sigma2);
+//   (3) dlogits: one thread per (sample, group) over a pixel chunk, (l_split, B, G K) partials;
+//   (4) dweight / dsecond_weight: one thread per (pixel, group) over a sample chunk,
+//   (w_split, nwout, k, G K) partials; every partial reduced in a fixed order.
+enum CategoricalColSum : int { kCatColBias = 0, kCatColSecond = 1 };  // second: bias2 or sigma2
+struct CategoricalPlan {
+  int head;
+  int nplanes;             // coefficient planes of the head (fixed 2, Taylor 10, log-variance 4)
+  int64_t pixel_tiles;     // pixel tiles of the (sample, pixel) kernels
+  int64_t row_tiles;       // sample tiles of the (sample, pixel) kernels
+  bool run_coef;
+  bool planes;             // the coefficient planes are written (dlogits / dweights needed)
+  ColSumSlots colsums;     // slot[kCatColBias], slot[kCatColSecond]; -1 = not needed
+  int ncolsums;
+  bool need_logits;
+  int64_t l_split, l_chunk;  // split of the pixel reduction of dlogits
+  bool need_a, need_c;
+  int nwout;
+  int64_t w_split, w_chunk;  // split of the sample reduction of dweight / dsecond_weight
+  // scratch layout (offsets in acc_t<T> elements)
+  int64_t off_prob;     // (B, G K) probabilities (log-probabilities for the log-variance head)
+  int64_t off_partial;  // forward: (pixel_tiles, B)
+  int64_t off_planes;   // (nplanes, B, k)
+  int64_t off_colsum;   // (ncolsums, row_tiles, k)
+  int64_t off_logits;   // (l_split, B, G K)
+  int64_t off_w;        // (w_split, nwout, k, G K)
+  int64_t workspace;
+};
+CategoricalPlan plan_categorical_forward(int64_t B, int64_t k, int64_t G, int64_t K, int head,
+                                         bool is_double);
+CategoricalPlan plan_categorical_backward(int64_t B, int64_t k, int64_t G, int64_t K, int head,
+                                          bool is_double, const CategoricalNeeds& needs);
+
 // ------------------------------------------------------------------------------- launchers
 // Forward: loss (B,) in T, per-sample nats summed over pixels (incl. 0.5 log 2 pi).
 template <typename T>
@@ -239,6 +305,15 @@ cudaError_t bernoulli_logvar_backward(const BernoulliLogvarArgs<T>& a,
                                       const BernoulliLogvarPlan& plan, acc_t<T>* workspace,
                                       const BernoulliLogvarGrads<T>& out, cudaStream_t stream);
 
+// Categorical latents: loss (B,) and the gradients whose pointers are non-null.
+template <typename T>
+cudaError_t categorical_forward(const CategoricalArgs<T>& a, const CategoricalPlan& plan,
+                                acc_t<T>* workspace, T* loss, cudaStream_t stream);
+template <typename T>
+cudaError_t categorical_backward(const CategoricalArgs<T>& a, const CategoricalPlan& plan,
+                                 acc_t<T>* workspace, const CategoricalGrads<T>& out,
+                                 cudaStream_t stream);
+
 #define SK_CUDA_DECLARE_LAUNCHERS(T)                                                          \
   extern template cudaError_t fixed_forward<T>(const FixedArgs<T>&, const ForwardPlan&,       \
                                                acc_t<T>*, T*, cudaStream_t);                  \
@@ -253,7 +328,13 @@ cudaError_t bernoulli_logvar_backward(const BernoulliLogvarArgs<T>& a,
       const BernoulliLogvarArgs<T>&, const BernoulliLogvarPlan&, acc_t<T>*, T*, cudaStream_t); \
   extern template cudaError_t bernoulli_logvar_backward<T>(                                   \
       const BernoulliLogvarArgs<T>&, const BernoulliLogvarPlan&, acc_t<T>*,                    \
-      const BernoulliLogvarGrads<T>&, cudaStream_t);
+      const BernoulliLogvarGrads<T>&, cudaStream_t);                                          \
+  extern template cudaError_t categorical_forward<T>(const CategoricalArgs<T>&,                \
+                                                     const CategoricalPlan&, acc_t<T>*, T*,    \
+                                                     cudaStream_t);                            \
+  extern template cudaError_t categorical_backward<T>(const CategoricalArgs<T>&,               \
+                                                      const CategoricalPlan&, acc_t<T>*,       \
+                                                      const CategoricalGrads<T>&, cudaStream_t);
 SK_CUDA_DECLARE_LAUNCHERS(float)
 SK_CUDA_DECLARE_LAUNCHERS(double)
 SK_CUDA_DECLARE_LAUNCHERS(__half)

@@ -161,4 +161,45 @@ int emu_bernoulli_backward(int dtype, const void* grad, const void* x, const voi
   });
 }
 
+// Categorical latents. inputs: x, logits, weight, bias, second_weight, second_bias, sigma2 (null =
+// absent); outs likewise (null = not needed). info: plan fields.
+int emu_categorical_forward(int dtype, const void* const* in, int64_t B, int64_t k, int64_t G,
+                            int64_t K, int head, void* loss, int64_t* info) {
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const CategoricalArgs<T> a{(const T*)in[0], (const T*)in[1], (const T*)in[2], (const T*)in[3],
+                               (const T*)in[4], (const T*)in[5], (const T*)in[6], nullptr,
+                               B, k, G, K, head};
+    const CategoricalPlan p = plan_categorical_forward(B, k, G, K, head, sizeof(T) == 8);
+    info[0] = p.pixel_tiles;
+    info[1] = p.workspace;
+    auto ws = scratch<acc_t<T>>(p.workspace);
+    return int(categorical_forward<T>(a, p, ws.data(), (T*)loss, nullptr));
+  });
+}
+
+int emu_categorical_backward(int dtype, const void* grad, const void* const* in, int64_t B,
+                             int64_t k, int64_t G, int64_t K, int head, void* const* outs,
+                             int64_t* info) {
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const CategoricalArgs<T> a{(const T*)in[0], (const T*)in[1], (const T*)in[2], (const T*)in[3],
+                               (const T*)in[4], (const T*)in[5], (const T*)in[6], (const T*)grad,
+                               B, k, G, K, head};
+    const CategoricalNeeds n{outs[0] != nullptr, outs[1] != nullptr, outs[2] != nullptr,
+                             outs[3] != nullptr, outs[4] != nullptr, outs[5] != nullptr,
+                             outs[6] != nullptr};
+    const CategoricalPlan p = plan_categorical_backward(B, k, G, K, head, sizeof(T) == 8, n);
+    info[0] = p.l_split;
+    info[1] = p.w_split;
+    info[2] = p.nplanes;
+    info[3] = p.workspace;
+    info[4] = p.run_coef;
+    auto ws = scratch<acc_t<T>>(p.workspace);
+    const CategoricalGrads<T> g{(T*)outs[0], (T*)outs[1], (T*)outs[2], (T*)outs[3],
+                                (T*)outs[4], (T*)outs[5], (T*)outs[6]};
+    return int(categorical_backward<T>(a, p, ws.data(), g, nullptr));
+  });
+}
+
 }  // extern "C"

@@ -34,6 +34,8 @@ _LAUNCH = re.compile(r"(\b\w+(?:<[^;{}]*?>)?)<<<(.*?)>>>\(", re.S)
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 PRECISION_HEADS = {"taylor": 0, "exact": 1, "logvar": 2}
+CATEGORICAL_HEADS = {"fixed": 3, "taylor": 0, "logvar": 2}
+CATEGORICAL_INPUTS = ("x", "logits", "weight", "bias", "second_weight", "second_bias", "sigma2")
 
 
 class Unavailable(Exception):
@@ -113,6 +115,8 @@ class Emulated:
         lib.emu_precision_backward.argtypes = [c_int] + [v] * 10 + [i64] * 3 + [v, v, c_int]
         lib.emu_bernoulli_forward.argtypes = [c_int] + [v] * 6 + [i64] * 3 + [v, v]
         lib.emu_bernoulli_backward.argtypes = [c_int] + [v] * 7 + [i64] * 3 + [v, v]
+        lib.emu_categorical_forward.argtypes = [c_int, v, i64, i64, i64, i64, c_int, v, v]
+        lib.emu_categorical_backward.argtypes = [c_int, v, v, i64, i64, i64, i64, c_int, v, v]
         lib.emu_launches.restype = ctypes.c_long
 
     def set_device(self, device: int, sm_count: int):
@@ -179,4 +183,40 @@ class Emulated:
         rc = self.lib.emu_bernoulli_backward(DTYPE_CODE[x.dtype], grad.data_ptr(),
                                              *[_ptr(t) for t in case.values()], B, k, d, arr, info)
         assert rc == 0, f"launcher returned CUDA error {rc}"
+        return outs, list(info)
+
+    @staticmethod
+    def _categorical_inputs(case):
+        ptrs = [_ptr(case.get(name)) for name in CATEGORICAL_INPUTS]
+        return (ctypes.c_void_p * len(ptrs))(*ptrs)
+
+    def categorical_forward(self, case, head, rc_expected=0):
+        """case: the op inputs by CATEGORICAL_INPUTS name (logits (B, G, K)); head 3 fixed,
+        0 Taylor precision, 2 log-variance (or its name)."""
+        head = CATEGORICAL_HEADS.get(head, head)
+        x, logits = case["x"], case["logits"]
+        B, k = x.shape
+        _, G, K = logits.shape
+        loss = torch.full((B,), float("nan"), dtype=x.dtype)
+        info = (ctypes.c_int64 * 8)()
+        rc = self.lib.emu_categorical_forward(DTYPE_CODE[x.dtype], self._categorical_inputs(case),
+                                              B, k, G, K, head, loss.data_ptr(), info)
+        assert rc == rc_expected, f"launcher returned CUDA error {rc}"
+        return loss, list(info)
+
+    def categorical_backward(self, case, head, grad, needs, rc_expected=0):
+        """Gradients (dict by input name) for the inputs in needs that are present."""
+        head = CATEGORICAL_HEADS.get(head, head)
+        x, logits = case["x"], case["logits"]
+        B, k = x.shape
+        _, G, K = logits.shape
+        outs = {name: torch.full(case[name].shape, float("nan"), dtype=x.dtype)
+                for name in CATEGORICAL_INPUTS if name in needs and case.get(name) is not None}
+        ptrs = [outs[name].data_ptr() if name in outs else None for name in CATEGORICAL_INPUTS]
+        arr = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        info = (ctypes.c_int64 * 8)()
+        rc = self.lib.emu_categorical_backward(DTYPE_CODE[x.dtype], grad.data_ptr(),
+                                               self._categorical_inputs(case), B, k, G, K, head,
+                                               arr, info)
+        assert rc == rc_expected, f"launcher returned CUDA error {rc}"
         return outs, list(info)
