@@ -1,7 +1,8 @@
-// Torch glue of the CUDA kernels: registers CUDA implementations of six of the ops defined in
+// Torch glue of the CUDA kernels: registers CUDA implementations of eight of the ops defined in
 // csrc/ops.cpp (TORCH_LIBRARY(silent_kernels)): fixed_nll, precision_nll (head 0 Taylor,
-// 1 exact log term, 2 Gaussian log-variance), bernoulli_logvar_nll and their backwards
-// (precision_nll_train and categorical_nll have no CUDA kernels yet). Per call: argument
+// 1 exact log term, 2 Gaussian log-variance), bernoulli_logvar_nll, categorical_nll (head 3
+// fixed, 0 Taylor precision, 2 log-variance) and their backwards (precision_nll_train has no
+// CUDA kernels yet). Per call: argument
 // checks (op_checks.h, before any allocation or launch), contiguous inputs, the device guard,
 // the current stream, a plan and one scratch buffer from the caching allocator, the launchers
 // of kernels.h (torch-free), and a check of the CUDA error they return.
@@ -325,6 +326,96 @@ bernoulli_logvar_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
   return {gx, gl, gw, gb, gh, gh0};
 }
 
+// ------------------------------------------------------------------- categorical latents
+// head 3 fixed (sigma2), 0 learnable precision with the Taylor log term, 2 log-variance.
+at::Tensor categorical_nll_cuda(const at::Tensor& x, const at::Tensor& logits, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& bias,
+                                const c10::optional<at::Tensor>& second_weight,
+                                const c10::optional<at::Tensor>& second_bias,
+                                const c10::optional<at::Tensor>& sigma2, int64_t head) {
+  const char* op = "silent_kernels::categorical_nll";
+  check_categorical_inputs(op, c10::DeviceType::CUDA, x, logits, weight, bias, second_weight, second_bias,
+                           sigma2, head);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), lc = logits.contiguous(), wc = weight.contiguous();
+  const at::Tensor bc = contiguous_or_undefined(bias), w2c = contiguous_or_undefined(second_weight),
+                   b2c = contiguous_or_undefined(second_bias), s2c = contiguous_or_undefined(sigma2);
+  const int64_t B = x.size(0), k = x.size(1), G = logits.size(1), K = logits.size(2);
+  at::Tensor loss = at::empty({B}, x.options());
+  if (B == 0) return loss;
+
+  const sk::CategoricalPlan plan =
+      sk::plan_categorical_forward(B, k, G, K, static_cast<int>(head), x.scalar_type() == at::kDouble);
+  at::Tensor ws = at::empty({plan.workspace}, x.options().dtype(acc_dtype(x.scalar_type())));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const sk::CategoricalArgs<T> a{cptr<T>(xc),  cptr<T>(lc),  cptr<T>(wc), cptr<T>(bc),
+                                   cptr<T>(w2c), cptr<T>(b2c), cptr<T>(s2c), nullptr,
+                                   B,            k,            G,            K,
+                                   static_cast<int>(head)};
+    check_launch(sk::categorical_forward<T>(a, plan, reinterpret_cast<sk::acc_t<T>*>(ws.data_ptr()),
+                                            reinterpret_cast<T*>(loss.data_ptr()), stream),
+                 op);
+  });
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+categorical_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& logits,
+                              const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                              const c10::optional<at::Tensor>& second_weight,
+                              const c10::optional<at::Tensor>& second_bias,
+                              const c10::optional<at::Tensor>& sigma2, const c10::List<bool>& needs_list,
+                              int64_t head) {
+  const char* op = "silent_kernels::categorical_nll_backward";
+  check_categorical_inputs(op, c10::DeviceType::CUDA, x, logits, weight, bias, second_weight, second_bias,
+                           sigma2, head);
+  check_grad(op, grad, x);
+  const std::vector<bool> needs = needs_list.vec();
+  check_needs(op, needs, 7);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor bc = contiguous_or_undefined(bias), w2c = contiguous_or_undefined(second_weight),
+                   b2c = contiguous_or_undefined(second_bias), s2c = contiguous_or_undefined(sigma2);
+  // an absent optional input gets no gradient
+  const sk::CategoricalNeeds n{needs[0], needs[1], needs[2], needs[3] && bc.defined(),
+                               needs[4] && w2c.defined(), needs[5] && b2c.defined(),
+                               needs[6] && s2c.defined()};
+  const auto opts = x.options();
+  const at::IntArrayRef none(kNoShape);
+  at::Tensor gx = grad_output(n.x, x.sizes(), opts), gl = grad_output(n.logits, logits.sizes(), opts),
+             gw = grad_output(n.weight, weight.sizes(), opts),
+             gb = grad_output(n.bias, n.bias ? bc.sizes() : none, opts),
+             gw2 = grad_output(n.second_weight, n.second_weight ? w2c.sizes() : none, opts),
+             gb2 = grad_output(n.second_bias, n.second_bias ? b2c.sizes() : none, opts),
+             gs = grad_output(n.sigma2, n.sigma2 ? s2c.sizes() : none, opts);
+  if (!(n.x || n.logits || n.weight || n.bias || n.second_weight || n.second_bias || n.sigma2))
+    return {gx, gl, gw, gb, gw2, gb2, gs};
+
+  const at::Tensor gc = grad.contiguous(), xc = x.contiguous(), lc = logits.contiguous(),
+                   wc = weight.contiguous();
+  const int64_t B = x.size(0), k = x.size(1), G = logits.size(1), K = logits.size(2);
+  const sk::CategoricalPlan plan = sk::plan_categorical_backward(
+      B, k, G, K, static_cast<int>(head), x.scalar_type() == at::kDouble, n);
+  at::Tensor ws = at::empty({plan.workspace}, opts.dtype(acc_dtype(x.scalar_type())));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const sk::CategoricalArgs<T> a{cptr<T>(xc),  cptr<T>(lc),  cptr<T>(wc), cptr<T>(bc),
+                                   cptr<T>(w2c), cptr<T>(b2c), cptr<T>(s2c), cptr<T>(gc),
+                                   B,            k,            G,            K,
+                                   static_cast<int>(head)};
+    const sk::CategoricalGrads<T> out{mptr<T>(gx, n.x),      mptr<T>(gl, n.logits),
+                                      mptr<T>(gw, n.weight), mptr<T>(gb, n.bias),
+                                      mptr<T>(gw2, n.second_weight), mptr<T>(gb2, n.second_bias),
+                                      mptr<T>(gs, n.sigma2)};
+    check_launch(sk::categorical_backward<T>(
+                     a, plan, reinterpret_cast<sk::acc_t<T>*>(ws.data_ptr()), out, stream),
+                 op);
+  });
+  return {gx, gl, gw, gb, gw2, gb2, gs};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(silent_kernels, CUDA, m) {
@@ -334,6 +425,8 @@ TORCH_LIBRARY_IMPL(silent_kernels, CUDA, m) {
   m.impl("precision_nll_backward", &precision_nll_backward_cuda);
   m.impl("bernoulli_logvar_nll", &bernoulli_logvar_nll_cuda);
   m.impl("bernoulli_logvar_nll_backward", &bernoulli_logvar_nll_backward_cuda);
+  m.impl("categorical_nll", &categorical_nll_cuda);
+  m.impl("categorical_nll_backward", &categorical_nll_backward_cuda);
 }
 
 }  // namespace silent_kernels
