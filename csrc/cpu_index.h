@@ -1,7 +1,7 @@
 // Index arithmetic of the C++ CPU kernels: every element offset is computed here, in int64.
 //
-// Kept in one function so that a unit test (the debug op silent_kernels::_linear_offset)
-// can check values beyond 2^31 without allocating a huge tensor.
+// Kept in one function so that a unit test (tests/cpp/linear_offsets.cpp) can check values
+// beyond 2^31 without allocating a huge tensor.
 #pragma once
 
 #include <cstdint>

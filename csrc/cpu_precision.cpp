@@ -33,41 +33,6 @@ namespace {
 
 using namespace meanfield;
 
-// sum_p log(m[p]) over a contiguous buffer of floored M values (all > 0). float: a branch-free
-// log that the compiler vectorises (std::log keeps the per-pixel loops scalar): M = 2^e m with
-// m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s), s = (m - 1)/(m + 1), |s| < 0.1716, by its series
-// to s^9 (truncation < 1e-9), e ln 2 in two parts (Cody-Waite). Non-finite M give log M = M
-// (inf, NaN), as std::log. double: std::log.
-inline float sum_log(const float* SK_RESTRICT m, int64_t n) {
-  float sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t p = 0; p < n; ++p) {
-    const float M = m[p];
-    uint32_t bits;
-    std::memcpy(&bits, &M, sizeof bits);
-    int32_t e = static_cast<int32_t>(bits >> 23) - 127;
-    const uint32_t mbits = (bits & 0x7fffffu) | 0x3f800000u;
-    float f;
-    std::memcpy(&f, &mbits, sizeof f);
-    const bool big = f > 1.41421356f;
-    f = big ? f * 0.5f : f;
-    e += big ? 1 : 0;
-    const float s = (f - 1.0f) / (f + 1.0f), s2 = s * s;
-    const float poly =
-        s * (2.0f + s2 * (2.0f / 3.0f + s2 * (2.0f / 5.0f + s2 * (2.0f / 7.0f + s2 * (2.0f / 9.0f)))));
-    const float ef = static_cast<float>(e);
-    const float r = ef * 0.693145751953125f + (poly + ef * 1.428606765330187e-06f);
-    sum += (M < 3.40282347e+38f) ? r : M;  // false for inf and NaN
-  }
-  return sum;
-}
-
-inline double sum_log(const double* m, int64_t n) {
-  double sum = 0;
-  for (int64_t p = 0; p < n; ++p) sum += std::log(m[p]);
-  return sum;
-}
-
 // ------------------------------------------------------------------------------ forward
 // The per-pixel loss of one row of a tile, summed: the Taylor head keeps its log out of the
 // (vectorised) loop, the other heads call their epilogue per pixel (special functions).
@@ -222,16 +187,27 @@ std::tuple<at::Tensor, at::Tensor> forward_train_impl(const Inputs<scalar_t>& in
           const acc_t* SK_RESTRICT pbp = pbias + p0;
           for (int64_t r = 0; r < nb; ++r) {
             const scalar_t* xr = X + linear_offset(n0 + r, p0, k);
-            // The loss first: the coefficients overwrite the contractions it reads.
-            loss[n0 + r] += row_loss<HD, scalar_t, acc_t, H3, H4>(ws.Y, r, np, xr, bp, pbp, mbuf.data());
+            // Taylor: the (vectorised) loss first, as the coefficients overwrite the contractions
+            // it reads; the other heads take both from one epilogue call per pixel below.
+            if constexpr (HD == Head::kTaylor)
+              loss[n0 + r] += row_loss<HD, scalar_t, acc_t, H3, H4>(ws.Y, r, np, xr, bp, pbp, mbuf.data());
+            acc_t row_sum = 0;
             acc_t* y0 = ws.Y[0] + linear_offset(r, 0, 2 * np);
             acc_t* y1 = ws.Y[1] + linear_offset(r, 0, 3 * np);
             acc_t* y2 = H3 ? ws.Y[2] + linear_offset(r, 0, 3 * np) : nullptr;
             acc_t* y3 = H4 ? ws.Y[3] + linear_offset(r, 0, np) : nullptr;
-#pragma omp simd
+#pragma omp simd reduction(+ : row_sum)
             for (int64_t p = 0; p < np; ++p) {
               const PixelTerms<acc_t> c = load_terms<acc_t, H3, H4>(ws.Y, r, p, np, bp[p], pbp[p]);
-              const PixelTerms<acc_t> g = head_pixel_grad<HD, acc_t>(static_cast<acc_t>(xr[p]), c);
+              const acc_t xv = static_cast<acc_t>(xr[p]);
+              PixelTerms<acc_t> g;
+              if constexpr (HD == Head::kTaylor) {
+                g = precision_pixel_grad<acc_t>(xv, c);
+              } else {
+                acc_t pixel_loss;
+                g = head_pixel_grad_and_nll<HD, acc_t>(xv, c, pixel_loss);
+                row_sum += pixel_loss;
+              }
               y0[p] = g.ubar;
               y0[np + p] = g.vbar;
               y1[p] = g.Saa;
@@ -244,6 +220,7 @@ std::tuple<at::Tensor, at::Tensor> forward_train_impl(const Inputs<scalar_t>& in
               }
               if constexpr (H4) y3[p] = g.C4;
             }
+            if constexpr (HD != Head::kTaylor) loss[n0 + r] += row_sum;
           }
         }
       }

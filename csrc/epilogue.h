@@ -198,19 +198,7 @@ SK_HOST_DEVICE T exact_log_pixel_nll(T x, const PixelTerms<T>& c) {
   return T(0.5) * gaussian_e2v2(x - c.ubar, c) - T(0.5 * ls.value) + T(kHalfLog2Pi);
 }
 
-template <typename T>
-SK_HOST_DEVICE PixelTerms<T> exact_log_pixel_grad(T x, const PixelTerms<T>& c) {
-  const T e = x - c.ubar, vb = c.vbar;
-  const LogSquare ls = expected_log_square(double(vb), double(c.Scc));
-  PixelTerms<T> g;
-  g.ubar = -(e * (vb * vb + c.Scc) - T(2) * vb * c.Sac);
-  g.vbar = e * e * vb - T(2) * e * c.Sac + vb * c.Saa - T(0.5 * ls.d_mean);
-  g.Saa = T(0.5) * (vb * vb + c.Scc);
-  g.Scc = T(0.5) * (e * e + c.Saa) - T(0.5 * ls.d_var);
-  g.Sac = T(2) * (c.Sac - e * vb);
-  g.Tacc = g.Taac = g.C3 = g.Q = g.C4 = T(0);
-  return g;
-}
+
 
 // Log-variance head (MATH.md §11) on the Gaussian contractions with C = H (log-variance
 // weights), vbar = E[s] = H m + h0, Scc = H^2 k2, Sac = (A H) k2:
@@ -222,20 +210,7 @@ SK_HOST_DEVICE T logvar_pixel_nll(T x, const PixelTerms<T>& c) {
   return T(0.5) * (c.vbar + exp(T(0.5) * c.Scc - c.vbar) * (r * r + c.Saa)) + T(kHalfLog2Pi);
 }
 
-template <typename T>
-SK_HOST_DEVICE PixelTerms<T> logvar_pixel_grad(T x, const PixelTerms<T>& c) {
-  const T r = x - c.ubar + c.Sac;
-  const T scale = exp(T(0.5) * c.Scc - c.vbar);
-  const T weighted = scale * (r * r + c.Saa);
-  PixelTerms<T> g;
-  g.ubar = -scale * r;
-  g.vbar = T(0.5) - T(0.5) * weighted;
-  g.Saa = T(0.5) * scale;
-  g.Scc = T(0.25) * weighted;
-  g.Sac = scale * r;
-  g.Tacc = g.Taac = g.C3 = g.Q = g.C4 = T(0);
-  return g;
-}
+
 
 // ----------------------------------------------- log-variance head on tilted latents (§11)
 // Bernoulli latent with logits l tilted by t = -h: K(t) = log(q + p e^t) (p = sigmoid(l),
@@ -287,6 +262,41 @@ SK_HOST_DEVICE TiltedSums<T> tilted_logvar_pixel_grad(T x, T b, T h0, const Tilt
   return g;
 }
 
+// The loss and d loss/d contraction of one pixel in one call (the special function of the exact
+// log term, or the exp of the log-variance head, evaluated once for both).
+template <Head H, typename T>
+SK_HOST_DEVICE PixelTerms<T> head_pixel_grad_and_nll(T x, const PixelTerms<T>& c, T& nll) {
+  if constexpr (H == Head::kExactLog) {
+    const T e = x - c.ubar, vb = c.vbar;
+    const LogSquare ls = expected_log_square(double(vb), double(c.Scc));
+    nll = T(0.5) * gaussian_e2v2(e, c) - T(0.5 * ls.value) + T(kHalfLog2Pi);
+    PixelTerms<T> g;
+    g.ubar = -(e * (vb * vb + c.Scc) - T(2) * vb * c.Sac);
+    g.vbar = e * e * vb - T(2) * e * c.Sac + vb * c.Saa - T(0.5 * ls.d_mean);
+    g.Saa = T(0.5) * (vb * vb + c.Scc);
+    g.Scc = T(0.5) * (e * e + c.Saa) - T(0.5 * ls.d_var);
+    g.Sac = T(2) * (c.Sac - e * vb);
+    g.Tacc = g.Taac = g.C3 = g.Q = g.C4 = T(0);
+    return g;
+  } else if constexpr (H == Head::kLogVar) {
+    const T r = x - c.ubar + c.Sac;
+    const T scale = exp(T(0.5) * c.Scc - c.vbar);
+    const T weighted = scale * (r * r + c.Saa);
+    nll = T(0.5) * (c.vbar + weighted) + T(kHalfLog2Pi);
+    PixelTerms<T> g;
+    g.ubar = -scale * r;
+    g.vbar = T(0.5) - T(0.5) * weighted;
+    g.Saa = T(0.5) * scale;
+    g.Scc = T(0.25) * weighted;
+    g.Sac = scale * r;
+    g.Tacc = g.Taac = g.C3 = g.Q = g.C4 = T(0);
+    return g;
+  } else {
+    nll = precision_pixel_nll(x, c);
+    return precision_pixel_grad(x, c);
+  }
+}
+
 // Dispatch on the head at compile time (kernels are instantiated per head).
 template <Head H, typename T>
 SK_HOST_DEVICE T head_pixel_nll(T x, const PixelTerms<T>& c) {
@@ -297,9 +307,8 @@ SK_HOST_DEVICE T head_pixel_nll(T x, const PixelTerms<T>& c) {
 
 template <Head H, typename T>
 SK_HOST_DEVICE PixelTerms<T> head_pixel_grad(T x, const PixelTerms<T>& c) {
-  if constexpr (H == Head::kExactLog) return exact_log_pixel_grad(x, c);
-  else if constexpr (H == Head::kLogVar) return logvar_pixel_grad(x, c);
-  else return precision_pixel_grad(x, c);
+  T unused;
+  return head_pixel_grad_and_nll<H>(x, c, unused);
 }
 
 }  // namespace silent_kernels

@@ -1,12 +1,11 @@
 // The silent_kernels op library: schemas (shared by the CPU and CUDA kernels), the CPU
-// kernels' registration, the debug op _linear_offset, and the Python module init so that
+// kernels' registration, and the Python module init so that
 // `import silent_kernels._C` loads this library (which runs the registrations below).
 #include <Python.h>
 
 #include <torch/library.h>
 
 #include "cpu_kernels.h"
-#include "cpu_index.h"
 #include "op_checks.h"
 
 namespace silent_kernels {
@@ -178,10 +177,6 @@ categorical_nll_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const 
                                        needs, head);
 }
 
-// Debug op: the kernels' offset arithmetic (cpu_index.h), so a test can check it beyond 2^31.
-int64_t linear_offset_op(int64_t row, int64_t col, int64_t ld) {
-  return linear_offset(row, col, ld);
-}
 
 }  // namespace
 
@@ -209,7 +204,6 @@ TORCH_LIBRARY(silent_kernels, m) {
   m.def("categorical_nll_backward(Tensor grad, Tensor x, Tensor logits, Tensor weight, Tensor? bias, "
         "Tensor? second_weight, Tensor? second_bias, Tensor? sigma2, bool[] needs, int head) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("_linear_offset(int row, int col, int ld) -> int", &linear_offset_op);
 }
 
 TORCH_LIBRARY_IMPL(silent_kernels, CPU, m) {

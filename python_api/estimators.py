@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .models import Posterior
+from .posterior import Posterior
 
 __all__ = ["ESTIMATORS", "VALID_ESTIMATORS", "Noise", "ReconTerms", "ReinforceBaseline",
            "reconstruction", "check_estimator"]

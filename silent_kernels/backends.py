@@ -82,6 +82,10 @@ def _load_cuda() -> Backend:
     kernels = {"fixed": ops.cuda_fixed_nll, "precision": ops.cuda_precision_nll}
     if ops.cuda_ops_registered("bernoulli_logvar"):
         kernels["bernoulli_logvar"] = ops.cuda_bernoulli_logvar_nll
+    if ops.cuda_ops_registered("categorical"):   # the same ops: the dispatcher picks CUDA kernels
+        kernels.update(categorical_fixed=ops.cpp_categorical_fixed_nll,
+                       categorical_precision=ops.cpp_categorical_precision_nll,
+                       categorical_logvar=ops.cpp_categorical_logvar_nll)
     return Backend("cuda", ("cuda",), kernels)
 
 

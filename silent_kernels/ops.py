@@ -10,8 +10,7 @@ dispatcher sends CPU tensors to the CPU kernels and CUDA tensors to the CUDA ker
                                            precision_weight, precision_bias?, head) -> (B,)
     torch.ops.silent_kernels.bernoulli_logvar_nll(x, logits, weight, bias?, logvar_weight,
                                                   logvar_bias?) -> (B,)
-    (+ their ``*_backward`` ops, and the debug op ``_linear_offset(row, col, ld)``;
-    ``head`` as in ``autograd.HEADS``)
+    (+ their ``*_backward`` ops; ``head`` as in ``autograd.HEADS``)
 
 The entry points below call the registered ops directly, so ``torch.compile(fullgraph=True)``
 sees them as single graph nodes.
@@ -39,7 +38,6 @@ __all__ = [
     "cuda_fixed_nll",
     "cuda_precision_nll",
     "cuda_bernoulli_logvar_nll",
-    "linear_offset",
 ]
 
 _NS = torch.ops.silent_kernels
@@ -171,8 +169,3 @@ def cuda_precision_nll(x: Tensor, mean: Tensor, var: Tensor, k3: Optional[Tensor
     """Per-sample loss (B,) of a head on the mean-field contractions (CUDA kernels)."""
     return _NS.precision_nll.default(x, mean, var, k3, k4, weight, bias, precision_weight,
                                      precision_bias, head)
-
-
-def linear_offset(row: int, col: int, ld: int) -> int:
-    """The kernels' int64 element offset row * ld + col (debug op, for tests)."""
-    return _NS._linear_offset.default(row, col, ld)

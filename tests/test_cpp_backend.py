@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 
 import pytest
 import torch
@@ -167,15 +168,17 @@ def test_auto_uses_the_cpp_op(monkeypatch):
     assert calls and torch.equal(auto, cpp)
 
 
-@pytest.mark.parametrize("row, col, ld", [
-    (0, 0, 1), (3, 4, 5), (2**31 - 1, 0, 1), (2**31, 7, 1), (70_000, 65_535, 40_000),
-    (46_341, 3, 46_341), (2**20, 2**20 - 1, 2**20), (123_456_789, 98_765, 12_345),
-])
-def test_linear_offset_is_int64(row, col, ld):
+def test_linear_offset_is_int64(tmp_path):
     # Most of these offsets are beyond 2^31 (and some beyond 2^32): int32 arithmetic would wrap.
-    expected = row * ld + col  # Python ints: exact
-    assert sk_ops.linear_offset(row, col, ld) == expected
-    assert OPS._linear_offset(row, col, ld) == expected
+    cases = [(0, 0, 1), (3, 4, 5), (2**31 - 1, 0, 1), (2**31, 7, 1), (70_000, 65_535, 40_000),
+             (46_341, 3, 46_341), (2**20, 2**20 - 1, 2**20), (123_456_789, 98_765, 12_345)]
+    here = os.path.dirname(os.path.abspath(__file__))
+    exe = tmp_path / "linear_offsets"
+    subprocess.run(["g++", "-std=c++17", "-O2", "-I", os.path.join(here, "..", "csrc"),
+                    os.path.join(here, "cpp", "linear_offsets.cpp"), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], input="\n".join(f"{r} {c} {ld}" for r, c, ld in cases),
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert [int(v) for v in out] == [r * ld + c for r, c, ld in cases]   # Python ints: exact
 
 
 # ---------------------------------------------------------------- against the reference
