@@ -18,7 +18,8 @@
 //   2. coefficient kernel (same tiling): d loss / d(contraction) times grad[n] into
 //      (nplanes, B, k) planes, dx, and per-sample-tile column sums (bias; second bias or sigma2);
 //   3. dlogits: one thread per (sample, group) walks a chunk of pixels, recomputes the group's
-//      moments and accumulates categorical.h group_grad / tilt_group_grad into its own slice of
+//      moments and accumulates categorical.h group_grad / tilt_group_grad (in a padded
+//      shared-memory row of its own when K <= SmemCats, else in place) into its own slice of
 //      (l_split, B, G K) partials; the chunks are summed in a fixed order;
 //   4. dweight / dsecond_weight: one thread per (pixel, group) walks a chunk of samples likewise,
 //      (w_split, nwout, k, G K) partials;
@@ -42,6 +43,13 @@ using PairTile = Tile<kPairWarps, 1, 1, 1>;    // the layout write_colsums expec
 constexpr int kGroupThreads = 128;             // per-group gradient kernels: (row, group) pairs
 constexpr int kRowThreads = 256;               // softmax kernel: (sample, group) rows
 constexpr int kSplitStep = 8;                  // granularity of the split reductions
+
+// The per-group gradient kernels accumulate a thread's K values in shared memory (one padded row
+// per thread: conflict-free) when K is at most this, else directly in its slice of the partials.
+template <typename Acc>
+struct SmemCats {
+  static constexpr int value = sizeof(Acc) == 8 ? 16 : 32;
+};
 
 constexpr bool valid_head(int h) {
   return h == int(Head::kFixed) || h == int(Head::kTaylor) || h == int(Head::kLogVar);
@@ -103,8 +111,7 @@ struct PixelSums {
     const T* arow = a.weight + offset2d(p, 0, d);
     const T* hrow = a.second_weight + offset2d(p, 0, d);
     TiltedSums<Acc> s{Acc(0), Acc(0), Acc(0), Acc(0)};
-    for (int64_t g = 0; g < a.G; ++g) {
-      const int64_t c0 = g * a.K;
+    for (int64_t c0 = 0; c0 < d; c0 += a.K) {  // (a loop over offsets: no spills around divisions)
       const TiltedGroup<Acc> t = tilt_group<Acc, T>(arow + c0, hrow + c0, lp + c0, K);
       s.hm += t.hm;
       s.S += t.log_mgf;
@@ -116,14 +123,18 @@ struct PixelSums {
 
   static __device__ __forceinline__ Acc loss(const CategoricalArgs<T>& a, const Acc* __restrict__ prob,
                                              int64_t n, int64_t p) {
+    if constexpr (HD == Head::kLogVar) {
+      const TiltedSums<Acc> s = tilted(a, prob, p);  // first: few registers live in the loop
+      return tilted_logvar_pixel_nll<Acc>(load_acc(a.x, offset2d(n, p, a.k)), ld_or0(a.bias, p),
+                                          ld_or0(a.second_bias, p), s);
+    }
     const Acc x = load_acc(a.x, offset2d(n, p, a.k));
     const Acc b = ld_or0(a.bias, p), b2 = ld_or0(a.second_bias, p);
-    if constexpr (HD == Head::kLogVar) {
-      return tilted_logvar_pixel_nll<Acc>(x, b, b2, tilted(a, prob, p));
-    } else if constexpr (HD == Head::kFixed) {
+    if constexpr (HD == Head::kFixed) {
+      // 1 / sigma2 before the loop over the groups: few registers live across the division
+      const Acc s2 = load_acc(a.sigma2, p), inv = Acc(1) / s2, log_s2 = log(s2);
       const PixelTerms<Acc> t = terms(a, prob, p, b, Acc(0));
-      const Acc s2 = load_acc(a.sigma2, p);
-      return fixed_pixel_nll<Acc>(x - t.ubar, t.Saa, Acc(1) / s2, log(s2));
+      return fixed_pixel_nll<Acc>(x - t.ubar, t.Saa, inv, log_s2);
     } else {
       return precision_pixel_nll<Acc>(x, terms(a, prob, p, b, b2));
     }
@@ -162,11 +173,13 @@ __global__ void __launch_bounds__(kPairThreads)
   if (n < a.B && p < a.k) {
     const int64_t off = offset2d(n, p, a.k), plane = a.B * a.k;
     const Acc* row = prob + offset2d(n, 0, a.G * a.K);
+    TiltedSums<Acc> ts{};
+    if constexpr (HD == Head::kLogVar) ts = PS::tilted(a, row, p);  // first: few registers live
     const Acc x = load_acc(a.x, off), gn = load_acc(a.grad, n);
     const Acc b = ld_or0(a.bias, p), b2 = ld_or0(a.second_bias, p);
     Acc dxv;
     if constexpr (HD == Head::kLogVar) {
-      const TiltedSums<Acc> g = tilted_logvar_pixel_grad<Acc>(x, b, b2, PS::tilted(a, row, p));
+      const TiltedSums<Acc> g = tilted_logvar_pixel_grad<Acc>(x, b, b2, ts);
       const Acc v[4] = {gn * g.hm, gn * g.S, gn * g.T1, gn * g.T2};
       if (write_planes)
 #pragma unroll
@@ -175,8 +188,9 @@ __global__ void __launch_bounds__(kPairThreads)
       cs[kCatColBias][0] = v[2];            // d/db = d/dT1
       cs[kCatColSecond][0] = v[0] - v[1];   // d/dh0 = 1/2 - d/dS
     } else if constexpr (HD == Head::kFixed) {
+      const Acc inv = Acc(1) / load_acc(a.sigma2, p);  // before the loop over the groups
       const PixelTerms<Acc> t = PS::terms(a, row, p, b, Acc(0));
-      const Acc inv = Acc(1) / load_acc(a.sigma2, p), resid = x - t.ubar;
+      const Acc resid = x - t.ubar;
       const Acc gu = -resid * inv * gn, gs = Acc(0.5) * inv * gn;
       if (write_planes) {
         planes[off] = gu;
@@ -251,16 +265,22 @@ __global__ void __launch_bounds__(kGroupThreads)
                                const acc_t<T>* __restrict__ planes, int64_t chunk,
                                acc_t<T>* __restrict__ partial) {
   using Acc = acc_t<T>;
+  constexpr int SC = SmemCats<Acc>::value;
+  __shared__ Acc acc_s[kGroupThreads][SC + 1];
   const int64_t q = static_cast<int64_t>(blockIdx.x) * kGroupThreads + threadIdx.x;
-  if (q >= a.B * a.G) return;
+  if (q >= a.B * a.G) return;  // no block-wide synchronisation below
   const int64_t n = q / a.G, g = q % a.G, d = a.G * a.K;
   const int64_t split = blockIdx.z;
   const int64_t p_begin = split * chunk, p_end = p_begin + chunk < a.k ? p_begin + chunk : a.k;
-  Acc* out = partial + offset3d(split, n, g * a.K, a.B, d);
+  Acc* dst = partial + offset3d(split, n, g * a.K, a.B, d);
+  const bool in_smem = a.K <= SC;
+  Acc* out = in_smem ? &acc_s[threadIdx.x][0] : dst;
   for (int64_t j = 0; j < a.K; ++j) out[j] = Acc(0);
   const Acc* prob_g = prob + offset2d(n, g * a.K, d);
   for (int64_t p = p_begin; p < p_end; ++p)
     triple_grad<HD, T>(a, prob_g, planes, n, p, g, out, nullptr, nullptr);
+  if (in_smem)
+    for (int64_t j = 0; j < a.K; ++j) dst[j] = out[j];
 }
 
 // ----------------------------------------------------------------- stage 4: dA, dC / dH
@@ -272,20 +292,30 @@ __global__ void __launch_bounds__(kGroupThreads)
                                const acc_t<T>* __restrict__ planes, bool need_a, bool need_c,
                                int64_t chunk, acc_t<T>* __restrict__ partial) {
   using Acc = acc_t<T>;
+  constexpr int SC = SmemCats<Acc>::value;
+  __shared__ Acc acc_s[2][kGroupThreads][SC + 1];
   const int64_t q = static_cast<int64_t>(blockIdx.x) * kGroupThreads + threadIdx.x;
-  if (q >= a.k * a.G) return;
+  if (q >= a.k * a.G) return;  // no block-wide synchronisation below
   const int64_t p = q / a.G, g = q % a.G, d = a.G * a.K;
   const int64_t split = blockIdx.z;
   const int64_t n_begin = split * chunk, n_end = n_begin + chunk < a.B ? n_begin + chunk : a.B;
   const int nwout = int(need_a) + int(need_c);
-  Acc* da = need_a ? partial + offset3d(split * nwout, p, g * a.K, a.k, d) : nullptr;
-  Acc* dc = need_c ? partial + offset3d(split * nwout + int(need_a), p, g * a.K, a.k, d) : nullptr;
+  Acc* dst_a = need_a ? partial + offset3d(split * nwout, p, g * a.K, a.k, d) : nullptr;
+  Acc* dst_c = need_c ? partial + offset3d(split * nwout + int(need_a), p, g * a.K, a.k, d) : nullptr;
+  const bool in_smem = a.K <= SC;
+  Acc* da = in_smem && need_a ? &acc_s[0][threadIdx.x][0] : dst_a;
+  Acc* dc = in_smem && need_c ? &acc_s[1][threadIdx.x][0] : dst_c;
   for (int64_t j = 0; j < a.K; ++j) {
     if (da != nullptr) da[j] = Acc(0);
     if (dc != nullptr) dc[j] = Acc(0);
   }
   for (int64_t n = n_begin; n < n_end; ++n)
     triple_grad<HD, T>(a, prob + offset2d(n, g * a.K, d), planes, n, p, g, nullptr, da, dc);
+  if (in_smem)
+    for (int64_t j = 0; j < a.K; ++j) {
+      if (da != nullptr) dst_a[j] = da[j];
+      if (dc != nullptr) dst_c[j] = dc[j];
+    }
 }
 
 // ----------------------------------------------------------------- host side

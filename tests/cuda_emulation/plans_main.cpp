@@ -112,6 +112,60 @@ int main() {
       }
     }
   }
+  // categorical plans: shapes (B, k, G, K), every head, every subset of the 7 gradients
+  const int64_t cat_shapes[][4] = {{64, 784, 20, 10}, {1, 1, 1, 1}, {0, 5, 3, 4}, {5, 0, 3, 4}, {5, 3, 0, 4},
+                                   {5, 3, 4, 0}, {3000000, 784, 100, 10}, {33, 1000003, 7, 3}, {70000, 70000, 1, 2}};
+  for (const auto& s : cat_shapes) {
+    const int64_t B = s[0], k = s[1], G = s[2], K = s[3], d = G * K;
+    for (bool dbl : {false, true})
+      for (int head : {0, 2, 3}) {
+        const CategoricalPlan f = plan_categorical_forward(B, k, G, K, head, dbl);
+        ++checked;
+        CHECK(f.head == head && f.nplanes == (head == 3 ? 2 : head == 2 ? 4 : 10));
+        CHECK(f.pixel_tiles >= (k > 0 ? 1 : 0) && f.pixel_tiles <= k);
+        CHECK(f.off_prob == 0 && f.off_partial >= B * d && f.workspace >= f.off_partial + f.pixel_tiles * B);
+        for (int mask = 0; mask < 128; ++mask) {
+          CategoricalNeeds n{bool(mask & 1), bool(mask & 2), bool(mask & 4), bool(mask & 8),
+                             bool(mask & 16), bool(mask & 32), bool(mask & 64)};
+          if (head == 3) n.second_weight = n.second_bias = false;  // absent for the fixed head
+          else n.sigma2 = false;
+          const CategoricalPlan b = plan_categorical_backward(B, k, G, K, head, dbl, n);
+          ++checked;
+          const bool second = head == 3 ? n.sigma2 : n.second_bias;
+          CHECK(b.run_coef == (n.x || n.logits || n.weight || n.bias || n.second_weight || second));
+          CHECK(b.planes == (n.logits || n.weight || n.second_weight));
+          CHECK((b.colsums.slot[kCatColBias] >= 0) == n.bias);
+          CHECK((b.colsums.slot[kCatColSecond] >= 0) == second);
+          CHECK(b.ncolsums == int(n.bias) + int(second));
+          if (n.bias && second) CHECK(b.colsums.slot[kCatColBias] != b.colsums.slot[kCatColSecond]);
+          CHECK(b.need_logits == n.logits && b.need_a == n.weight && b.need_c == n.second_weight);
+          CHECK(b.nwout == int(n.weight) + int(n.second_weight));
+          CHECK(b.pixel_tiles == f.pixel_tiles && b.row_tiles >= (B > 0 ? 1 : 0));
+          CHECK(b.off_prob == 0 && b.off_planes >= B * d);
+          CHECK(b.off_colsum >= b.off_planes + (b.planes ? b.nplanes * B * k : 0));
+          CHECK(b.off_logits >= b.off_colsum + b.ncolsums * b.row_tiles * k);
+          CHECK(b.off_w >= b.off_logits + (b.need_logits ? b.l_split * B * d : 0));
+          CHECK(b.workspace >= b.off_w + (b.nwout ? b.w_split * b.nwout * k * d : 0));
+          check_split(b.l_split, b.l_chunk, k, B, k, d);
+          check_split(b.w_split, b.w_chunk, B, B, k, d);
+        }
+      }
+  }
+  {  // an empty batch enqueues nothing; a bad head or argument set is refused before any launch
+    const int64_t B = 0, k = 5, d = 3;
+    const float dummy = 0.f;
+    CategoricalArgs<float> ca{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, &dummy, nullptr, 0, 5, 1, 3, 3};
+    CHECK(categorical_forward<float>(ca, plan_categorical_forward(0, 5, 1, 3, 3, false), nullptr, nullptr,
+                                     nullptr) == cudaSuccess);
+    for (int head : {-1, 0, 1, 2, 4}) {
+      ca.head = head;
+      CHECK(categorical_forward<float>(ca, plan_categorical_forward(0, 5, 1, 3, head, false), nullptr,
+                                       nullptr, nullptr) == cudaErrorInvalidValue);
+    }
+    ca.head = 3;
+    CHECK(categorical_forward<float>(ca, plan_categorical_forward(0, 5, 1, 3, 0, false), nullptr, nullptr,
+                                     nullptr) == cudaErrorInvalidValue);  // plan made for another head
+  }
   // an empty batch enqueues nothing (returns before touching the device)
   const FixedArgs<float> fa{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 5, 3};
   const ForwardPlan fp = plan_fixed_forward(0, 5, 3, false);
