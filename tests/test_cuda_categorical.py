@@ -229,6 +229,34 @@ def test_without_biases(emu, head):
     run(emu, head, case, torch.float64, all_needs(case))
 
 
+@pytest.mark.parametrize("head", HEADS)
+def test_matches_the_cpu_kernels(emu, head):
+    """The C++ CPU op runs the same per-group math (csrc/categorical.h) in another summation order:
+    float64 agreement to rounding, for the loss and every gradient (the op's (0,) gradients of
+    absent inputs aside)."""
+    try:
+        import silent_kernels._C  # noqa: F401  (registers the ops)
+    except ImportError as exc:
+        pytest.skip(f"extension not built: {exc}")
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("silent_kernels::categorical_nll", "CPU"):
+        pytest.skip("no CPU kernel registered for silent_kernels::categorical_nll")
+    ops = torch.ops.silent_kernels
+    case = make_case(head, 23, 37, 4, 6, torch.float64, seed=21, saturated=0.3)
+    args = [case[n] for n in INPUTS]
+    head_id = emulation.CATEGORICAL_HEADS[head]
+    grad = upstream(23, torch.float64)
+    needs = all_needs(case)
+    emu.set_device(*DEVICES["split"])
+    loss, _ = emu.categorical_forward(case, head)
+    outs, _ = emu.categorical_backward(case, head, grad, needs)
+    cpu_loss = ops.categorical_nll(*args, head_id)
+    cpu_grads = ops.categorical_nll_backward(grad, *args, [n in needs for n in INPUTS], head_id)
+    pairs = [("loss", loss, cpu_loss)] + [(f"d{n}", outs[n], g) for n, g in zip(INPUTS, cpu_grads) if n in needs]
+    for name, mine, theirs in pairs:
+        err = ((mine - theirs).abs().max() / theirs.abs().max().clamp_min(1e-300)).item()
+        assert err < 1e-13, (name, err)
+
+
 # ------------------------------------------------------------------------------ behaviour
 @pytest.mark.parametrize("head", HEADS)
 def test_deterministic(emu, head):
