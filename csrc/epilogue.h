@@ -7,7 +7,10 @@
 // these functions are tested against.
 #pragma once
 
+#include <array>
 #include <cmath>
+
+#include "dawson_table.h"
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define SK_HOST_DEVICE __host__ __device__ __forceinline__
@@ -148,13 +151,49 @@ struct LogSquare {
   double value, d_mean, d_var;
 };
 
+
+// D(x) and 4 F(x) for 0 <= x <= kSeriesLimit from the node table: Taylor series of order 12
+// around the nearest node x_j (|x - x_j| <= 1/16), with D^(n+1) = -2 x_j D^(n) - 2 n D^(n-1)
+// (from D' = 1 - 2 x D) and F' = D. Measured against 30-digit values: < 1e-15 relative. About
+// 40 multiply-adds, against up to ~100 series terms with three divisions each.
+constexpr int kDawsonOrder = 12;
+constexpr std::array<double, kDawsonOrder + 3> kInvFactorial = [] {
+  std::array<double, kDawsonOrder + 3> a{};
+  a[0] = 1.0;
+  for (int n = 1; n < kDawsonOrder + 3; ++n) a[n] = a[n - 1] / n;
+  return a;
+}();
+
+inline void dawson_from_table(double x, double& dawson, double& four_f) {
+  int j = static_cast<int>(x / kDawsonNodeStep + 0.5);
+  j = j < kDawsonNodes - 1 ? j : kDawsonNodes - 1;
+  const double xj = j * kDawsonNodeStep, t = x - xj;
+  double prev = kDawsonAtNode[j], cur = 1.0 - 2.0 * xj * prev;   // D^(0), D^(1) at x_j
+  double tn = t;                                                  // t^n
+  double d = prev + cur * t, f = kDawsonIntegralAtNode[j] + prev * t + cur * t * t * 0.5;
+  for (int n = 1; n < kDawsonOrder; ++n) {
+    const double next = -2.0 * xj * cur - 2.0 * n * prev;       // D^(n+1)
+    tn *= t;
+    d += next * tn * kInvFactorial[n + 1];
+    f += next * tn * t * kInvFactorial[n + 2];
+    prev = cur;
+    cur = next;
+  }
+  dawson = d;
+  four_f = 4.0 * f;
+}
+
 SK_HOST_DEVICE LogSquare expected_log_square(double m, double s2) {
   LogSquare out;
   const double floored = s2 < kExactLogVarFloor ? kExactLogVarFloor : s2;
   const double m2 = m * m;
   if (m2 < 2.0 * kSeriesLimit * kSeriesLimit * floored) {
     const double x = fabs(m) / sqrt(2.0 * floored), x2 = x * x;
-    double w = exp(-x2), dsum = w, fsum = 0.0, h = 0.0;
+    double dawson, fsum;
+#ifdef __CUDA_ARCH__
+    // Device code sums the Poisson-weighted series (no table in constant memory yet).
+    double w = exp(-x2), dsum = w, h = 0.0;
+    fsum = 0.0;
     for (int n = 1; n < kSeriesTerms; ++n) {
       w *= x2 / n;
       h += 2.0 / (2 * n - 1);
@@ -162,7 +201,10 @@ SK_HOST_DEVICE LogSquare expected_log_square(double m, double s2) {
       fsum += w * h;
       if (n > x2 && w < 1e-18 * dsum) break;
     }
-    const double dawson = x * dsum;
+    dawson = x * dsum;
+#else
+    dawson_from_table(x, dawson, fsum);
+#endif
     out.value = log(floored) - kEulerGamma - kLog2 + fsum;
     out.d_mean = (m < 0 ? -2.0 : 2.0) * 1.41421356237309504880 * dawson / sqrt(floored);
     out.d_var = s2 < kExactLogVarFloor ? 0.0 : (1.0 - 2.0 * x * dawson) / floored;
