@@ -61,8 +61,8 @@ def check_sigma2(sigma2, k: int, dtype, device) -> Tensor:
     """sigma2: a positive number, a 0-dim tensor or a (k,) tensor; returns a (k,) tensor
     (an expanded view of a scalar, so a learnable scalar keeps its gradient)."""
     if isinstance(sigma2, Real) and not isinstance(sigma2, bool):
-        if not sigma2 > 0:
-            raise ValueError(f"sigma2: expected a positive variance, got {sigma2!r}")
+        if not 0 < sigma2 < float("inf"):
+            raise ValueError(f"sigma2: expected a positive finite variance, got {sigma2!r}")
         return torch.full((k,), float(sigma2), dtype=dtype, device=device)
     if not isinstance(sigma2, Tensor):
         raise TypeError(f"sigma2: expected a float or a torch.Tensor, got {type(sigma2).__name__}")
@@ -71,8 +71,9 @@ def check_sigma2(sigma2, k: int, dtype, device) -> Tensor:
         sigma2 = sigma2.expand(k)
     else:
         check_tensor("sigma2", sigma2, (k,), dtype, device)
-    if _values_checkable(sigma2) and not bool((sigma2 > 0).all()):  # also rejects NaN
-        raise ValueError(f"sigma2: variances must be > 0, got minimum {float(sigma2.min()):g}")
+    if _values_checkable(sigma2) and not bool(((sigma2 > 0) & torch.isfinite(sigma2)).all()):  # and NaN
+        raise ValueError(f"sigma2: variances must be positive and finite, got range "
+                         f"[{float(sigma2.min()):g}, {float(sigma2.max()):g}]")
     return sigma2
 
 
