@@ -7,7 +7,9 @@ script owns the error handling); ``python -m silent_kernels.api.reproduce ...`` 
 from __future__ import annotations
 
 import argparse
+import os
 
+from ..errors import InputFileError
 from .plans import PRESETS, SCALES, plan
 from .report import build_report
 from .runner import run_preset
@@ -86,6 +88,8 @@ def run_command(args: argparse.Namespace) -> int:
         _list(args.scale)
         return 0
     if args.action == "report":
+        if not os.path.isdir(args.results):
+            raise InputFileError(f"--results: expected a folder of result files, {args.results!r} does not exist")
         print(build_report(args.results, args.out, scale=args.scale, figures=not args.no_figures))
         return 0
     for preset in _ALL if args.preset == "all" else [args.preset]:
