@@ -2,12 +2,8 @@
 // the learnable-precision head (paper's Taylor log term, or the exact log term for Gaussian
 // latents) and the log-variance head on Gaussian latents (MATH.md §4, §10, §11).
 //
-// Training path: the forward contracts a tile, and overwrites the contractions with the
-// per-pixel coefficients g_j = d(pixel loss)/d(contraction j) (epilogue.h), which it saves; the
-// backward then needs only
-//   moment gradients  d(moment_g) = diag(grad) sum over tiles of G_g @ P_g
-//   weight partials   H_g = G_g^T @ (diag(grad) moment_g)
-// and folds the partials into dA, dC with the element-wise factors of MATH.md §5. The op
+// Training path: the forward saves the per-pixel coefficients (layout below), the backward does
+// only the moment- and weight-gradient GEMMs and folds the partials into dA, dC (MATH.md §5);
 // precision_nll_backward (for callers that did not keep the coefficients) runs both.
 #include <ATen/Dispatch.h>
 
@@ -105,11 +101,9 @@ at::Tensor forward_impl(const Inputs<scalar_t>& in) {
 enum Need { kX = 0, kMean, kVar, kK3, kK4, kA, kBias, kC, kPBias, kNumInputs };
 
 // ------------------------------------------------- training forward + saved-coefficient backward
-// The per-pixel coefficients g_j = d(pixel loss)/d(contraction j) do not depend on the upstream
-// gradient (one scalar per sample), so the training forward saves them UNSCALED and the backward
-// only does the moment-gradient and weight-gradient GEMMs:
-//   d(moment_g) = diag(grad) (sum over tiles of G_g @ P_g)          (rows scaled once at the end)
-//   H_g         = G_g^T @ (diag(grad) moment_g)                     (moments scaled once, O(Bd))
+// The coefficients g_j = d(pixel loss)/d(contraction j) do not depend on the upstream gradient,
+// so they are saved UNSCALED (epilogue.h) and the backward does
+//   d(moment_g) = diag(grad) (sum over tiles of G_g @ P_g),   H_g = G_g^T @ (diag(grad) moment_g)
 // Saved layout (a flat acc_t tensor of B * ncontr * k elements, ncontr = Groups::total): the
 // pixels are cut into tiles of saved_tile(k, d, ncontr) pixels (a function of the shapes only,
 // not of the thread count); tile t (pixels [p0, p0 + np)) occupies elements
