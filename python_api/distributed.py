@@ -90,7 +90,13 @@ def describe() -> str | None:
 
 
 def shutdown() -> None:
+    """Leave the process group together: without the barrier a rank that tears down gloo while a
+    peer is still sending can abort ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:   # a peer already failed: its error is what gets reported
+            pass
         dist.destroy_process_group()
 
 
