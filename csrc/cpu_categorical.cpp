@@ -1,5 +1,6 @@
 // C++ CPU kernels of one-hot categorical latents (MATH.md §12): the per-group contraction stage
-// (categorical.h) fused with the fixed, precision (Taylor log term) and log-variance epilogues.
+// (categorical.h) fused with the precision (Taylor log term) and log-variance epilogues. The fixed
+// head needs no per-group pass at all (cpu_categorical_fixed.cpp); the entry points route it there.
 //
 // Each thread owns a range of pixels; per (sample, pixel) it walks the G groups of the sample's
 // probabilities and the pixel's weight rows, so the (B, k, G) per-group moments are never stored.
@@ -28,12 +29,12 @@ struct CategoricalInputs {
   using acc_t = at::opmath_type<scalar_t>;
   at::Tensor x, A, W2;               // scalar_t (W2 undefined for the fixed head)
   at::Tensor log_prob, prob;         // acc_t (B, G K), normalised per group
-  at::Tensor bias, bias2, sigma2;    // acc_t (k,); zeros / ones when absent
+  at::Tensor bias, bias2;            // acc_t (k,); zeros when absent
   int64_t B, k, G, K;
 
   CategoricalInputs(const at::Tensor& x_, const at::Tensor& logits, const at::Tensor& weight,
                     const c10::optional<at::Tensor>& bias_, const c10::optional<at::Tensor>& w2,
-                    const c10::optional<at::Tensor>& bias2_, const c10::optional<at::Tensor>& sigma2_) {
+                    const c10::optional<at::Tensor>& bias2_) {
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     x = x_.contiguous();
     A = weight.contiguous();
@@ -50,7 +51,6 @@ struct CategoricalInputs {
     };
     bias = or_fill(bias_, 0.0);
     bias2 = or_fill(bias2_, 0.0);
-    sigma2 = or_fill(sigma2_, 1.0);
   }
 };
 
@@ -64,7 +64,7 @@ template <Head HD, typename acc_t>
 struct PixelWork {
   const acc_t *a, *w2, *lp, *prob;
   int64_t G, K;
-  acc_t x, b, b2, sigma2;
+  acc_t x, b, b2;
 
   acc_t loss() const {
     if constexpr (HD == Head::kLogVar) {
@@ -78,25 +78,18 @@ struct PixelWork {
       }
       return tilted_logvar_pixel_nll(x, b, b2, s);
     } else {
-      const PixelTerms<acc_t> t = terms();
-      if constexpr (HD == Head::kFixed) {
-        return fixed_pixel_nll(x - t.ubar, t.Saa, acc_t(1) / sigma2, std::log(sigma2));
-      } else {
-        return precision_pixel_nll(x, t);
-      }
+      return precision_pixel_nll(x, terms());
     }
   }
 
   PixelTerms<acc_t> terms() const {
     PixelTerms<acc_t> t{b, b2, acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-    for (int64_t g = 0; g < G; ++g)
-      add_group(t, group_stats<acc_t, acc_t>(a + g * K, w2 == nullptr ? nullptr : w2 + g * K,
-                                             prob + g * K, int(K), HD != Head::kFixed));
+    for (int64_t g = 0; g < G; ++g) add_group(t, group_stats<acc_t, acc_t>(a + g * K, w2 + g * K, prob + g * K, int(K), true));
     return t;
   }
 
-  // Gradients scaled by gn; returns d loss/d x, writes d/d bias, bias2, sigma2 into db.
-  acc_t backward(acc_t gn, acc_t* dlogit, acc_t* da, acc_t* dw2, std::array<acc_t, 3>& db) const {
+  // Gradients scaled by gn; returns d loss/d x, writes d/d bias, bias2 into db.
+  acc_t backward(acc_t gn, acc_t* dlogit, acc_t* da, acc_t* dw2, std::array<acc_t, 2>& db) const {
     if constexpr (HD == Head::kLogVar) {
       TiltedSums<acc_t> s{acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
       for (int64_t g = 0; g < G; ++g) {
@@ -120,22 +113,11 @@ struct PixelWork {
       db[1] += c.hm - c.S;
       return -c.T1;
     } else {
-      const PixelTerms<acc_t> t = terms();
-      PixelTerms<acc_t> c{};
-      if constexpr (HD == Head::kFixed) {
-        const acc_t inv = acc_t(1) / sigma2, resid = x - t.ubar;
-        c = PixelTerms<acc_t>{-resid * inv * gn, acc_t(0), acc_t(0.5) * inv * gn, acc_t(0), acc_t(0),
-                              acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-        db[2] += gn * fixed_pixel_dsigma2(resid, t.Saa, inv);
-      } else {
-        c = scaled(precision_pixel_grad(x, t), gn);
-      }
+      const PixelTerms<acc_t> c = scaled(precision_pixel_grad(x, terms()), gn);
       for (int64_t g = 0; g < G; ++g) {
-        const acc_t* wg = w2 == nullptr ? nullptr : w2 + g * K;
-        const GroupStats<acc_t> st = group_stats<acc_t, acc_t>(a + g * K, wg, prob + g * K, int(K),
-                                                               HD != Head::kFixed);
-        group_grad(a + g * K, wg, prob + g * K, int(K), st, c, dlogit == nullptr ? nullptr : dlogit + g * K,
-                   da + g * K, dw2 == nullptr ? nullptr : dw2 + g * K);
+        const GroupStats<acc_t> st = group_stats<acc_t, acc_t>(a + g * K, w2 + g * K, prob + g * K, int(K), true);
+        group_grad(a + g * K, w2 + g * K, prob + g * K, int(K), st, c, dlogit == nullptr ? nullptr : dlogit + g * K,
+                   da + g * K, dw2 + g * K);
       }
       db[0] += c.ubar;
       db[1] += c.vbar;
@@ -160,7 +142,7 @@ std::array<at::Tensor, kNumInputs> run(const CategoricalInputs<scalar_t>& in, co
   at::Tensor dx = backward ? at::zeros({B, k}, acc_opts) : at::Tensor();
   at::Tensor dA = backward ? at::zeros({k, d}, acc_opts) : at::Tensor();
   at::Tensor dW2 = (backward && in.W2.defined()) ? at::zeros({k, d}, acc_opts) : at::Tensor();
-  at::Tensor dbias = backward ? at::zeros({3, k}, acc_opts) : at::Tensor();
+  at::Tensor dbias = backward ? at::zeros({2, k}, acc_opts) : at::Tensor();
   const at::Tensor grad = backward ? as_acc(*grad_in, in.prob.scalar_type()) : at::Tensor();
 
   at::parallel_for(0, nparts, 1, [&](int64_t part_begin, int64_t part_end) {
@@ -169,15 +151,14 @@ std::array<at::Tensor, kNumInputs> run(const CategoricalInputs<scalar_t>& in, co
       for (int64_t p = part * k / nparts; p < (part + 1) * k / nparts; ++p) {
         load_row(in.A.template data_ptr<scalar_t>() + linear_offset(p, 0, d), d, a.data());
         if (in.W2.defined()) load_row(in.W2.template data_ptr<scalar_t>() + linear_offset(p, 0, d), d, w2.data());
-        std::array<acc_t, 3> db{acc_t(0), acc_t(0), acc_t(0)};
+        std::array<acc_t, 2> db{acc_t(0), acc_t(0)};
         for (int64_t n = 0; n < B; ++n) {
           const int64_t row = linear_offset(n, 0, d);
           const PixelWork<HD, acc_t> w{a.data(), in.W2.defined() ? w2.data() : nullptr,
                                        in.log_prob.template data_ptr<acc_t>() + row,
                                        in.prob.template data_ptr<acc_t>() + row, in.G, in.K,
                                        static_cast<acc_t>(in.x.template data_ptr<scalar_t>()[linear_offset(n, p, k)]),
-                                       in.bias.template data_ptr<acc_t>()[p], in.bias2.template data_ptr<acc_t>()[p],
-                                       in.sigma2.template data_ptr<acc_t>()[p]};
+                                       in.bias.template data_ptr<acc_t>()[p], in.bias2.template data_ptr<acc_t>()[p]};
           if (!backward) {
             loss_parts.template data_ptr<acc_t>()[linear_offset(part, n, B)] += w.loss();
             continue;
@@ -188,7 +169,7 @@ std::array<at::Tensor, kNumInputs> run(const CategoricalInputs<scalar_t>& in, co
                          dW2.defined() ? dW2.template data_ptr<acc_t>() + linear_offset(p, 0, d) : nullptr, db);
         }
         if (backward)
-          for (int i = 0; i < 3; ++i) dbias.template data_ptr<acc_t>()[linear_offset(i, p, k)] = db[i];
+          for (int i = 0; i < 2; ++i) dbias.template data_ptr<acc_t>()[linear_offset(i, p, k)] = db[i];
       }
     }
   });
@@ -203,13 +184,11 @@ std::array<at::Tensor, kNumInputs> run(const CategoricalInputs<scalar_t>& in, co
   if (need[kW2]) out[kW2] = dW2.to(dtype);
   if (need[kBias]) out[kBias] = dbias[0].to(dtype);
   if (need[kBias2]) out[kBias2] = dbias[1].to(dtype);
-  if (need[kSigma2]) out[kSigma2] = dbias[2].to(dtype);
   return out;
 }
 
 template <typename Fn>
 auto dispatch_head(int64_t head, Fn&& fn) {
-  if (head == int64_t(Head::kFixed)) return fn(std::integral_constant<Head, Head::kFixed>{});
   if (head == int64_t(Head::kLogVar)) return fn(std::integral_constant<Head, Head::kLogVar>{});
   return fn(std::integral_constant<Head, Head::kTaylor>{});
 }
@@ -220,9 +199,10 @@ at::Tensor categorical_nll(const at::Tensor& x, const at::Tensor& logits, const 
                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& second_weight,
                            const c10::optional<at::Tensor>& second_bias, const c10::optional<at::Tensor>& sigma2,
                            int64_t head) {
+  if (head == int64_t(Head::kFixed)) return categorical_fixed_nll(x, logits, weight, bias, *sigma2);
   at::Tensor loss;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "categorical_nll_cpu", [&] {
-    const CategoricalInputs<scalar_t> in(x, logits, weight, bias, second_weight, second_bias, sigma2);
+    const CategoricalInputs<scalar_t> in(x, logits, weight, bias, second_weight, second_bias);
     if (in.B == 0) {
       loss = at::zeros({0}, x.options());
       return;
@@ -248,9 +228,12 @@ categorical_nll_backward(const at::Tensor& grad, const at::Tensor& x, const at::
     any = any || need[i];
   }
   std::array<at::Tensor, kNumInputs> out;
-  if (any && x.size(0) > 0) {
+  if (any && x.size(0) > 0 && head == int64_t(Head::kFixed)) {
+    std::tie(out[kX], out[kLogits], out[kA], out[kBias], out[kSigma2]) = categorical_fixed_nll_backward(
+        grad, x, logits, weight, bias, *sigma2, {need[kX], need[kLogits], need[kA], need[kBias], need[kSigma2]});
+  } else if (any && x.size(0) > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "categorical_nll_backward_cpu", [&] {
-      const CategoricalInputs<scalar_t> in(x, logits, weight, bias, second_weight, second_bias, sigma2);
+      const CategoricalInputs<scalar_t> in(x, logits, weight, bias, second_weight, second_bias);
       out = dispatch_head(head, [&](auto hd) { return run<decltype(hd)::value, scalar_t>(in, &grad, need, nullptr); });
     });
   } else if (any) {  // empty batch: every gradient is an empty sum

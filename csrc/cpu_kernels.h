@@ -80,4 +80,14 @@ categorical_nll_backward(const at::Tensor& grad, const at::Tensor& x, const at::
                          const c10::optional<at::Tensor>& second_bias, const c10::optional<at::Tensor>& sigma2,
                          const std::vector<bool>& needs, int64_t head);
 
+// The fixed head on categorical latents by pairwise weight distances (cpu_categorical_fixed.cpp);
+// categorical_nll dispatches head 3 here. needs: x, logits, weight, bias, sigma2.
+at::Tensor categorical_fixed_nll(const at::Tensor& x, const at::Tensor& logits, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias, const at::Tensor& sigma2);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+categorical_fixed_nll_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& logits,
+                               const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                               const at::Tensor& sigma2, const std::vector<bool>& needs);
+
 }  // namespace silent_kernels::cpu

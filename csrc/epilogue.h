@@ -188,10 +188,11 @@ SK_HOST_DEVICE LogSquare expected_log_square(double m, double s2) {
   const double floored = s2 < kExactLogVarFloor ? kExactLogVarFloor : s2;
   const double m2 = m * m;
   if (m2 < 2.0 * kSeriesLimit * kSeriesLimit * floored) {
-    const double x = fabs(m) / sqrt(2.0 * floored), x2 = x * x;
+    const double x = fabs(m) / sqrt(2.0 * floored);
     double dawson, fsum;
 #ifdef __CUDA_ARCH__
     // Device code sums the Poisson-weighted series (no table in constant memory yet).
+    const double x2 = x * x;
     double w = exp(-x2), dsum = w, h = 0.0;
     fsum = 0.0;
     for (int n = 1; n < kSeriesTerms; ++n) {
