@@ -126,8 +126,9 @@ class LatentMoments:
 
     @property
     def is_gaussian(self) -> bool:
-        """True when no higher cumulant is given (the cheaper kernels apply)."""
-        return self.k3 is None and self.k4 is None
+        """True for the Gaussian family (k3 = k4 = 0). Not the same as "no k3, k4 given": a
+        categorical law carries its higher moments in its logits, not in k3 / k4."""
+        return self.family == "gaussian"
 
     def param(self, name: str) -> Tensor:
         """The natural parameter ``name`` of this family (e.g. "logits" of a Bernoulli)."""

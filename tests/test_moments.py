@@ -346,3 +346,10 @@ def test_gaussian_constructors_are_explicit_about_the_scale():
         LatentMoments.gaussian(mu, logvar)                   # positional: refused, not guessed
     assert torch.allclose(LatentMoments.gaussian(mu, logvar=logvar).var, torch.full((2, 3), 4.0))
     assert torch.allclose(LatentMoments.from_std(mu, torch.full((2, 3), 2.0)).var, torch.full((2, 3), 4.0))
+
+
+def test_only_the_gaussian_family_counts_as_gaussian():
+    logits = torch.randn(3, 4, 5, dtype=DT)
+    assert not LatentMoments.categorical(logits=logits).is_gaussian
+    assert not LatentMoments.bernoulli(logits=torch.randn(3, 4, dtype=DT)).is_gaussian
+    assert LatentMoments.gaussian(torch.zeros(3, 4, dtype=DT), logvar=torch.zeros(3, 4, dtype=DT)).is_gaussian
