@@ -19,7 +19,7 @@ def smoke(tmp_path_factory):
     root = tmp_path_factory.mktemp("reproduce")
     out, runs = str(root / "results"), str(root / "runs")
     ran = {}
-    for preset in ("table2", "table1", "table34", "ppca", "m1"):
+    for preset in ("table2", "table1", "table34", "ppca", "m1", "categorical"):
         ran[preset] = run_preset(preset, "smoke", out_dir=out, runs_dir=runs, log=lambda m: None)
     report = str(root / "docs" / "reproduction.md")
     assert cli.main(["reproduce", "report", "--results", out, "--out", report]) == 0
@@ -34,7 +34,9 @@ def test_every_preset_ran_at_smoke_scale(smoke):
     assert ran["table34"]["ran"] == 5 * (2 + 1) + 3 * 2   # grid arms + "with SG" arms (inherited lr)
     assert ran["ppca"]["ran"] == 2
     assert ran["m1"]["ran"] == 2 * (2 + 1)
-    for preset, n in (("table2", 15), ("table34", 21), ("m1", 6), ("ppca", 2)):
+    # categorical: 4 linear arms with the lr grid, 5 nonlinear arms at one lr on both seeds
+    assert ran["categorical"]["ran"] == 4 * (2 + 1) + 5 * 2
+    for preset, n in (("table2", 15), ("table34", 21), ("m1", 6), ("ppca", 2), ("categorical", 22)):
         files = [f for f in os.listdir(os.path.join(smoke["out"], preset, "smoke")) if f.endswith(".json")]
         assert len(files) == n
     # results are small JSON files with the curves, the test metrics and the gradient variance
@@ -72,7 +74,7 @@ def test_second_run_skips_finished_cells(smoke):
 def test_report_is_generated_from_the_results(smoke):
     text = open(smoke["report"]).read()
     for title in ("Table 1", "Table 2", "Tables 3-4: learnable variance, MNIST", "Companion 1", "Companion 2",
-                  "How verdicts are computed", "Summary"):
+                  "Extension: categorical latents", "How verdicts are computed", "Summary"):
         assert title in text
     assert "6.718" in text and "1.37e+04" in text and "330.77" in text     # the paper's numbers
     assert "Convergence milestone" in text
@@ -84,13 +86,14 @@ def test_report_is_generated_from_the_results(smoke):
                 "table34/smoke/figures/reconstructions.png", "m1/smoke/figures/curves.png"):
         assert rel in text and os.path.isfile(os.path.join(smoke["out"], rel))
     # the zero-variance claim holds exactly even at smoke scale
-    line = next(l for l in text.splitlines() if "Silent Gradients (continuous): the encoder-gradient variance" in l)
-    assert "**reproduced**" in line
+    for kind in ("continuous", "categorical"):
+        line = next(l for l in text.splitlines() if f"Silent Gradients ({kind}): the encoder-gradient variance" in l)
+        assert "**reproduced**" in line
     # pPCA verdicts are threshold tests that hold at smoke scale too
     assert all("**reproduced**" in l for l in text.splitlines() if l.startswith("| Companion 1 |"))
     # no table row is broken by a '|' inside a cell
     for l in text.splitlines():
-        if l.startswith("| table |") or l.startswith("| Companion"):
+        if l.startswith("| table |") or l.startswith("| Companion") or l.startswith("| Extension"):
             assert l.replace("\\|", "").count("|") == 5
 
 

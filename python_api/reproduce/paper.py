@@ -49,4 +49,9 @@ LABELS = {
     "reparam+sg": "Reparameterization + SG", "sg-bernoulli": "None + SG (discrete)",
     "gumbel+sg": "Gumbel-Softmax + SG", "reinforce+sg": "REINFORCE + SG",
     "elbo": "D_KL-ELBO (linear decoder, learned sigma^2)", "m1": "D_KL-M1 (analytic M1)",
+    "cat-silent": "Silent Gradients (categorical)", "cat-gumbel": "Gumbel-Softmax (categorical)",
+    "cat-gumbel-st": "Straight-through Gumbel (categorical)", "cat-reinforce": "REINFORCE (categorical)",
+    "cat-sg": "None + SG (categorical)", "cat-gumbel-nl": "Gumbel-Softmax, nonlinear (categorical)",
+    "cat-gumbel-nl+sg": "Gumbel-Softmax + SG (categorical)",
+    "cat-reinforce-nl": "REINFORCE, nonlinear (categorical)", "cat-reinforce-nl+sg": "REINFORCE + SG (categorical)",
 }

@@ -13,13 +13,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["SCALES", "PRESETS", "DATASETS", "TABLE2_ARMS", "TABLE34_ARMS", "Arm", "Plan", "plan", "point_slug", "grid_points",
+__all__ = ["SCALES", "PRESETS", "DATASETS", "TABLE2_ARMS", "TABLE34_ARMS", "CATEGORICAL_ARMS", "Arm", "Plan", "plan", "point_slug", "grid_points",
            "default_data_root", "CPU_SECONDS"]
 
 SCALES = ("smoke", "cpu", "paper")
-PRESETS = ("table1", "table2", "table34", "table34-cifar10", "table34-imagenet32", "ppca", "m1")
+PRESETS = ("table1", "table2", "table34", "table34-cifar10", "table34-imagenet32", "ppca", "m1", "categorical")
 # the data set each preset trains on
-DATASETS = {"table1": "mnist", "table2": "mnist", "table34": "mnist", "m1": "mnist",
+DATASETS = {"table1": "mnist", "table2": "mnist", "table34": "mnist", "m1": "mnist", "categorical": "mnist",
             "table34-cifar10": "cifar10", "table34-imagenet32": "imagenet32"}
 # the arms of Table 2 in the paper's row order: arm -> (latent, estimator)
 TABLE2_ARMS = {"silent-gaussian": ("gaussian", "silent"), "reparam": ("gaussian", "reparam"),
@@ -28,6 +28,14 @@ TABLE2_ARMS = {"silent-gaussian": ("gaussian", "silent"), "reparam": ("gaussian"
 # the arms of Tables 3-4 in the paper's row order
 TABLE34_ARMS = ("sg-gaussian", "reparam", "reparam+sg", "sg-bernoulli", "gumbel", "gumbel+sg", "reinforce",
                 "reinforce+sg")
+# the categorical-latent experiment (not in the paper): arm -> (decoder, estimator, straight-through)
+CATEGORICAL_ARMS = {
+    "cat-silent": ("linear", "silent", False), "cat-gumbel": ("linear", "gumbel", False),
+    "cat-gumbel-st": ("linear", "gumbel", True), "cat-reinforce": ("linear", "reinforce", False),
+    "cat-sg": ("dual", "silent", False), "cat-gumbel-nl": ("nonlinear", "gumbel", False),
+    "cat-gumbel-nl+sg": ("dual", "gumbel", False), "cat-reinforce-nl": ("nonlinear", "reinforce", False),
+    "cat-reinforce-nl+sg": ("dual", "reinforce", False),
+}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -295,6 +303,49 @@ def _plan_ppca(scale: str) -> Plan:
     return Plan("ppca", scale, "ppca", [], seeds, budget, note, ppca=settings)
 
 
+def _plan_categorical(scale: str, data_root) -> Plan:
+    """Categorical latents (G groups of K), fixed variance: the linear decoder with every estimator,
+    then the nonlinear decoder with and without Algorithm 1."""
+    base = _base(scale, data_root)
+    groups, categories = (2, 4) if scale == "smoke" else (20, 10)
+    epochs = {"smoke": 3, "cpu": 20, "paper": 500}[scale]
+    epochs_nl = {"smoke": 3, "cpu": 15, "paper": 200}[scale]
+    points = {"smoke": [1, 3], "cpu": [1, 10, 20], "paper": [10, 200, 500]}[scale]
+    base.update(latent="categorical", groups=groups, categories=categories, latent_dim=groups * categories,
+                variance="fixed", sigma2=0.01)
+    # the nonlinear arms: one learning rate from the paper's grid, Algorithm 1 as in table34 at cpu scale
+    lr_nl = {"smoke": 1e-3, "cpu": 5e-4, "paper": 5e-4}[scale]
+    anneal = {"anneal_rate": 0.5 if scale == "smoke" else 2.0 / epochs_nl, "cutoff_epoch": None}
+    arms = []
+    for key, (decoder, est, st) in CATEGORICAL_ARMS.items():
+        fields = {**base, "decoder": decoder, "estimator": est, "straight_through": st}
+        if decoder == "linear":
+            arms.append(Arm(key, {**fields, "epochs": epochs, "gradvar_epochs": points}, {"lr": _LR_GRID[scale]}))
+        elif key == "cat-sg":
+            arms.append(Arm(key, {**fields, "epochs": epochs_nl, "lr": lr_nl,
+                                  "cutoff_epoch": 3 if scale == "smoke" else 12}))
+        else:
+            arms.append(Arm(key, {**fields, "epochs": epochs_nl, "lr": lr_nl,
+                                  **(anneal if decoder == "dual" else {})}))
+    cells = []
+    for a in arms:
+        kind = a.overrides["decoder"]
+        n_points = len(a.overrides.get("gradvar_epochs", []))
+        cells += [(kind, a.overrides["epochs"], n_points, 10_000)] * _cell_count("categorical", scale, [a])
+    notes = {
+        "smoke": "embedded digits, 64 training images, G = 2 groups of K = 4, 3 epochs: plumbing only",
+        "cpu": ("MNIST: 10,000 training images (+2,000 holdout), G = 20 groups of K = 10 one-hot categories "
+                "(d = 200), fixed sigma^2 = 0.01, uniform categorical prior; linear decoder 20 epochs with "
+                "lr grid {5e-4, 1e-3} screened on seed 0, gradient variance at epochs 1 / 10 / 20; nonlinear "
+                "decoder (channels 8,16,16,16,16, fixed variance) 15 epochs at lr 5e-4 without a grid; "
+                "Algorithm 1 as in table34 at cpu scale (w_lin annealed to 0 by mid-training, no encoder "
+                "cut-off with an estimator; SG alone cut off at epoch 12); Gumbel temperature 0.5; REINFORCE "
+                "with a moving-average baseline"),
+        "paper": "the paper's schedule (500 epochs linear, 200 nonlinear), one learning rate for the nonlinear arms",
+    }
+    return _train_plan("categorical", scale, arms, _budget(scale, cells, " (GPU)"), notes)
+
+
 def plan(preset: str, scale: str, data_root: Optional[str] = None) -> Plan:
     """The arms, seeds and budget of ``preset`` at ``scale``."""
     if preset not in PRESETS:
@@ -307,6 +358,8 @@ def plan(preset: str, scale: str, data_root: Optional[str] = None) -> Plan:
         return _plan_table2(scale, data_root, source="table1" if preset == "table1" else None)
     if preset == "m1":
         return _plan_m1(scale, data_root)
+    if preset == "categorical":
+        return _plan_categorical(scale, data_root)
     return _plan_table34(scale, data_root, DATASETS[preset])
 
 

@@ -11,7 +11,8 @@ import os
 from typing import Optional
 
 from .markdown import row
-from .sections import section_m1, section_ppca, section_table1, section_table2, section_table34
+from .sections import (section_categorical, section_m1, section_ppca, section_table1, section_table2,
+                       section_table34)
 from .statistics import VERDICT_RULES
 
 __all__ = ["build_report"]
@@ -50,6 +51,9 @@ def _sections(results_dir: str, out_path: str, scale: Optional[str], figures: bo
     sc = _pick_scale(results_dir, "m1", scale)
     sections.append(("Companion 2: analytic M1 objective", "m1", sc,
                      section_m1(results_dir, sc, out_path, figures)))
+    sc = _pick_scale(results_dir, "categorical", scale)
+    sections.append(("Extension: categorical latents", "categorical", sc,
+                     section_categorical(results_dir, sc, out_path, figures)))
     return sections
 
 

@@ -15,11 +15,12 @@ from typing import Optional
 
 from .markdown import Section, figure_link, format_ci_log, format_mean_ci
 from .paper import LABELS, PAPER
-from .plans import DATASETS, TABLE2_ARMS, TABLE34_ARMS, Plan, plan, point_slug
+from .plans import CATEGORICAL_ARMS, DATASETS, TABLE2_ARMS, TABLE34_ARMS, Plan, plan, point_slug
 from .results import chosen_cells, load_results, per_seed
 from .statistics import format_value, verdict_better, verdict_similar
 
-__all__ = ["section_table1", "section_table2", "section_table34", "section_ppca", "section_m1"]
+__all__ = ["section_table1", "section_table2", "section_table34", "section_ppca", "section_m1",
+           "section_categorical"]
 
 
 def _describe_ours(results: list, p: Plan) -> str:
@@ -315,4 +316,76 @@ def section_m1(results_dir, scale, out_path, figures: bool) -> Section:
     if figures and per:
         s.curves(per, ("val_bpd", "val_mse", "val_kld"), folder, out_path, "M1 vs ELBO (seed means)",
                  "M1 vs ELBO curves")
+    return s.finish()
+
+
+def _own_gradvar(rs: list) -> dict:
+    """epoch -> {seed: total encoder-gradient variance of the arm's own estimator}."""
+    est = rs[0]["config"]["estimator"]
+    epochs = sorted({int(e) for r in rs for e in r["gradvar"]})
+    return {e: {r["seed"]: r["gradvar"][str(e)][est]["total"] for r in rs if str(e) in r["gradvar"]} for e in epochs}
+
+
+def section_categorical(results_dir, scale, out_path, figures: bool) -> Section:
+    s = Section("Not in the paper: one-hot categorical latents (MATH.md §12), where the linear decoder's "
+                "loss is still exact and its encoder gradient has zero variance. The setting of categorical "
+                "VAEs (Jang et al. 2017): G = 20 groups of K = 10 categories, a uniform prior; Silent "
+                "Gradients against Gumbel-Softmax, its straight-through variant and REINFORCE, first with "
+                "the linear decoder of Table 2, then with the nonlinear decoder alone and guided by "
+                "Algorithm 1.", "")
+    if scale is None:
+        return s.no_results("`silent-vae reproduce run categorical --scale cpu`")
+    p, folder, results = _our_results(s, results_dir, "categorical", scale)
+    linear = [k for k, (dec, *_) in CATEGORICAL_ARMS.items() if dec == "linear"]
+    rows, per = _chosen_rows(
+        results, list(CATEGORICAL_ARMS), p.choice_seeds, 6,
+        lambda c, rs: (format_mean_ci([r["test"]["bpd"] for r in rs]),
+                       format_mean_ci([r["test"]["mse"] for r in rs]),
+                       format_mean_ci([r["test"]["kld"] for r in rs]),
+                       ", ".join(f"{point_slug(t['point'])}: {format_value(t['val_bpd'])}" for t in c["table"])))
+    s.add("Ours (test metrics of the chosen point after the last epoch, 1 latent draw per image for the "
+          "nonlinear decoder; mean [95% interval] over seeds):", "")
+    s.table(["method", "chosen", "BPD", "MSE (at E[z])", "KLD", "validation BPD per grid point"], rows)
+    var = {k: _own_gradvar(per[k]) for k in linear if k in per and per[k][0]["gradvar"]}
+    if var:
+        points = sorted({e for v in var.values() for e in v})
+        s.add("Encoder-gradient variance of each arm's own estimator on its own run (Table 1's measure; "
+              "geometric mean over seeds [95% interval on log10]):", "")
+        s.table(["method", *[f"epoch {e}" for e in points]],
+                [(LABELS[k], *[format_ci_log(list(v.get(e, {}).values())) for e in points]) for k, v in var.items()])
+    if "cat-silent" in var:
+        zero = all(t == 0.0 for v in var["cat-silent"].values() for t in v.values())
+        ident = all(r["gradvar"][e]["silent"]["bit_identical"] for r in per["cat-silent"] for e in r["gradvar"])
+        s.claim("Silent Gradients (categorical): the encoder-gradient variance is exactly 0 at every point",
+                {"verdict": "reproduced" if zero and ident else "not reproduced",
+                 "reason": f"total variance 0 and every draw bit-identical on all seeds and points: {zero and ident}"})
+    for other in ("cat-gumbel", "cat-gumbel-st", "cat-reinforce"):
+        if "cat-silent" in per and other in per:
+            for metric in ("bpd", "mse"):
+                s.claim(f"Silent Gradients (categorical) has a lower {metric.upper()} than {LABELS[other]}",
+                        verdict_better(per_seed(per["cat-silent"], lambda r, m=metric: r["test"][m]),
+                                       per_seed(per[other], lambda r, m=metric: r["test"][m]), what=metric.upper()))
+    if "cat-silent" in per and "cat-gumbel" in per:
+        finals = [sum(r["final_val"]["bpd"] for r in per[k]) / len(per[k]) for k in ("cat-silent", "cat-gumbel")]
+        milestone = max(finals) + 0.01
+        epochs = {k: {r["seed"]: (_first_epoch_at(r, milestone) or r["epochs_done"] + 1) for r in per[k]}
+                  for k in linear if k in per}
+        s.add(f"Milestone (the worse of Silent Gradients' and Gumbel-Softmax's mean final validation BPD plus "
+              f"0.01, as for Table 2): **{milestone:.4f}** bits/dim; first epoch at or below it (not reached = "
+              "epochs + 1): " + "; ".join(f"{LABELS[k]} {[e[s_] for s_ in sorted(e)]}" for k, e in epochs.items())
+              + ".", "")
+        s.claim("Silent Gradients (categorical) reaches the milestone in fewer epochs than Gumbel-Softmax",
+                verdict_better(epochs["cat-silent"], epochs["cat-gumbel"], what="epochs"))
+    for base in ("cat-gumbel-nl", "cat-reinforce-nl"):
+        if base in per and base + "+sg" in per:
+            s.claim(f"{LABELS[base]}: with SG (Algorithm 1) has a lower BPD than without",
+                    verdict_better(per_seed(per[base + "+sg"], lambda r: r["test"]["bpd"]),
+                                   per_seed(per[base], lambda r: r["test"]["bpd"]), what="BPD"))
+    if "cat-sg" in per and "cat-reinforce-nl" in per:
+        s.claim("SG alone (categorical, nonlinear decoder) has a lower BPD than REINFORCE",
+                verdict_better(per_seed(per["cat-sg"], lambda r: r["test"]["bpd"]),
+                               per_seed(per["cat-reinforce-nl"], lambda r: r["test"]["bpd"]), what="BPD"))
+    if figures and per:
+        s.curves(per, ("val_bpd", "val_mse", "val_kld"), folder, out_path, "Categorical latents (seed means)",
+                 "categorical validation curves")
     return s.finish()
