@@ -4,6 +4,11 @@ files alone; plus the statistics and selection rules the verdicts rest on."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
 import torch
@@ -157,3 +162,41 @@ def test_choose_compares_grid_points_on_the_seeds_they_share():
     assert c["point"] == {"lr": 5e-4} and c["seeds"] == [0, 1, 2]
     # the screening seed is required
     assert choose([cell(1e-3, 1, 1.0)], "x", [0]) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_cell_workers_end_with_the_runner(tmp_path):
+    """A worker process set up by the runner's initializer is terminated when its parent dies
+    (a killed `reproduce run --jobs 2` left two cells training on before)."""
+    pid_file = tmp_path / "worker.pid"
+    script = tmp_path / "runner.py"
+    script.write_text(textwrap.dedent(f"""
+        import multiprocessing, os, time
+        from silent_kernels.api.reproduce.runner import die_with_parent
+        def work(path):
+            die_with_parent()
+            open(path, "w").write(str(os.getpid()))
+            time.sleep(120)
+        if __name__ == "__main__":
+            multiprocessing.get_context("spawn").Process(target=work, args=({str(pid_file)!r},)).start()
+            time.sleep(120)
+        """))
+    parent = subprocess.Popen([sys.executable, str(script)])
+    deadline = time.time() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline, "the worker did not start"
+        time.sleep(0.1)
+    worker = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{worker}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":   # exited, not yet reaped
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the worker outlived its parent")

@@ -227,6 +227,17 @@ def run_preset(preset: str, scale: str, *, out_dir: str = "docs/results", runs_d
     return {**counts, "seconds": time.perf_counter() - t_start}
 
 
+def die_with_parent() -> None:
+    """Worker initializer: on Linux the worker gets SIGTERM when the runner process ends, so a
+    stopped or killed ``reproduce run --jobs N`` never leaves cells training (and writing
+    results) behind it. Cells are resumable, so a terminated one loses at most its last epoch."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+
 def _execute(specs: list, jobs: int, log: Callable, tag: str) -> int:
     """Run ``specs`` (in ``jobs`` spawned processes when > 1), logging one line per cell."""
     def report(i, spec, res):
@@ -242,7 +253,8 @@ def _execute(specs: list, jobs: int, log: Callable, tag: str) -> int:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=die_with_parent) as pool:
         futures = {pool.submit(run_cell, s): s for s in specs}
         for i, fut in enumerate(as_completed(futures), 1):
             report(i, futures[fut], fut.result())
