@@ -80,7 +80,7 @@ class Inputs:
 
     def leaves(self, head: str) -> list:
         heads = [self.weight, self.bias]
-        if head == "precision":
+        if head != "fixed":   # the second head's map: precision or log-variance
             heads += [self.precision_weight, self.precision_bias]
         return [*self.encoder_out, *heads]
 

@@ -16,13 +16,6 @@
 
 #include "cpu_common.h"
 #include "cpu_kernels.h"
-
-// The per-pixel loops below (epilogue.h inlined) vectorise only when the compiler may
-// if-convert the floor on M: floating-point operations are assumed not to trap, as in
-// PyTorch's own build (-fno-trapping-math). Set before epilogue.h so that it is inlined.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
 #include "epilogue.h"
 
 namespace silent_kernels::cpu {

@@ -19,6 +19,7 @@
 
 #include "cpu_common.h"
 #include "cpu_kernels.h"
+#include "cpu_vector_math.h"
 #include "epilogue.h"
 
 namespace silent_kernels::cpu {
@@ -61,18 +62,45 @@ struct LatentRows {
 };
 
 // The four sums of one (sample, pixel): rows a, h of the pixel (acc_t), rows of the sample.
+// Per latent (s = l - h): K(-h) = max(log_p - h, log_q) + log(1 + e^-|s|), the tilted mean
+// sigmoid(s) and variance sigmoid(s) sigmoid(-s) (epilogue.h: bernoulli_tilt, written here
+// with the vectorising exp and log).
 template <typename acc_t>
-inline TiltedSums<acc_t> tilted_sums(const acc_t* a, const acc_t* h, const LatentRows<acc_t>& z, int64_t d) {
-  TiltedSums<acc_t> s{acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-  const acc_t *l = z.logit, *pr = z.prob;
+SK_VECTOR_CLONES TiltedSums<acc_t> tilted_sums(const acc_t* a, const acc_t* h, const LatentRows<acc_t>& z, int64_t d) {
+  acc_t hm = 0, S = 0, T1 = 0, T2 = 0;
+  const acc_t *l = z.logit, *pr = z.prob, *lp = z.log_p, *lq = z.log_q;
+#pragma omp simd reduction(+ : hm, S, T1, T2)
   for (int64_t i = 0; i < d; ++i) {
-    const LatentTilt<acc_t> t = bernoulli_tilt(l[i], z.log_p[i], z.log_q[i], h[i]);
-    s.hm += h[i] * pr[i];
-    s.S += t.log_mgf;
-    s.T1 += a[i] * t.mean;
-    s.T2 += a[i] * a[i] * t.var;
+    const acc_t sv = l[i] - h[i];
+    const acc_t e = vexp(-std::fabs(sv));
+    const acc_t inv = acc_t(1) / (acc_t(1) + e);
+    const acc_t shifted = lp[i] - h[i];
+    hm += h[i] * pr[i];
+    S += (shifted > lq[i] ? shifted : lq[i]) + vlog(acc_t(1) + e);
+    T1 += a[i] * (sv >= acc_t(0) ? inv : e * inv);
+    T2 += a[i] * a[i] * e * inv * inv;
   }
-  return s;
+  return TiltedSums<acc_t>{hm, S, T1, T2};
+}
+
+// The second backward pass over the latents of one (sample, pixel), g = d loss/d(sums) scaled:
+// accumulates the logits' gradient into dl and the pixel's rows' gradients into da, dh.
+template <typename acc_t>
+SK_VECTOR_CLONES void tilted_row_grads(const acc_t* a, const acc_t* h, const acc_t* l, const acc_t* pr,
+                                       const TiltedSums<acc_t>& g, int64_t d, acc_t* dl, acc_t* da, acc_t* dh) {
+  const acc_t gS = g.S, gT1 = g.T1, gT2 = g.T2, ghm = g.hm;
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) {
+    const acc_t sv = l[i] - h[i];
+    const acc_t e = vexp(-std::fabs(sv));
+    const acc_t inv = acc_t(1) / (acc_t(1) + e);
+    const acc_t mean = sv >= acc_t(0) ? inv : e * inv;
+    const acc_t var = e * inv * inv;
+    const acc_t w = gS * mean + gT1 * a[i] * var + gT2 * a[i] * a[i] * var * (acc_t(1) - acc_t(2) * mean);
+    dl[i] += w - gS * pr[i] + ghm * h[i] * pr[i] * (acc_t(1) - pr[i]);
+    dh[i] += ghm * pr[i] - w;
+    da[i] += gT1 * mean + acc_t(2) * gT2 * a[i] * var;
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -155,7 +183,7 @@ std::array<at::Tensor, kNumInputs> backward_impl(const at::Tensor& grad_in, cons
   const acc_t* G = grad.template data_ptr<acc_t>();
 
   at::parallel_for(0, nparts, 1, [&](int64_t part_begin, int64_t part_end) {
-    std::vector<acc_t> a(d), h(d), da(d), dh(d);
+    std::vector<acc_t> a(d), h(d), da(d), dh(d), dl_scratch(need[kLogits] ? 0 : d);
     for (int64_t part = part_begin; part < part_end; ++part) {
       acc_t* dl_part = need[kLogits] ? dlogit_parts.template data_ptr<acc_t>() + linear_offset(part, 0, B * d)
                                      : nullptr;
@@ -181,18 +209,8 @@ std::array<at::Tensor, kNumInputs> backward_impl(const at::Tensor& grad_in, cons
           dh0 += g.hm - g.S;
           if (need[kX]) out[kX].template data_ptr<scalar_t>()[linear_offset(n, p, k)] = static_cast<scalar_t>(-g.T1);
           if (!second_pass) continue;
-          acc_t* dl = dl_part != nullptr ? dl_part + row : nullptr;
-          for (int64_t i = 0; i < d; ++i) {
-            const acc_t sv = l[i] - h[i];
-            const acc_t e = std::exp(-std::fabs(sv));
-            const acc_t inv = acc_t(1) / (acc_t(1) + e);
-            const acc_t mean = sv >= acc_t(0) ? inv : e * inv;
-            const acc_t var = e * inv * inv;
-            const acc_t w = g.S * mean + g.T1 * a[i] * var + g.T2 * a[i] * a[i] * var * (acc_t(1) - acc_t(2) * mean);
-            if (dl != nullptr) dl[i] += w - g.S * pr[i] + g.hm * h[i] * pr[i] * (acc_t(1) - pr[i]);
-            dh[i] += g.hm * pr[i] - w;
-            da[i] += g.T1 * mean + acc_t(2) * g.T2 * a[i] * var;
-          }
+          tilted_row_grads(a.data(), h.data(), l, pr, g, d, dl_part != nullptr ? dl_part + row : dl_scratch.data(),
+                           da.data(), dh.data());
         }
         if (need[kBias]) out[kBias].template data_ptr<scalar_t>()[p] = static_cast<scalar_t>(dbias);
         if (need[kLogvarBias]) out[kLogvarBias].template data_ptr<scalar_t>()[p] = static_cast<scalar_t>(dh0);
