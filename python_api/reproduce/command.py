@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..errors import InputFileError
+from ..errors import InputFileError, UsageError
 from .plans import PRESETS, SCALES, plan
 from .report import build_report
 from .runner import run_preset
@@ -92,7 +92,14 @@ def run_command(args: argparse.Namespace) -> int:
             raise InputFileError(f"--results: expected a folder of result files, {args.results!r} does not exist")
         print(build_report(args.results, args.out, scale=args.scale, figures=not args.no_figures))
         return 0
-    for preset in _ALL if args.preset == "all" else [args.preset]:
+    presets = _ALL if args.preset == "all" else [args.preset]
+    if args.arms:
+        known = {a.key for preset in presets for a in plan(preset, args.scale or "cpu", None).arms}
+        unknown = [a for a in args.arms if a not in known]
+        if unknown:
+            raise UsageError(f"--arms: unknown arm(s) {', '.join(unknown)} for {args.preset}; expected some of "
+                             f"{', '.join(sorted(known))} (separated by spaces)")
+    for preset in presets:
         res = run_preset(preset, args.scale, out_dir=args.out, runs_dir=args.runs, data_root=args.data,
                          jobs=args.jobs, arms=args.arms, seeds=args.seeds, device=args.device,
                          figures=not args.no_figures)
