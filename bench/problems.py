@@ -42,10 +42,11 @@ class Problem:
     @property
     def gemm_shaped(self) -> bool:
         """Whether the work is GEMMs of moments against weight products (MATH.md §2). The
-        log-variance head on Bernoulli latents (tilting: an exp and a log1p per (sample, pixel,
-        latent)) and categorical latents (per-group moments) are not."""
+        log-variance head on Bernoulli latents (tilting: an exp and a log per (sample, pixel,
+        latent)) and categorical latents with a second head (per-group moments) are not; the
+        fixed head on categorical latents is (its mean GEMM, and K x K matrices per group)."""
         if self.latent == "categorical":
-            return False
+            return self.head == "fixed"
         return not (self.head == "logvar" and self.latent == "bernoulli")
 
     @property

@@ -18,6 +18,7 @@
 #include "categorical.h"
 #include "cpu_common.h"
 #include "cpu_kernels.h"
+#include "cpu_vector_math.h"
 
 namespace silent_kernels::cpu {
 namespace {
@@ -59,24 +60,84 @@ inline void load_row(const scalar_t* src, int64_t n, acc_t* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
 }
 
+// Log-variance head, one (sample, pixel): all G groups tilted by exp(-h.z_g) at once (the
+// per-group math of categorical.h's tilt_group, laid out so that its exponentials are one
+// vectorised pass over the G K entries). w: the entries' weights exp(lp - h - shift_g); per group:
+// the shift (max of lp - h), norm = sum w, tilted mean and variance of a.z_g, and E[h.z_g].
+template <typename acc_t>
+struct TiltedGroups {
+  acc_t *w, *shift, *norm, *mean, *var, *hm;
+};
+
+template <typename acc_t>
+SK_VECTOR_CLONES void exp_of_shifted(const acc_t* lp, const acc_t* h, int64_t d, acc_t* w) {
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) w[i] = vexp(lp[i] - h[i] - w[i]);  // w holds the entry's shift
+}
+
+template <typename acc_t>
+TiltedSums<acc_t> tilt_groups(const acc_t* a, const acc_t* h, const acc_t* lp, const acc_t* prob, int64_t G,
+                              int64_t K, const TiltedGroups<acc_t>& t) {
+  for (int64_t g = 0; g < G; ++g) {
+    acc_t m = lp[g * K] - h[g * K];
+    for (int64_t j = 1; j < K; ++j) m = std::max(m, lp[g * K + j] - h[g * K + j]);
+    t.shift[g] = m;
+    for (int64_t j = 0; j < K; ++j) t.w[g * K + j] = m;
+  }
+  exp_of_shifted(lp, h, G * K, t.w);
+  TiltedSums<acc_t> s{acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  for (int64_t g = 0; g < G; ++g) {
+    const acc_t *wg = t.w + g * K, *ag = a + g * K, *hg = h + g * K, *pg = prob + g * K;
+    acc_t norm = 0, wa = 0, hm = 0;
+    for (int64_t j = 0; j < K; ++j) {
+      norm += wg[j];
+      wa += wg[j] * ag[j];
+      hm += pg[j] * hg[j];
+    }
+    const acc_t mean = wa / norm;
+    acc_t var = 0;
+    for (int64_t j = 0; j < K; ++j) var += wg[j] * (ag[j] - mean) * (ag[j] - mean);
+    var /= norm;
+    t.norm[g] = norm;
+    t.mean[g] = mean;
+    t.var[g] = var;
+    t.hm[g] = hm;
+    s.hm += hm;
+    s.S += t.shift[g] + std::log(norm);
+    s.T1 += mean;
+    s.T2 += var;
+  }
+  return s;
+}
+
+// Gradient of c.hm hm + c.S log_mgf + c.T1 mean + c.T2 var summed over the groups (c scaled),
+// from tilt_groups' state; as categorical.h's tilt_group_grad.
+template <typename acc_t>
+void tilt_groups_grad(const acc_t* a, const acc_t* h, const acc_t* prob, int64_t G, int64_t K,
+                      const TiltedGroups<acc_t>& t, const TiltedSums<acc_t>& c, acc_t* dlogit, acc_t* da, acc_t* dh) {
+  for (int64_t g = 0; g < G; ++g) {
+    const acc_t inv = acc_t(1) / t.norm[g], mean = t.mean[g], var = t.var[g], hm = t.hm[g];
+    for (int64_t j = g * K; j < (g + 1) * K; ++j) {
+      const acc_t p = prob[j], pt = t.w[j] * inv, dev = a[j] - mean;
+      const acc_t tilted = c.S * pt + c.T1 * pt * dev + c.T2 * pt * (dev * dev - var);
+      if (dlogit != nullptr) dlogit[j] += c.hm * p * (h[j] - hm) + tilted - c.S * p;
+      dh[j] += c.hm * p - tilted;
+      da[j] += c.T1 * pt + acc_t(2) * c.T2 * pt * dev;
+    }
+  }
+}
+
 // One (sample, pixel): the head's loss, and (grad != 0) the gradients it accumulates.
 template <Head HD, typename acc_t>
 struct PixelWork {
   const acc_t *a, *w2, *lp, *prob;
   int64_t G, K;
   acc_t x, b, b2;
+  TiltedGroups<acc_t> tilted;  // the log-variance head's per-thread scratch
 
   acc_t loss() const {
     if constexpr (HD == Head::kLogVar) {
-      TiltedSums<acc_t> s{acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-      for (int64_t g = 0; g < G; ++g) {
-        const TiltedGroup<acc_t> t = tilt_group(a + g * K, w2 + g * K, lp + g * K, int(K));
-        s.hm += t.hm;
-        s.S += t.log_mgf;
-        s.T1 += t.mean;
-        s.T2 += t.var;
-      }
-      return tilted_logvar_pixel_nll(x, b, b2, s);
+      return tilted_logvar_pixel_nll(x, b, b2, tilt_groups(a, w2, lp, prob, G, K, tilted));
     } else {
       return precision_pixel_nll(x, terms());
     }
@@ -91,24 +152,12 @@ struct PixelWork {
   // Gradients scaled by gn; returns d loss/d x, writes d/d bias, bias2 into db.
   acc_t backward(acc_t gn, acc_t* dlogit, acc_t* da, acc_t* dw2, std::array<acc_t, 2>& db) const {
     if constexpr (HD == Head::kLogVar) {
-      TiltedSums<acc_t> s{acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-      for (int64_t g = 0; g < G; ++g) {
-        const TiltedGroup<acc_t> t = tilt_group(a + g * K, w2 + g * K, lp + g * K, int(K));
-        s.hm += t.hm;
-        s.S += t.log_mgf;
-        s.T1 += t.mean;
-        s.T2 += t.var;
-      }
-      TiltedSums<acc_t> c = tilted_logvar_pixel_grad(x, b, b2, s);
+      TiltedSums<acc_t> c = tilted_logvar_pixel_grad(x, b, b2, tilt_groups(a, w2, lp, prob, G, K, tilted));
       c.hm *= gn;
       c.S *= gn;
       c.T1 *= gn;
       c.T2 *= gn;
-      for (int64_t g = 0; g < G; ++g) {
-        const TiltedGroup<acc_t> t = tilt_group(a + g * K, w2 + g * K, lp + g * K, int(K));
-        tilt_group_grad(a + g * K, w2 + g * K, lp + g * K, int(K), t, c,
-                        dlogit == nullptr ? nullptr : dlogit + g * K, da + g * K, dw2 + g * K);
-      }
+      tilt_groups_grad(a, w2, prob, G, K, tilted, c, dlogit, da, dw2);
       db[0] += c.T1;
       db[1] += c.hm - c.S;
       return -c.T1;
@@ -146,7 +195,10 @@ std::array<at::Tensor, kNumInputs> run(const CategoricalInputs<scalar_t>& in, co
   const at::Tensor grad = backward ? as_acc(*grad_in, in.prob.scalar_type()) : at::Tensor();
 
   at::parallel_for(0, nparts, 1, [&](int64_t part_begin, int64_t part_end) {
-    std::vector<acc_t> a(d), w2(in.W2.defined() ? d : 0);
+    std::vector<acc_t> a(d), w2(in.W2.defined() ? d : 0), scratch(d + 5 * in.G);
+    acc_t* sp = scratch.data();
+    const TiltedGroups<acc_t> tilted{sp, sp + d, sp + d + in.G, sp + d + 2 * in.G, sp + d + 3 * in.G,
+                                     sp + d + 4 * in.G};
     for (int64_t part = part_begin; part < part_end; ++part) {
       for (int64_t p = part * k / nparts; p < (part + 1) * k / nparts; ++p) {
         load_row(in.A.template data_ptr<scalar_t>() + linear_offset(p, 0, d), d, a.data());
@@ -158,7 +210,8 @@ std::array<at::Tensor, kNumInputs> run(const CategoricalInputs<scalar_t>& in, co
                                        in.log_prob.template data_ptr<acc_t>() + row,
                                        in.prob.template data_ptr<acc_t>() + row, in.G, in.K,
                                        static_cast<acc_t>(in.x.template data_ptr<scalar_t>()[linear_offset(n, p, k)]),
-                                       in.bias.template data_ptr<acc_t>()[p], in.bias2.template data_ptr<acc_t>()[p]};
+                                       in.bias.template data_ptr<acc_t>()[p], in.bias2.template data_ptr<acc_t>()[p],
+                                       tilted};
           if (!backward) {
             loss_parts.template data_ptr<acc_t>()[linear_offset(part, n, B)] += w.loss();
             continue;
