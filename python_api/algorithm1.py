@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .config import TrainConfig
 from .estimators import Noise, ReinforceBaseline, reconstruction
-from .models import VAE, Posterior
+from .models import VAE
 from .objectives import m1_reconstruction
 
 __all__ = ["w_lin_at", "encoder_frozen_at", "scale_grad", "batch_loss"]
@@ -85,7 +85,7 @@ def batch_loss(cfg: TrainConfig, model: VAE, x: Tensor, noise: Noise, epoch: int
     else:
         params = model.encoder(x)
     check_encoder_output(params)
-    post = Posterior(cfg.latent, params)
+    post = model.posterior_of(params)
     kl = post.kl()
     loss = kl.sum() * scale if not frozen else torch.zeros((), device=x.device)
     stats = {"kl": kl.detach()}
@@ -99,17 +99,17 @@ def batch_loss(cfg: TrainConfig, model: VAE, x: Tensor, noise: Noise, epoch: int
         return loss + terms.loss, {**stats, "nll": terms.nll}
     w_lin = w_lin_at(cfg, epoch)
     if not frozen:
-        lin_post = Posterior(cfg.latent, scale_grad(params, w_lin))
+        lin_post = model.posterior_of(scale_grad(params, w_lin))
         lin_nll = model.linear.nll(x, lin_post.moments(), reduction="none")
         loss = loss + lin_nll.sum() * scale
         stats["nll_linear"] = lin_nll.detach()
     nl_params = params if not frozen else params.detach()
     if cfg.estimator == "silent":
-        nl_post = Posterior(cfg.latent, nl_params.detach())
+        nl_post = model.posterior_of(nl_params.detach())
         z = nl_post.hard_sample(noise.normal(nl_post.latent_dim) if cfg.latent == "gaussian"
                                 else noise.uniform(nl_post.latent_dim))
         nll = model.nonlinear.sample_nll(x, z)
         return loss + nll.sum() * scale, {**stats, "nll": nll.detach()}
-    nl_post = Posterior(cfg.latent, scale_grad(nl_params, 1.0 - w_lin))
+    nl_post = model.posterior_of(scale_grad(nl_params, 1.0 - w_lin))
     terms = reconstruction(cfg.estimator, x, nl_post, model.nonlinear, noise, **est_kw)
     return loss + terms.loss, {**stats, "nll": terms.nll}

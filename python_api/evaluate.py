@@ -44,7 +44,7 @@ from torch import Tensor
 from .data import dequantize, dequantize_center
 from .entropies import head_entropy_sum
 from .estimators import VALID_ESTIMATORS, Noise, ReinforceBaseline, reconstruction
-from .models import VAE, Posterior
+from .models import VAE
 
 __all__ = ["evaluate", "bits_per_dim", "eval_images", "encoder_gradients", "gradient_variance",
            "gradient_variance_table", "applicable_estimators", "EVAL_SEED_OFFSET"]
@@ -182,13 +182,13 @@ def encoder_gradients(model: VAE, x: Tensor, estimator: str, cfg, *, draws: int 
                 pre = Noise(torch.Generator(device=device).manual_seed(seed + 1), b, device=device,
                             dtype=x.dtype)
                 with torch.no_grad():
-                    t = reconstruction("reinforce", x, Posterior(model.latent, out), decoder, pre,
+                    t = reconstruction("reinforce", x, model.posterior_of(out), decoder, pre,
                                        baseline=ReinforceBaseline(), **kw)
                 baseline = float(t.nll.mean())
             kw["baseline"] = ReinforceBaseline(value=baseline)
         noise = Noise(torch.Generator(device=device).manual_seed(seed), b, device=device, dtype=x.dtype)
         for _ in range(draws):
-            post = Posterior(model.latent, out)
+            post = model.posterior_of(out)
             terms = reconstruction(estimator, x, post, decoder, noise, **kw)
             grads = torch.autograd.grad(terms.loss, params, retain_graph=True, allow_unused=True)
             yield torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)

@@ -348,7 +348,11 @@ class VAE(nn.Module):
         return self.nonlinear if self.nonlinear is not None else self.linear
 
     def posterior(self, x: Tensor) -> Posterior:
-        return Posterior(self.latent, self.encoder(x), self.categories)
+        return self.posterior_of(self.encoder(x))
+
+    def posterior_of(self, params: Tensor) -> Posterior:
+        """q(z|x) from encoder outputs ``params`` (this model's latent family and K)."""
+        return Posterior(self.latent, params, self.categories)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -3,6 +3,8 @@ for the exact loss, its KL to the prior, and reproducible draws (exact, relaxed,
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,8 +31,10 @@ class Posterior:
     are reproducible and identical across data-parallel processes; categorical draws use the
     Gumbel-max trick on uniform noise of the logits' shape."""
 
-    def __init__(self, latent: str, params: Tensor, categories: int = 2):
+    def __init__(self, latent: str, params: Tensor, categories: Optional[int] = None):
         params_per_latent(latent)
+        if latent == "categorical" and categories is None:
+            raise ValueError("categories: categorical latents need K, the number of categories per group")
         self.latent = latent
         self.params = params
         if latent == "gaussian":

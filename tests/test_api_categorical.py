@@ -52,3 +52,28 @@ def test_short_training_with_each_estimator(tmp_path, estimator, extra):
     metrics = Trainer(cfg, str(tmp_path / "run"), log=lambda m: None).fit()
     last = metrics[-1]
     assert math.isfinite(last["val_bpd"]) and 0 <= last["val_kld"] <= 4 * math.log(5) + 1e-4
+
+
+@pytest.mark.parametrize("decoder", ["linear", "dual"])
+def test_the_training_step_uses_the_models_groups(tmp_path, decoder):
+    """The loss a training step reports for a batch is the model's own exact loss on it: the
+    step once rebuilt the posterior with K = 2 (100 groups of 2 instead of G groups of K), so
+    categorical models were trained on another latent law than the one they were evaluated on."""
+    cfg = make_config(None, {"dataset": "digits", "latent": "categorical", "groups": 3, "categories": 5,
+                             "decoder": decoder, "estimator": "silent", "epochs": 1, "train_limit": 64,
+                             "val_limit": 32, "batch_size": 32, "figures": False, "progress": False})
+    trainer = Trainer(cfg, str(tmp_path / "run"), log=lambda m: None)
+    x = trainer.data.train[:32].float().add(0.5).div(256.0)
+    with torch.no_grad():
+        post = trainer.model.posterior(x)
+        want_nll = trainer.model.linear.nll(x, post.moments()).mean()
+        want_kl = post.kl().mean()
+    out = trainer.train_step(x, slice(None), 32, 0)
+    assert out["kl"] == pytest.approx(float(want_kl), rel=1e-5)
+    if decoder == "linear":
+        assert out["nll"] == pytest.approx(float(want_nll), rel=1e-5)
+
+
+def test_a_categorical_posterior_needs_its_category_count():
+    with pytest.raises(ValueError, match="categories"):
+        Posterior("categorical", torch.zeros(2, 20))
