@@ -7,6 +7,7 @@
 // precision_nll_backward (for callers that did not keep the coefficients) runs both.
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstring>
@@ -16,6 +17,7 @@
 #include "cpu_kernels.h"
 #include "epilogue.h"
 #include "cpu_meanfield.h"
+#include "cpu_exact_log.h"
 
 namespace silent_kernels::cpu {
 namespace {
@@ -157,6 +159,7 @@ std::tuple<at::Tensor, at::Tensor> forward_train_impl(const Inputs<scalar_t>& in
     at::AutoDispatchBelowADInplaceOrView guard;
     Workspace<acc_t> ws(gr, plan, d, /*with_h=*/false);
     std::vector<acc_t> mbuf(plan.tile);
+    ExactLogRow exact(HD == Head::kExactLog ? plan.tile : 0);
     for (int64_t q = q_begin; q < q_end; ++q) {
       acc_t* loss = loss_parts.template data_ptr<acc_t>() + linear_offset(q, 0, B);
       acc_t* qcol = H4 ? qcol_parts.template data_ptr<acc_t>() + linear_offset(q, 0, d) : nullptr;
@@ -178,6 +181,8 @@ std::tuple<at::Tensor, at::Tensor> forward_train_impl(const Inputs<scalar_t>& in
             // it reads; the other heads take both from one epilogue call per pixel below.
             if constexpr (HD == Head::kTaylor)
               loss[n0 + r] += row_loss<HD, scalar_t, acc_t, H3, H4>(ws.Y, r, np, xr, bp, pbp, mbuf.data());
+            if constexpr (HD == Head::kExactLog)  // the special function in its own loops
+              exact_log_terms<acc_t, H3, H4>(ws.Y, r, np, bp, pbp, exact);
             acc_t row_sum = 0;
             acc_t* y0 = ws.Y[0] + linear_offset(r, 0, 2 * np);
             acc_t* y1 = ws.Y[1] + linear_offset(r, 0, 3 * np);
@@ -190,6 +195,10 @@ std::tuple<at::Tensor, at::Tensor> forward_train_impl(const Inputs<scalar_t>& in
               PixelTerms<acc_t> g;
               if constexpr (HD == Head::kTaylor) {
                 g = precision_pixel_grad<acc_t>(xv, c);
+              } else if constexpr (HD == Head::kExactLog) {
+                acc_t pixel_loss;
+                g = exact_log_pixel_grad_and_nll<acc_t>(xv, c, exact.ls[p], pixel_loss);
+                row_sum += pixel_loss;
               } else {
                 acc_t pixel_loss;
                 g = head_pixel_grad_and_nll<HD, acc_t>(xv, c, pixel_loss);

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 extern "C" float expf(float) noexcept __attribute__((simd("notinbranch")));
@@ -26,5 +27,11 @@ inline float vexp(float x) { return expf(x); }
 inline double vexp(double x) { return exp(x); }
 inline float vlog(float x) { return logf(x); }
 inline double vlog(double x) { return log(x); }
+
+// v[i] = log(v[i]) for a row.
+SK_VECTOR_CLONES inline void log_in_place(double* v, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) v[i] = vlog(v[i]);
+}
 
 }  // namespace silent_kernels::cpu

@@ -166,6 +166,13 @@ constexpr std::array<double, kDawsonOrder + 3> kInvFactorial = [] {
   return a;
 }();
 
+// 1 / n for the asymptotic series' terms.
+constexpr std::array<double, kAsymptoticTerms + 1> kReciprocal = [] {
+  std::array<double, kAsymptoticTerms + 1> a{};
+  for (int n = 1; n <= kAsymptoticTerms; ++n) a[n] = 1.0 / n;
+  return a;
+}();
+
 // Per node: D's Taylor coefficients (powers 0..12) and F's (powers 0..13; F(x_j) first).
 struct DawsonTaylor {
   std::array<double, kDawsonOrder + 1> d;
@@ -214,11 +221,69 @@ inline void dawson_from_table(double x, double& dawson, double& four_f) {
   four_f = 4.0 * estrin(kDawsonTaylor[j].f, t);
 }
 
-SK_HOST_DEVICE LogSquare expected_log_square(double m, double s2) {
+// The one logarithm expected_log_square needs: of the floored s2 (series) or of m^2
+// (asymptotic). Split out so that CPU kernels can take it for a row of pixels in one vectorised
+// pass (csrc/cpu_vector_math.h); log_argument and the _given_log form below are the same formula.
+SK_HOST_DEVICE bool log_square_is_asymptotic(double m, double s2) {
+  const double floored = s2 < kExactLogVarFloor ? kExactLogVarFloor : s2;
+  return !(m * m < 2.0 * kSeriesLimit * kSeriesLimit * floored);
+}
+
+SK_HOST_DEVICE double log_square_log_argument(double m, double s2) {
+  return log_square_is_asymptotic(m, s2) ? m * m : (s2 < kExactLogVarFloor ? kExactLogVarFloor : s2);
+}
+
+// How many terms the asymptotic series takes at r = s2 / m^2: up to the first whose next
+// contribution is below 1e-18 (at most kAsymptoticTerms). A row of pixels can share the count
+// of its largest r (the terms decrease faster at smaller r), which lets it vectorise.
+SK_HOST_DEVICE int asymptotic_terms(double r) {
+  double term = 1.0;  // (2n-1)!! r^(n-1)
+  int n = 1;
+  for (; n < kAsymptoticTerms; ++n) {
+    if (term * r < 1e-18) break;
+    term *= (2 * n + 1) * r;
+  }
+  return n;
+}
+
+// E[log v^2] and its derivatives for |m| / sqrt(2 s2) >= kSeriesLimit: log m^2 - r sum_n
+// (2n-1)!!/n r^(n-1), r = s2 / m^2, as partial sums advanced one term at a time (CPU kernels step
+// a whole row of pixels together, which vectorises).
+struct AsymptoticSums {
+  double term, tail, dtail;  // (2n-1)!! r^(n-1), sum of term / n, sum of term
+};
+
+SK_HOST_DEVICE AsymptoticSums asymptotic_first() { return AsymptoticSums{1.0, 1.0, 1.0}; }
+
+SK_HOST_DEVICE void asymptotic_step(AsymptoticSums& a, int n, double r) {  // adds term n >= 2
+  a.term *= (2 * n - 1) * r;
+#ifdef __CUDA_ARCH__
+  a.tail += a.term / n;
+#else
+  a.tail += a.term * kReciprocal[n];
+#endif
+  a.dtail += a.term;
+}
+
+SK_HOST_DEVICE LogSquare asymptotic_finish(const AsymptoticSums& a, double inv_m, double r, double log_m2) {
+  LogSquare out;
+  out.value = log_m2 - a.tail * r;
+  out.d_mean = 2.0 * inv_m * (1.0 + r * a.dtail);
+  out.d_var = -a.dtail * inv_m * inv_m;
+  return out;
+}
+
+SK_HOST_DEVICE LogSquare asymptotic_log_square(double m, double s2, double log_m2, int terms) {
+  const double inv_m = 1.0 / m, r = s2 * inv_m * inv_m;
+  AsymptoticSums a = asymptotic_first();
+  for (int n = 2; n <= terms; ++n) asymptotic_step(a, n, r);
+  return asymptotic_finish(a, inv_m, r, log_m2);
+}
+
+SK_HOST_DEVICE LogSquare expected_log_square_given_log(double m, double s2, double log_of_argument) {
   LogSquare out;
   const double floored = s2 < kExactLogVarFloor ? kExactLogVarFloor : s2;
-  const double m2 = m * m;
-  if (m2 < 2.0 * kSeriesLimit * kSeriesLimit * floored) {
+  if (!log_square_is_asymptotic(m, s2)) {
     const double inv_sd = 1.0 / sqrt(floored);
     const double x = fabs(m) * inv_sd * 0.70710678118654752440;   // |m| / sqrt(2 s2)
     double dawson, fsum;
@@ -238,23 +303,17 @@ SK_HOST_DEVICE LogSquare expected_log_square(double m, double s2) {
 #else
     dawson_from_table(x, dawson, fsum);
 #endif
-    out.value = log(floored) - kEulerGamma - kLog2 + fsum;
+    out.value = log_of_argument - kEulerGamma - kLog2 + fsum;
     out.d_mean = (m < 0 ? -2.0 : 2.0) * 1.41421356237309504880 * dawson * inv_sd;
     out.d_var = s2 < kExactLogVarFloor ? 0.0 : (1.0 - 2.0 * x * dawson) * inv_sd * inv_sd;
   } else {
-    const double r = s2 / m2;
-    double term = 1.0, tail = 0.0, dtail = 0.0;  // term = (2n-1)!! r^(n-1)
-    for (int n = 1; n <= kAsymptoticTerms; ++n) {
-      term *= (n == 1 ? 1.0 : (2 * n - 1) * r);
-      tail += term * r / n;
-      dtail += term;
-      if (term * r < 1e-18) break;
-    }
-    out.value = log(m2) - tail;
-    out.d_mean = 2.0 / m * (1.0 + r * dtail);
-    out.d_var = -dtail / m2;
+    out = asymptotic_log_square(m, s2, log_of_argument, asymptotic_terms(s2 / (m * m)));
   }
   return out;
+}
+
+SK_HOST_DEVICE LogSquare expected_log_square(double m, double s2) {
+  return expected_log_square_given_log(m, s2, log(log_square_log_argument(m, s2)));
 }
 
 // ----------------------------------------------------------- heads on Gaussian contractions
@@ -339,20 +398,26 @@ SK_HOST_DEVICE TiltedSums<T> tilted_logvar_pixel_grad(T x, T b, T h0, const Tilt
 
 // The loss and d loss/d contraction of one pixel in one call (the special function of the exact
 // log term, or the exp of the log-variance head, evaluated once for both).
+// The exact-log head's loss and coefficients given its E[log v^2] ls (split out so that CPU
+// kernels can evaluate the scalar special function in its own loop and vectorise the rest).
+template <typename T>
+SK_HOST_DEVICE PixelTerms<T> exact_log_pixel_grad_and_nll(T x, const PixelTerms<T>& c, const LogSquare& ls, T& nll) {
+  const T e = x - c.ubar, vb = c.vbar;
+  nll = T(0.5) * gaussian_e2v2(e, c) - T(0.5 * ls.value) + T(kHalfLog2Pi);
+  PixelTerms<T> g;
+  g.ubar = -(e * (vb * vb + c.Scc) - T(2) * vb * c.Sac);
+  g.vbar = e * e * vb - T(2) * e * c.Sac + vb * c.Saa - T(0.5 * ls.d_mean);
+  g.Saa = T(0.5) * (vb * vb + c.Scc);
+  g.Scc = T(0.5) * (e * e + c.Saa) - T(0.5 * ls.d_var);
+  g.Sac = T(2) * (c.Sac - e * vb);
+  g.Tacc = g.Taac = g.C3 = g.Q = g.C4 = T(0);
+  return g;
+}
+
 template <Head H, typename T>
 SK_HOST_DEVICE PixelTerms<T> head_pixel_grad_and_nll(T x, const PixelTerms<T>& c, T& nll) {
   if constexpr (H == Head::kExactLog) {
-    const T e = x - c.ubar, vb = c.vbar;
-    const LogSquare ls = expected_log_square(double(vb), double(c.Scc));
-    nll = T(0.5) * gaussian_e2v2(e, c) - T(0.5 * ls.value) + T(kHalfLog2Pi);
-    PixelTerms<T> g;
-    g.ubar = -(e * (vb * vb + c.Scc) - T(2) * vb * c.Sac);
-    g.vbar = e * e * vb - T(2) * e * c.Sac + vb * c.Saa - T(0.5 * ls.d_mean);
-    g.Saa = T(0.5) * (vb * vb + c.Scc);
-    g.Scc = T(0.5) * (e * e + c.Saa) - T(0.5 * ls.d_var);
-    g.Sac = T(2) * (c.Sac - e * vb);
-    g.Tacc = g.Taac = g.C3 = g.Q = g.C4 = T(0);
-    return g;
+    return exact_log_pixel_grad_and_nll(x, c, expected_log_square(double(c.vbar), double(c.Scc)), nll);
   } else if constexpr (H == Head::kLogVar) {
     const T r = x - c.ubar + c.Sac;
     const T scale = exp(T(0.5) * c.Scc - c.vbar);
