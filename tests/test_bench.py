@@ -41,3 +41,11 @@ def test_mc_variance_tiny(tmp_path):
         se = [r["relative_standard_error"] for r in res["mc"]]
         assert all(math.isfinite(v) and v > 0 for v in se)
         assert res["analytic_relative_standard_error"] == 0.0
+
+
+def test_paired_timing_prints_a_ratio(capsys):
+    from bench import paired
+    assert paired.main(["--a", "precision", "--b", "precision-exact", "--provider", "reference-eager",
+                        "--shape", "4x6x10", "--reps", "2", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "precision-exact / precision = " in out and "2 interleaved pairs" in out
