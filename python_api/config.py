@@ -119,6 +119,7 @@ class TrainConfig:
     gradvar_draws: int = 100            # latent draws for the gradient variance
     gradvar_batch: int = 64             # size of its fixed validation batch
     save_epochs: list = field(default_factory=list)      # extra checkpoint snapshots
+    keep_best: bool = False             # also keep the weights of the lowest validation BPD (checkpoints/best.pt)
     figures: bool = True                # write figures/*.png at the end
     progress: bool = True               # tqdm progress bars
 

@@ -21,7 +21,12 @@ Conventions:
 - BPD = (NLL_y + KLD) / (k ln 2) + 8, k = C*H*W (MATH.md §6/§9: the corrected sign of the
   log 256 term: data in [0, 1) at 1/256 resolution adds 8 bits per dimension).
 - MSE: per-image *sum* over pixels of (y - mean)^2, the decoder mean taken at z = E_q[z]
-  (for a linear head exactly the posterior-predictive mean E_q[W z + b]).
+  (for a linear head exactly the posterior-predictive mean E_q[W z + b]). ``mse_expected``:
+  the expected squared error E_q ||y - mean(z)||^2 (linear head: exact, from the fixed-variance
+  loss at sigma2 = 1; nonlinear: over the ``eval_samples`` draws). The paper does not say which
+  one its MSE is; the two differ by the posterior variance pushed through the decoder.
+- floor_fraction (nonlinear decoder with learned variance): the fraction of pixels whose
+  log-variance at z = E_q[z] is within 0.1 nats of the decoder's floor.
 - Gradient variance (Table 1, Appendix B.3): a fixed batch (the first ``gradvar_batch``
   validation images with fixed dequantisation noise), one encoder forward pass, then
   ``draws`` (100) independent latent draws; for each, the gradient of the estimator's
@@ -46,7 +51,7 @@ from .entropies import head_entropy_sum
 from .estimators import VALID_ESTIMATORS, Noise, ReinforceBaseline, reconstruction
 from .models import VAE
 
-__all__ = ["evaluate", "bits_per_dim", "eval_images", "encoder_gradients", "gradient_variance",
+__all__ = ["evaluate", "importance_weighted_bound", "bits_per_dim", "eval_images", "encoder_gradients", "gradient_variance",
            "gradient_variance_table", "applicable_estimators", "EVAL_SEED_OFFSET"]
 
 EVAL_SEED_OFFSET = 1_000_003
@@ -115,6 +120,7 @@ def evaluate(model: VAE, images_u8: Tensor, cfg, *, device=None, batch_size: Opt
                      else noise.uniform(d, samples))
             if analytic:
                 nll = dec.nll(y, q, log_term="auto")        # exact wherever a closed form exists
+                sq_err = dec.expected_sq_error(y, q)
                 kind = "exact" if dec.is_exact(q, "auto") else "taylor-approximation"
                 if dec.learned_precision and dec.log_term == "taylor" and kind == "exact":
                     sums["nll_taylor"] = sums.get("nll_taylor", 0.0) + float(dec.nll(y, q).double().sum())
@@ -126,11 +132,14 @@ def evaluate(model: VAE, images_u8: Tensor, cfg, *, device=None, batch_size: Opt
                 if ent is not None:
                     sums["entropy_sum"] = sums.get("entropy_sum", 0.0) + float(ent.double().sum())
             else:
-                nll = dec.sample_nll(y, post.hard_sample(draws())).mean(0)
+                nll, sq_err = (t.mean(0) for t in dec.sample_nll_and_sq_error(y, post.hard_sample(draws())))
                 if "nll_linear" in sums:
                     sums["nll_linear"] += float(model.linear.nll(y, q, log_term="auto").double().sum())
-            mean = dec(post.mean)[0]
+            mean, spread = dec(post.mean)
             mse = (y - mean).square().flatten(1).sum(1)
+            if not analytic and dec.variance == "learned":
+                sums["floor_fraction"] = sums.get("floor_fraction", 0.0) + float(dec.at_floor(spread).double().sum()) / k
+            sums["mse_expected"] = sums.get("mse_expected", 0.0) + float(sq_err.double().sum())
             sums["nll"] += float(nll.double().sum())
             sums["kld"] += float(kl.double().sum())
             sums["mse"] += float(mse.double().sum())
@@ -145,6 +154,40 @@ def evaluate(model: VAE, images_u8: Tensor, cfg, *, device=None, batch_size: Opt
             out[f"bpd_{extra}"] = bits_per_dim(out[f"nll_{extra}"], out["kld"], k)
     out["n"] = n
     return out
+
+
+@torch.no_grad()
+def importance_weighted_bound(model: VAE, images_u8: Tensor, cfg, *, samples: int = 100, device=None,
+                              dequant: Optional[str] = None, seed: Optional[int] = None,
+                              max_decoded: int = 5000) -> dict:
+    """The importance-weighted bound (Burda et al., 2016) on log p(y) with ``samples`` draws
+    z_s ~ q(z|y) per image (hard samples for discrete latents), y dequantised as in ``evaluate``:
+    log p(y) >= E[log (1/S) sum_s p(y|z_s) p(z_s) / q(z_s|y)], tighter than the ELBO as S grows.
+    Returns the mean ``nll`` (minus the bound, nats per image), its ``bpd``, ``samples`` and ``n``.
+    At most ``max_decoded`` decoder evaluations are held in memory at once."""
+    if samples < 1:
+        raise ValueError(f"samples: expected at least 1, got {samples}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    seed = cfg.seed if seed is None else seed
+    y_all = eval_images(images_u8, dequant or cfg.eval_dequant, seed)
+    gen = torch.Generator(device=device).manual_seed(seed + 3 * EVAL_SEED_OFFSET)
+    k = math.prod(images_u8.shape[1:])
+    dec = model.inference_decoder
+    batch = max(1, max_decoded // samples)
+    total, n = 0.0, y_all.shape[0]
+    with _Eval(model):
+        for start in range(0, n, batch):
+            y = y_all[start:start + batch].to(device)
+            post = model.posterior(y)
+            noise = Noise(gen, y.shape[0], device=device, dtype=y.dtype)
+            u = noise.normal(post.latent_dim, samples) if post.latent == "gaussian" \
+                else noise.uniform(post.latent_dim, samples)
+            z = post.hard_sample(u)                                     # (S, b, d)
+            log_w = -dec.sample_nll(y, z) + post.prior_log_prob(z) - post.log_prob(z)
+            log_p = torch.logsumexp(log_w.double(), 0) - math.log(samples)
+            total += float(log_p.sum())
+    nll = -total / n
+    return {"nll": nll, "bpd": bits_per_dim(nll, 0.0, k), "samples": samples, "n": n}
 
 
 # ------------------------------------------------------------------ gradient variance

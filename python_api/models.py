@@ -182,6 +182,14 @@ class AnalyticLinearDecoder(nn.Module):
         return analytic_nll(x, q, self.mu.weight, self.mu.bias, sigma2=self._sigma2(),
                             reduction=reduction, backend=self.backend)
 
+    def expected_sq_error(self, x: Tensor, q) -> Tensor:
+        """E_q ||x - (W z + b)||^2 per image (B,), exact for every latent family: twice the
+        fixed-variance NLL at sigma2 = 1 less its normalising constant."""
+        k = x[0].numel()
+        nll = analytic_nll(x, q, self.mu.weight, self.mu.bias, sigma2=1.0, reduction="none",
+                           backend=self.backend)
+        return 2.0 * nll - k * LOG_2PI
+
     def forward(self, z: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """Mean image (..., C, H, W) and, for the precision head, the precision alpha(z)
         (1 / std per pixel, may be negative: only alpha^2 enters the likelihood)."""
@@ -260,6 +268,17 @@ class _NonlinearDecoder(nn.Module):
 
     def std(self, z: Tensor) -> Tensor:
         return torch.exp(0.5 * self(z)[1])
+
+    def at_floor(self, logvar: Tensor, margin: float = 0.1) -> Tensor:
+        """Whether each pixel's log-variance is within ``margin`` nats of the floor (its standard
+        deviation within ~5% of the smallest one the decoder can express)."""
+        return logvar < self.logvar_floor + margin
+
+    def sample_nll_and_sq_error(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        """-log p(x|z) and ||x - mean(z)||^2 per image for samples z (..., B, d) -> (..., B) each,
+        from one decoder pass."""
+        mean, logvar = self(z)
+        return _gaussian_nll(x, mean, logvar), (x - mean).square().flatten(-3).sum(-1)
 
     def sample_nll(self, x: Tensor, z: Tensor) -> Tensor:
         mean, logvar = self(z)

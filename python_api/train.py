@@ -8,6 +8,8 @@ leaves in ``run_dir``:
     metrics.jsonl        one JSON object per epoch (flat keys: val_bpd, val_mse, val_kld, ...)
     checkpoints/last.pt  written atomically every epoch (temp file + fsync + os.replace)
     checkpoints/epoch_NNNN.pt   extra snapshots at ``save_epochs``
+    checkpoints/best.pt         with ``keep_best``: the checkpoint of the epoch with the lowest
+                                validation BPD so far (plus its "val_bpd")
     figures/*.png        reconstructions and training curves
     .lock                the OS lock (fcntl.flock) of the process training into the folder
 
@@ -290,6 +292,20 @@ class Trainer:
         if self.epoch in set(self.cfg.save_epochs):
             save_atomic(state, os.path.join(self.ckpt_dir, f"epoch_{self.epoch:04d}.pt"))
 
+    @property
+    def best_path(self) -> str:
+        return os.path.join(self.ckpt_dir, "best.pt")
+
+    def save_best(self, rec: dict) -> None:
+        """With ``keep_best``: write the checkpoint when this epoch's validation BPD is the lowest
+        so far (compared with the value stored in best.pt)."""
+        bpd = rec.get("val_bpd")
+        if not (self.is_main and self.cfg.keep_best and isinstance(bpd, float)):
+            return
+        if os.path.exists(self.best_path) and load_checkpoint(self.best_path)["val_bpd"] <= bpd:
+            return
+        save_atomic({**self.state_dict(), "val_bpd": bpd}, self.best_path)
+
     # ------------------------------------------------------------------ one step
     def _global_mean(self, per_image: Tensor, total: int) -> float:
         return float(distributed.all_reduce_sum(per_image.detach().sum().double().reshape(1))) / total
@@ -460,6 +476,9 @@ class Trainer:
         # metrics first: a kill between the two writes leaves a record that --resume
         # drops and recomputes identically, never a checkpoint without its record
         self.metrics.append(rec)
+        # the best weights before the resumable state: a kill between the two writes makes
+        # --resume redo this epoch identically, which finds best.pt already holding it
+        self.save_best(rec)
         self.save_checkpoint()
         self.log(_epoch_line(rec, cfg.epochs))
 

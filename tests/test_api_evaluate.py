@@ -63,7 +63,11 @@ def test_latent_variance_enters_nll_not_mse():
     y = (images.double().flatten() + 0.5) / 256
     sq = (y - mu).square().sum().item()
     assert res["mse"] == pytest.approx(sq, rel=1e-6)
+    assert res["mse_expected"] == pytest.approx(sq + 3 * var, rel=1e-6)   # the other MSE reading
     assert res["nll"] == pytest.approx((sq + 3 * var) / 2 + 1.5 * math.log(2 * math.pi), rel=1e-6)
+    # the report recovers the expected one from a fixed-variance NLL: 2 s2 (NLL - k/2 log(2 pi s2))
+    assert 2 * (res["nll"] - 1.5 * math.log(2 * math.pi)) == pytest.approx(res["mse_expected"], rel=1e-5)
+    assert "floor_fraction" not in res
     kl = 0.5 * (mu ** 2 + var - 1 - math.log(var))
     assert res["kld"] == pytest.approx(kl, rel=1e-5)
 
@@ -78,12 +82,17 @@ def test_bernoulli_kld_by_hand():
     assert res["kld"] == pytest.approx(3 * per_latent, rel=1e-5)
 
 
-def test_nonlinear_decoder_metrics_and_fixed_eval_noise():
+def _nonlinear_model(n_images: int, samples: int):
     torch.manual_seed(0)
     dec = ConvDecoder(2, (1, 28, 28), "learned", channels=(2, 2, 2, 2, 2))
     model = VAE(ConstEncoder([0.1, -0.2, -1.0, -2.0]), "gaussian", nonlinear=dec)
-    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
-    cfg = make_config(None, dict(decoder="nonlinear", estimator="reparam", latent_dim=2, eval_samples=3))
+    images = torch.randint(0, 256, (n_images, 1, 28, 28), dtype=torch.uint8)
+    cfg = make_config(None, dict(decoder="nonlinear", estimator="reparam", latent_dim=2, eval_samples=samples))
+    return dec, model, images, cfg
+
+
+def test_nonlinear_decoder_metrics_and_fixed_eval_noise():
+    dec, model, images, cfg = _nonlinear_model(6, 3)
     a, b = evaluate(model, images, cfg), evaluate(model, images, cfg)
     assert a == b                                    # fixed-seed noise and latent draws
     y = eval_images(images, "noise", cfg.seed)
@@ -129,3 +138,64 @@ def test_linear_learned_variance_bpd_is_a_bound_or_labelled():
         with torch.no_grad():
             mc = model.linear.sample_nll(y, post.hard_sample(u)).mean()
         assert abs(float(mc) - out["nll"]) < 0.05 * abs(out["nll"]) + 0.5
+
+
+@pytest.mark.parametrize("latent", ["bernoulli", "categorical"])
+def test_expected_squared_error_of_a_linear_head_against_sampling(latent):
+    torch.manual_seed(1)
+    d = 6
+    head = AnalyticLinearDecoder(d, (1, 2, 2), "fixed")
+    model = VAE(ConstEncoder(torch.randn(d)), latent, linear=head, categories=3 if latent == "categorical" else 2)
+    y = torch.rand(3, 1, 2, 2)
+    with torch.no_grad():
+        post = model.posterior(y)
+        exact = head.expected_sq_error(y, post.moments())
+        z = post.distribution().sample((200_000,))
+        z = z.flatten(-2) if latent == "categorical" else z
+        sampled = (y - head(z)[0]).square().flatten(-3).sum(-1).mean(0)
+    torch.testing.assert_close(exact, sampled, rtol=1e-2, atol=0)
+
+
+def test_floor_fraction_of_a_nonlinear_learned_variance_decoder():
+    dec, model, images, cfg = _nonlinear_model(4, 2)
+    assert evaluate(model, images, cfg)["floor_fraction"] == 0.0       # starts at log(0.01), far above
+    with torch.no_grad():
+        dec.net[-1].bias[1:].fill_(-60.0)                              # raw far below the floor
+    res = evaluate(model, images, cfg)
+    assert res["floor_fraction"] > 0.99
+    assert res["mse_expected"] > 0
+
+
+def test_importance_weighted_bound_is_exact_at_the_true_posterior():
+    # linear Gaussian model with orthogonal columns: the true posterior is mean-field, so with
+    # q = p(z|y) every importance weight equals p(y) and the bound is log p(y) for any S
+    from silent_kernels.api.evaluate import importance_weighted_bound
+    s2, b = 0.05, 0.3
+    w = torch.tensor([[0.8, 0.0], [0.0, 0.5], [0.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    head = AnalyticLinearDecoder(2, (1, 2, 2), "fixed", sigma2=s2)
+    with torch.no_grad():
+        head.mu.weight.copy_(w)
+        head.mu.bias.fill_(b)
+    images = torch.tensor([[[[200, 30], [90, 140]]]], dtype=torch.uint8)
+    y = ((images.double() + 0.5) / 256).flatten()
+    cov = torch.linalg.inv(torch.eye(2, dtype=torch.float64) + w.T @ w / s2)
+    mu = cov @ w.T @ (y - b) / s2
+    model = VAE(ConstEncoder([*mu.tolist(), *cov.diagonal().log().tolist()]), "gaussian", linear=head)
+    cfg = make_config(None, dict(eval_dequant="center", latent_dim=2))
+    marginal = torch.distributions.MultivariateNormal(torch.full((4,), b, dtype=torch.float64),
+                                                      w @ w.T + s2 * torch.eye(4, dtype=torch.float64))
+    exact_nll = -marginal.log_prob(y).item()
+    for samples in (1, 7):
+        res = importance_weighted_bound(model, images, cfg, samples=samples)
+        assert res["nll"] == pytest.approx(exact_nll, abs=2e-4)
+        assert res["bpd"] == pytest.approx(bits_per_dim(exact_nll, 0.0, 4), abs=1e-4)
+    # away from the true posterior the bound is looser than log p(y) and tightens with S
+    model.encoder.params.data[0] += 1.0
+    many = images.expand(400, -1, -1, -1)          # averages over 400 independent estimates
+    loose = [importance_weighted_bound(model, many, cfg, samples=s)["nll"] for s in (1, 100)]
+    elbo_nll = evaluate(model, images, cfg)
+    assert loose[0] == pytest.approx(elbo_nll["nll"] + elbo_nll["kld"], abs=0.05)   # S = 1: the ELBO
+    assert loose[0] > loose[1] > exact_nll - 1e-3
+    assert loose[1] - exact_nll < 0.5 * (loose[0] - exact_nll)
+    with pytest.raises(ValueError, match="samples"):
+        importance_weighted_bound(model, images, cfg, samples=0)

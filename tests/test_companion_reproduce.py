@@ -16,6 +16,8 @@ import torch
 from silent_kernels.api import cli, reproduce
 from silent_kernels.api.reproduce import (choose, grid_points, mean_ci, plan, run_preset, verdict_better,
                                           verdict_similar)
+from silent_kernels.api.reproduce import diagnosis
+from silent_kernels.api.reproduce.statistics import seeds_needed
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def smoke(tmp_path_factory):
     root = tmp_path_factory.mktemp("reproduce")
     out, runs = str(root / "results"), str(root / "runs")
     ran = {}
-    for preset in ("table2", "table1", "table34", "ppca", "m1", "categorical"):
+    for preset in ("table2", "table1", "table34-diagnosis", "table34", "ppca", "m1", "categorical"):
         ran[preset] = run_preset(preset, "smoke", out_dir=out, runs_dir=runs, log=lambda m: None)
     report = str(root / "docs" / "reproduction.md")
     assert cli.main(["reproduce", "report", "--results", out, "--out", report]) == 0
@@ -41,6 +43,7 @@ def test_every_preset_ran_at_smoke_scale(smoke):
     assert ran["m1"]["ran"] == 2 * (2 + 1)
     # categorical: 4 linear arms with the lr grid, 5 nonlinear arms at one lr on both seeds
     assert ran["categorical"]["ran"] == 4 * (2 + 1) + 5 * 2
+    assert ran["table34-diagnosis"]["ran"] == 1 * 2 * 2    # lr x beta2 x floor, one seed, no test split
     for preset, n in (("table2", 15), ("table34", 21), ("m1", 6), ("ppca", 2), ("categorical", 22)):
         files = [f for f in os.listdir(os.path.join(smoke["out"], preset, "smoke")) if f.endswith(".json")]
         assert len(files) == n
@@ -78,6 +81,8 @@ def test_second_run_skips_finished_cells(smoke):
 
 def test_report_is_generated_from_the_results(smoke):
     text = open(smoke["report"]).read()
+    assert "MSE expected" in text and "arm pairs ordered as in the paper" in text
+    assert "Tables 3-4 diagnosis" in text and "largest rise" in text
     for title in ("Table 1", "Table 2", "Tables 3-4: learnable variance, MNIST", "Companion 1", "Companion 2",
                   "Extension: categorical latents", "How verdicts are computed", "Summary"):
         assert title in text
@@ -200,3 +205,48 @@ def test_cell_workers_end_with_the_runner(tmp_path):
         time.sleep(0.1)
     os.kill(worker, signal.SIGKILL)
     pytest.fail("the worker outlived its parent")
+
+
+def test_diagnosis_plan_and_stability_numbers():
+    p = plan("table34-diagnosis", "cpu")
+    assert p.n_cells() == 3 * 2 * 2 * 2 and p.test_split is False and p.screen_seeds is None
+    arm = p.arms[0]
+    assert arm.overrides["estimator"] == "reparam" and arm.overrides["variance"] == "learned"
+    slugs = {reproduce.point_slug(pt) for pt in grid_points(arm.grid)}
+    assert "b0.9-0.999_fl-11.09_lr1e-04" in slugs and "b0.9-0.95_flnone_lr1e-03" in slugs
+    curve = [{"epoch": e, "val_bpd": v, "val_floor_fraction": f}
+             for e, (v, f) in enumerate([(5.0, 0.0), (4.0, 0.1), (4.7, 0.2), (3.5, 0.3), (4.2, 0.25)], 1)]
+    cell = {"curve": curve, "seed": 1, "status": "ok", "config": {"lr": 1e-3, "betas": [0.9, 0.95],
+                                                                   "logvar_floor": None}}
+    st = diagnosis.cell_stability(cell)
+    assert st["jumps"] == 2 and st["largest_rise"] == pytest.approx(0.7)
+    assert (st["best"], st["best_epoch"], st["last"]) == (3.5, 4, 4.2)
+    assert st["floor_last"] == 0.25 and st["floor_max"] == 0.3 and st["beta2"] == 0.95
+
+
+def test_seeds_needed_for_a_paired_difference():
+    # (t975(n-1) + 0.8416) / sqrt(n) <= 1 first holds at n = 10 (n = 9: 1.049)
+    assert seeds_needed(1.0, 1.0) == "10"
+    assert seeds_needed(1.0, 2.0) == "5"
+    assert seeds_needed(10.0, 0.01, most=50) == ">50"
+
+
+def test_cell_protocol_best_checkpoint_samples_and_iwae(tmp_path):
+    from silent_kernels.api.reproduce.runner import run_cell
+    p = plan("table34-diagnosis", "smoke")
+    cfg = {**p.arms[0].overrides, "lr": 3e-3, "betas": [0.9, 0.95], "logvar_floor": None, "seed": 0,
+           "keep_best": True, "epochs": 4}
+    spec = {"preset": "x", "scale": "smoke", "arm": "reparam", "point": {}, "seed": 0, "config": cfg,
+            "name": "cell", "run_dir": str(tmp_path / "run"), "result_path": str(tmp_path / "cell.json"),
+            "test_split": False, "test_checkpoint": "best", "test_samples": None,
+            "iwae": {"samples": 5, "images": 8}}
+    r = run_cell(spec)
+    curve = [c["val_bpd"] for c in r["curve"]]
+    best_epoch = 1 + curve.index(min(curve))
+    assert r["test_epoch"] == best_epoch
+    # without a test split the "test" images are the validation images: the best checkpoint's
+    # evaluation repeats that epoch's validation record and the last one the final record
+    assert r["test"]["bpd"] == pytest.approx(min(curve), rel=1e-6)
+    assert r["test_last"]["bpd"] == pytest.approx(curve[-1], rel=1e-6)
+    assert r["iwae"]["samples"] == 5 and r["iwae"]["n"] == 8 and r["iwae"]["bpd"] > 0
+    assert os.path.isfile(tmp_path / "run" / "checkpoints" / "best.pt")

@@ -20,6 +20,8 @@ Presets (one per table; ``PRESETS``):
   decoder with Algorithm 1 "with SG", and "SG alone" (dual decoder, encoder driven by the
   analytic head only): BPD and KLD. ``table34-cifar10`` / ``table34-imagenet32``: the same at
   ``paper`` scale only, for users who have the files (``--data``).
+- ``table34-diagnosis``: the reparameterisation arm of ``table34`` over learning rate x AdamW
+  beta2 x log-variance floor, two seeds, validation only: why the learned-variance runs jump.
 - ``ppca``: companion 1, the linear VAE on pPCA data (``ppca.py``), learned and wrong fixed sigma^2.
 - ``m1``: companion 2, the linear decoder trained by the analytic M1 objective with KL-based
   inference (``objectives.py``) against the same model trained on the ELBO.
@@ -33,6 +35,7 @@ Modules, each importing only those above it:
     runner      trains and evaluates the missing cells (``run_preset``, ``run_cell``)
     markdown    report building blocks (sections, table rows, intervals, figure links)
     sections    one report section per table, with its claims and verdicts
+    diagnosis   the section on the learned-variance instability (``table34-diagnosis``)
     report      ``build_report``: docs/reproduction.md from the result files alone
     command     the ``list`` / ``run`` / ``report`` command line
 """

@@ -9,17 +9,20 @@ learning-rate grid; for a GPU). ``plan(preset, scale)`` builds one preset; nothi
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["SCALES", "PRESETS", "DATASETS", "TABLE2_ARMS", "TABLE34_ARMS", "CATEGORICAL_ARMS", "Arm", "Plan", "plan", "point_slug", "grid_points",
+__all__ = ["SCALES", "PRESETS", "DATASETS", "BIN_LOGVAR_FLOOR", "TABLE2_ARMS", "TABLE34_ARMS", "CATEGORICAL_ARMS", "Arm", "Plan", "plan", "point_slug", "grid_points",
            "default_data_root", "CPU_SECONDS"]
 
 SCALES = ("smoke", "cpu", "paper")
-PRESETS = ("table1", "table2", "table34", "table34-cifar10", "table34-imagenet32", "ppca", "m1", "categorical")
+PRESETS = ("table1", "table2", "table34-diagnosis", "table34", "table34-cifar10", "table34-imagenet32", "ppca", "m1",
+           "categorical")
 # the data set each preset trains on
-DATASETS = {"table1": "mnist", "table2": "mnist", "table34": "mnist", "m1": "mnist", "categorical": "mnist",
+DATASETS = {"table1": "mnist", "table2": "mnist", "table34": "mnist", "table34-diagnosis": "mnist", "m1": "mnist",
+            "categorical": "mnist",
             "table34-cifar10": "cifar10", "table34-imagenet32": "imagenet32"}
 # the arms of Table 2 in the paper's row order: arm -> (latent, estimator)
 TABLE2_ARMS = {"silent-gaussian": ("gaussian", "silent"), "reparam": ("gaussian", "reparam"),
@@ -64,6 +67,9 @@ class Plan:
     ppca: dict = field(default_factory=dict)  # settings of the ppca experiment
     test_split: bool = True                  # evaluate the chosen cells on the test split
     screen_seeds: Optional[list] = None      # seeds that run every grid point (None: all seeds)
+    test_checkpoint: str = "last"            # "best": the lowest-validation-BPD epoch (arms keep_best)
+    test_samples: Optional[int] = None       # latent draws per test image (None: the config's eval_samples)
+    iwae: Optional[dict] = None              # {"samples": S, "images": N}: IWAE on the first N test images
 
     @property
     def cells_preset(self) -> str:
@@ -88,19 +94,24 @@ class Plan:
         return n
 
 
-_SHORT = {"lr": "lr", "anneal_rate": "ar", "cutoff_epoch": "co"}
+_SHORT = {"lr": "lr", "anneal_rate": "ar", "cutoff_epoch": "co", "betas": "b", "logvar_floor": "fl"}
+
+
+def _slug_value(key: str, v) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, (list, tuple)):
+        return "-".join(f"{x:g}" for x in v)
+    if key == "logvar_floor":
+        return f"{v:.2f}"
+    return f"{v:.0e}" if isinstance(v, float) else str(v)
 
 
 def point_slug(point: dict) -> str:
     """A grid point as a short name for folders and tables, e.g. ``lr1e-03``."""
     if not point:
         return "default"
-    parts = []
-    for k in sorted(point):
-        v = point[k]
-        v = "none" if v is None else (f"{v:.0e}" if isinstance(v, float) else str(v))
-        parts.append(f"{_SHORT.get(k, k)}{v}")
-    return "_".join(parts)
+    return "_".join(f"{_SHORT.get(k, k)}{_slug_value(k, point[k])}" for k in sorted(point))
 
 
 def grid_points(grid: dict) -> list:
@@ -263,6 +274,37 @@ def _plan_table34(scale: str, data_root, dataset: str = "mnist") -> Plan:
     return _train_plan("table34" if dataset == "mnist" else f"table34-{dataset}", scale, arms, budget, notes)
 
 
+# The higher log-variance floor of the diagnosis: sigma = one bin width, 1/256 (the default floor,
+# models.LOGVAR_FLOOR, is the variance of the U[0, 1/256) dequantisation noise, sigma ~ 0.0011).
+BIN_LOGVAR_FLOOR = math.log(1.0 / 256 ** 2)
+
+
+def _plan_diagnosis(scale: str, data_root) -> Plan:
+    """Why are the learned-variance runs of Tables 3-4 unstable? The reparameterisation arm of
+    table34 over learning rate x AdamW beta2 x log-variance floor, two seeds per point, judged on
+    validation only (no test evaluation)."""
+    base = _base(scale, data_root)
+    epochs = {"smoke": 3, "cpu": 15, "paper": 200}[scale]
+    base.update(variance="learned", sigma2=0.01, epochs=epochs, latent="gaussian", decoder="nonlinear",
+                estimator="reparam")
+    lrs = {"smoke": [1e-3], "cpu": [1e-4, 5e-4, 1e-3], "paper": [1e-4, 5e-4, 1e-3]}[scale]
+    grid = {"lr": lrs, "betas": [[0.9, 0.95], [0.9, 0.999]], "logvar_floor": [None, BIN_LOGVAR_FLOOR]}
+    arms = [Arm("reparam", base, grid)]
+    seeds = {"smoke": [0], "cpu": [0, 1], "paper": [0, 1]}[scale]
+    n = len(grid_points(grid)) * len(seeds)
+    budget = _budget(scale, [("nonlinear", epochs, 0, 10_000)] * n, " (GPU)")
+    notes = {
+        "smoke": "embedded digits, 64 training images, 3 epochs: plumbing only",
+        "cpu": ("the table34 reparameterisation arm at cpu scale (MNIST 10,000 training / 2,000 holdout "
+                "images, 15 epochs, channels enc 8,16,16 / dec 8,16,16,16,16) over lr {1e-4, 5e-4, 1e-3} x "
+                "AdamW beta2 {0.95 (the paper's), 0.999 (PyTorch's default)} x log-variance floor "
+                "{log 1/(12*256^2) = -13.58 (ours so far), log 1/256^2 = -11.09 (sigma = one bin)}, "
+                "seeds 0 and 1, every point on every seed, validation only"),
+        "paper": "the same grid at the paper's schedule",
+    }
+    return Plan("table34-diagnosis", scale, "train", arms, seeds, budget, notes[scale], test_split=False)
+
+
 def _plan_m1(scale: str, data_root) -> Plan:
     base = _base(scale, data_root)
     epochs = {"smoke": 3, "cpu": 30, "paper": 500}[scale]
@@ -360,6 +402,8 @@ def plan(preset: str, scale: str, data_root: Optional[str] = None) -> Plan:
         return _plan_m1(scale, data_root)
     if preset == "categorical":
         return _plan_categorical(scale, data_root)
+    if preset == "table34-diagnosis":
+        return _plan_diagnosis(scale, data_root)
     return _plan_table34(scale, data_root, DATASETS[preset])
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from .diagnosis import section_diagnosis
 from .markdown import row
 from .sections import (section_categorical, section_m1, section_ppca, section_table1, section_table2,
                        section_table34)
@@ -40,6 +41,9 @@ def _sections(results_dir: str, out_path: str, scale: Optional[str], figures: bo
     sections = [("Table 1: encoder-gradient variance", "table1", scale2,
                  section_table1(scale2, per2)),
                 ("Table 2: linear decoder, fixed variance", "table2", scale2, s2)]
+    sc = _pick_scale(results_dir, "table34-diagnosis", scale)
+    sections.append(("Tables 3-4 diagnosis: why learned-variance runs jump", "table34-diagnosis", sc,
+                     section_diagnosis(results_dir, sc, out_path, figures)))
     for preset, title in (("table34", "Tables 3-4: learnable variance, MNIST"),
                           ("table34-cifar10", "Tables 3-4: CIFAR-10 (paper scale only)"),
                           ("table34-imagenet32", "Tables 3-4: ImageNet 32x32 (paper scale only)")):

@@ -34,7 +34,7 @@ def _identity(config: dict) -> dict:
 
 
 _CURVE_KEYS = ("epoch", "train_loss", "train_m1", "val_bpd", "val_mse", "val_kld", "val_elbo",
-               "val_entropy_gap", "w_lin", "encoder_frozen", "time_s")
+               "val_entropy_gap", "val_mse_expected", "val_floor_fraction", "w_lin", "encoder_frozen", "time_s")
 
 
 def _round(v, digits: int = 7):
@@ -46,11 +46,15 @@ def _round(v, digits: int = 7):
 
 def run_cell(spec: dict) -> dict:
     """Train one cell, evaluate it and write its JSON (also usable in a worker process).
-    ``spec``: preset, scale, arm, point, seed, config, run_dir, result_path, test_split."""
+    ``spec``: preset, scale, arm, point, seed, config, run_dir, result_path, test_split and the
+    optional protocol fields of ``Plan``: test_checkpoint ("best": ``test`` is measured on
+    checkpoints/best.pt, ``test_last`` after the last epoch, ``test_epoch`` names the best
+    epoch), test_samples (latent draws per test image) and iwae ({"samples", "images"})."""
     import torch
 
     from .. import data as data_mod
-    from ..evaluate import evaluate
+    from ..evaluate import evaluate, importance_weighted_bound
+    from ..checkpoints import load_checkpoint
     from ..train import NonFiniteLossError, Trainer, TrainConfig, read_metrics
 
     cfg = TrainConfig.from_dict(spec["config"]).validate()
@@ -69,7 +73,7 @@ def run_cell(spec: dict) -> dict:
         print(f"  {spec['name']}: {exc}", file=sys.stderr)
     metrics = read_metrics(trainer.metrics_path)
     train_time = time.perf_counter() - t0
-    test, test_source = None, None
+    test, test_source, extra = None, None, {}
     if status == "ok":
         images = None
         if spec.get("test_split", True) and data_mod.has_test_split(cfg.dataset):
@@ -77,7 +81,17 @@ def run_cell(spec: dict) -> dict:
             test_source = "test"
         if images is None:
             images, test_source = trainer.data.val, "validation (no test split)"
-        test = {k: _round(v) for k, v in evaluate(trainer.model, images, cfg).items()}
+        samples = spec.get("test_samples")
+        test = {k: _round(v) for k, v in evaluate(trainer.model, images, cfg, samples=samples).items()}
+        if spec.get("test_checkpoint", "last") == "best":
+            best = load_checkpoint(trainer.best_path)
+            trainer.model.load_state_dict(best["model"])
+            extra["test_last"], extra["test_epoch"] = test, int(best["epoch"])
+            test = {k: _round(v) for k, v in evaluate(trainer.model, images, cfg, samples=samples).items()}
+        if spec.get("iwae"):
+            n, s_ = spec["iwae"]["images"], spec["iwae"]["samples"]
+            extra["iwae"] = {k: _round(v) for k, v in
+                             importance_weighted_bound(trainer.model, images[:n], cfg, samples=s_).items()}
     final = metrics[-1] if metrics else {}
     gradvar = {str(r["epoch"]): {est: {"total": _round(v["total"]), "bit_identical": v["bit_identical"]}
                                  for est, v in r["gradvar"].items()}
@@ -90,7 +104,7 @@ def run_cell(spec: dict) -> dict:
         "val_source": trainer.data.val_source,
         "final_val": {k[4:]: _round(v) for k, v in final.items() if k.startswith("val_")},
         "epochs_done": int(final.get("epoch", 0)),
-        "test": test, "test_source": test_source,
+        "test": test, "test_source": test_source, **extra,
         "curve": [{k: _round(r[k]) for k in _CURVE_KEYS if k in r and r[k] is not None} for r in metrics],
         "gradvar": gradvar,
         "wall_time_s": round(time.perf_counter() - t0, 2), "train_time_s": round(train_time, 2),
@@ -123,6 +137,8 @@ def _cells(p: Plan, arms: list, out_dir: str, runs_dir: str, chosen: dict, seeds
                 specs.append({"preset": p.cells_preset, "scale": p.scale,
                               "arm": arm.key, "point": full_point, "seed": seed, "config": config,
                               "name": name, "test_split": p.test_split,
+                              "test_checkpoint": p.test_checkpoint, "test_samples": p.test_samples,
+                              "iwae": p.iwae,
                               "run_dir": os.path.join(runs_dir, p.cells_preset, p.scale, name),
                               "result_path": os.path.join(out_dir, p.cells_preset, p.scale,
                                                           name + ".json")})

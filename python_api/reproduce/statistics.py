@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["VERDICT_RULES", "t975", "mean_ci", "verdict_better", "verdict_similar", "format_value"]
+__all__ = ["VERDICT_RULES", "t975", "mean_ci", "verdict_better", "verdict_similar", "format_value", "seeds_needed"]
 
 VERDICT_RULES = """\
 Verdicts are computed, not written by hand. Every interval is a two-sided 95% Student-t
@@ -51,6 +51,20 @@ def mean_ci(values) -> dict:
     sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1))
     h = t975(n - 1) * sd / math.sqrt(n)
     return {"n": n, "mean": m, "lo": m - h, "hi": m + h}
+
+
+_Z_POWER = {0.8: 0.8416, 0.9: 1.2816}   # one-sided normal quantiles of the power
+
+
+def seeds_needed(sd_diff: float, effect: float, power: float = 0.8, most: int = 1000) -> str:
+    """Seeds per arm for a paired t-test (two-sided 5%) to detect a true mean difference ``effect``
+    with probability ``power`` when the per-seed differences have standard deviation ``sd_diff``:
+    the smallest n >= 2 with (t975(n - 1) + z_power) sd_diff / sqrt(n) <= effect; ">most" beyond."""
+    z = _Z_POWER[power]
+    for n in range(2, most + 1):
+        if (t975(n - 1) + z) * sd_diff / math.sqrt(n) <= abs(effect):
+            return str(n)
+    return f">{most}"
 
 
 def _paired(a: dict, b: dict, fn) -> list:
