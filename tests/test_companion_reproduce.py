@@ -3,6 +3,7 @@ folder, a second run skips the finished cells, and the report is generated from 
 files alone; plus the statistics and selection rules the verdicts rest on."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -250,3 +251,20 @@ def test_cell_protocol_best_checkpoint_samples_and_iwae(tmp_path):
     assert r["test_last"]["bpd"] == pytest.approx(curve[-1], rel=1e-6)
     assert r["iwae"]["samples"] == 5 and r["iwae"]["n"] == 8 and r["iwae"]["bpd"] > 0
     assert os.path.isfile(tmp_path / "run" / "checkpoints" / "best.pt")
+
+
+def test_run_health_flags_saturated_and_dead_runs():
+    from silent_kernels.api.reproduce.results import reported_val_bpd, run_health
+    level = 4 * math.log(2)
+    curve = [{"epoch": 1, "val_kld": level, "val_bpd": 6.0}, {"epoch": 2, "val_kld": 3.0, "val_bpd": 5.0},
+             {"epoch": 3, "val_kld": level, "val_bpd": 5.5}]
+    r = {"config": {"latent": "bernoulli", "latent_dim": 4}, "curve": curve, "final_val": {"bpd": 5.5},
+         "test": {"kld": 3.0, "mse": 20.0}, "mean_image_mse": {"test": 52.0}}
+    assert run_health(r) == {"saturated_epochs": 2, "dead": False, "why": ""}
+    assert run_health({**r, "test": {"kld": level, "mse": 20.0}})["dead"]          # constant codes
+    h = run_health({**r, "test": {"kld": 3.0, "mse": 51.5}})                        # the mean image
+    assert h["dead"] and "mean image" in h["why"]
+    gauss = {**r, "config": {"latent": "gaussian", "latent_dim": 4}}
+    assert run_health(gauss)["saturated_epochs"] == 0
+    # the reported checkpoint's validation BPD: the last epoch, or the best one when tested there
+    assert reported_val_bpd(r) == 5.5 and reported_val_bpd({**r, "test_epoch": 2}) == 5.0

@@ -1,18 +1,20 @@
 """Result files: one small JSON per cell (``<out>/<preset>/<scale>/<cell>.json``), written
 by the runner and read by the report, and the grid point each arm chose from them.
 
-The rule of ``choose`` is the paper's: the grid point with the lowest mean final *validation*
-BPD; screened grids (``Plan.screen_seeds``) are compared on the seeds every point ran.
+The rule of ``choose`` is the paper's: the grid point with the lowest mean *validation* BPD of
+the reported checkpoint (the last epoch, or the best one where the cell was tested on its best
+checkpoint); screened grids (``Plan.screen_seeds``) are compared on the seeds every point ran.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Optional
 
 __all__ = ["RESULT_FORMAT", "write_json", "read_json", "load_results", "choose", "chosen_cells",
-           "per_seed"]
+           "per_seed", "reported_val_bpd", "run_health", "DEAD_MSE_FRACTION"]
 
 RESULT_FORMAT = 1
 
@@ -46,11 +48,49 @@ def load_results(folder: str) -> list:
     return out
 
 
+DEAD_MSE_FRACTION = 0.98   # a run whose MSE is within 2% of the mean image's learned nothing from z
+
+
+def reported_val_bpd(r: dict) -> Optional[float]:
+    """The validation BPD of the checkpoint a cell reports: the epoch named by ``test_epoch``
+    (best-checkpoint protocol) or the last epoch."""
+    if r.get("test_epoch") is not None:
+        return next((c["val_bpd"] for c in r["curve"] if c["epoch"] == r["test_epoch"]), None)
+    return r["final_val"].get("bpd")
+
+
+def _saturation_level(cfg: dict) -> Optional[float]:
+    """KL(q || uniform prior) when every discrete latent is deterministic: d ln 2 for Bernoulli,
+    G ln K for categorical groups; None for continuous latents."""
+    if cfg.get("latent") == "bernoulli":
+        return cfg["latent_dim"] * math.log(2)
+    if cfg.get("latent") == "categorical":
+        return cfg["groups"] * math.log(cfg["categories"])
+    return None
+
+
+def run_health(r: dict) -> dict:
+    """Whether a finished cell is usable: ``saturated_epochs`` (validation KLD at the deterministic
+    level, every discrete latent a constant code), ``dead`` and ``why``: saturated at the
+    reported checkpoint, or its test MSE within 2% of the mean image's (``mean_image_mse``)."""
+    level = _saturation_level(r["config"])
+    sat = 0 if level is None else sum(abs(c.get("val_kld", 0.0) - level) < 1e-2 for c in r["curve"])
+    why = []
+    test = r.get("test") or {}
+    if level is not None and test.get("kld") is not None and abs(test["kld"] - level) < 1e-2:
+        why.append(f"KLD {test['kld']:.2f} = the deterministic level {level:.2f}")
+    base = (r.get("mean_image_mse") or {}).get("test")
+    if base and test.get("mse") is not None and test["mse"] >= DEAD_MSE_FRACTION * base:
+        why.append(f"MSE {test['mse']:.1f} vs the mean image's {base:.1f}")
+    return {"saturated_epochs": sat, "dead": bool(why), "why": "; ".join(why)}
+
+
 def choose(results: list, arm: str, seeds: Optional[list] = None) -> Optional[dict]:
     """The chosen grid point of ``arm``. Eligible: every one of its cells finished with finite
     values and ``seeds`` (all seeds when None) are among them. Eligible points are compared on
     the seeds they all share (the screening seeds, or every seed where every point ran them):
-    the lowest mean final validation BPD wins. Returns {point, score, seeds, table} or None."""
+    the lowest mean validation BPD of the reported checkpoints wins. Returns {point, score,
+    seeds, table} or None."""
     by_point: dict = {}
     for r in results:
         if r.get("arm") != arm:
@@ -58,14 +98,14 @@ def choose(results: list, arm: str, seeds: Optional[list] = None) -> Optional[di
         by_point.setdefault(json.dumps(r["point"], sort_keys=True), {})[r["seed"]] = r
     eligible = {}
     for key, rs in by_point.items():
-        ok = all(r["status"] == "ok" and r["final_val"].get("bpd") is not None for r in rs.values())
+        ok = all(r["status"] == "ok" and reported_val_bpd(r) is not None for r in rs.values())
         if ok and (seeds is None or set(seeds) <= set(rs)):
             eligible[key] = rs
     shared = set.intersection(*(set(rs) for rs in eligible.values())) if eligible else set()
     table, best = [], None
     for key, rs in sorted(by_point.items()):
-        on = sorted(shared) if key in eligible else sorted(s for s in rs if rs[s]["final_val"].get("bpd") is not None)
-        score = sum(rs[s]["final_val"]["bpd"] for s in on) / len(on) if on else None
+        on = sorted(shared) if key in eligible else sorted(s for s in rs if reported_val_bpd(rs[s]) is not None)
+        score = sum(reported_val_bpd(rs[s]) for s in on) / len(on) if on else None
         table.append({"point": json.loads(key), "n": len(rs), "val_bpd": score, "eligible": key in eligible})
         if key in eligible and (best is None or score < best["score"]):
             best = {"point": json.loads(key), "score": score, "seeds": sorted(shared)}

@@ -82,12 +82,15 @@ def run_cell(spec: dict) -> dict:
         if images is None:
             images, test_source = trainer.data.val, "validation (no test split)"
         samples = spec.get("test_samples")
+        extra["test_samples"] = samples or cfg.eval_samples
         test = {k: _round(v) for k, v in evaluate(trainer.model, images, cfg, samples=samples).items()}
         if spec.get("test_checkpoint", "last") == "best":
             best = load_checkpoint(trainer.best_path)
             trainer.model.load_state_dict(best["model"])
             extra["test_last"], extra["test_epoch"] = test, int(best["epoch"])
             test = {k: _round(v) for k, v in evaluate(trainer.model, images, cfg, samples=samples).items()}
+        extra["mean_image_mse"] = {"val": _round(_mean_image_mse(trainer.data.train, trainer.data.val, cfg)),
+                                   "test": _round(_mean_image_mse(trainer.data.train, images, cfg))}
         if spec.get("iwae"):
             n, s_ = spec["iwae"]["images"], spec["iwae"]["samples"]
             extra["iwae"] = {k: _round(v) for k, v in
@@ -112,6 +115,15 @@ def run_cell(spec: dict) -> dict:
     }
     write_json(spec["result_path"], out)
     return out
+
+
+def _mean_image_mse(train_u8, images_u8, cfg) -> float:
+    """The MSE (per-image sum) of a model that ignores z and predicts the training mean image: the
+    level at which a run is dead (its decoder learned nothing from the latents)."""
+    from ..evaluate import eval_images
+    mean = eval_images(train_u8, "center").mean(0)
+    y = eval_images(images_u8, cfg.eval_dequant, cfg.seed)
+    return float((y - mean).square().flatten(1).sum(1).double().mean())
 
 
 def cell_name(arm: str, point: dict, seed: int) -> str:

@@ -16,7 +16,7 @@ from typing import Optional
 from .markdown import Section, figure_link, format_ci_log, format_mean_ci
 from .paper import LABELS, PAPER
 from .plans import CATEGORICAL_ARMS, DATASETS, TABLE2_ARMS, TABLE34_ARMS, Plan, plan, point_slug
-from .results import chosen_cells, load_results, per_seed
+from .results import chosen_cells, load_results, per_seed, run_health
 from .statistics import format_value, verdict_better, verdict_similar
 
 __all__ = ["section_table1", "section_table2", "section_table34", "section_ppca", "section_m1",
@@ -237,6 +237,23 @@ def section_table1(scale, per2: dict) -> Section:
     return s.finish()
 
 
+def _describe_protocol(s: Section, cells: list) -> None:
+    """How the reported test metrics were measured, read from the result files."""
+    best = [r for r in cells if r.get("test_epoch") is not None]
+    draws = sorted({r.get("test_samples", r["config"].get("eval_samples", 1)) for r in cells})
+    iwae = sorted({(r["iwae"]["samples"], r["iwae"]["n"]) for r in cells if r.get("iwae")})
+    checkpoint = ("the best-validation checkpoint" if len(best) == len(cells) else
+                  "the last epoch" if not best else f"the best-validation checkpoint for {len(best)} of {len(cells)} cells")
+    s.add(f"Ours: test metrics of the chosen point at {checkpoint}; nonlinear decoder, test NLL averaged over "
+          f"{' / '.join(map(str, draws))} latent draw(s) per image; IWAE BPD: the importance-weighted bound "
+          + (", ".join(f"with S = {a} samples on the first {b} test images" for a, b in iwae) if iwae
+             else "(not measured for these cells)")
+          + ". 'val BPD, last / best epoch': validation BPD after the last epoch and the lowest over all "
+          "epochs (where they differ a lot the learned-variance decoder jumped). A saturated epoch has every "
+          "discrete code constant (validation KLD = d ln 2); a dead run is saturated or at the mean image's "
+          "MSE at the reported checkpoint.", "")
+
+
 def section_table34(results_dir, preset, scale, out_path, figures: bool) -> Section:
     dataset = DATASETS[preset]
     s = Section(f"Paper ({dataset}, learnable variance; BPD = Table 3, KLD = Table 4):", "")
@@ -247,34 +264,40 @@ def section_table34(results_dir, preset, scale, out_path, figures: bool) -> Sect
                             f"{'cpu' if preset == 'table34' else 'paper --data PATH'}`")
     p, folder, results = _our_results(s, results_dir, preset, scale)
     rows, per = _chosen_rows(
-        results, TABLE34_ARMS, p.choice_seeds, 7,
+        results, TABLE34_ARMS, p.choice_seeds, 11,
         lambda c, rs: (format_mean_ci([r["test"]["bpd"] for r in rs]),
+                       format_mean_ci([r["iwae"]["bpd"] for r in rs if r.get("iwae")]) if any(
+                           r.get("iwae") for r in rs) else "-",
                        format_mean_ci([r["test"]["kld"] for r in rs]),
                        format_mean_ci([r["test"]["mse"] for r in rs]),
                        format_mean_ci([r["final_val"]["bpd"] for r in rs]),
-                       format_mean_ci([_best_val_bpd(r) for r in rs])))
-    s.add("Ours (test metrics of the chosen point after the last epoch; nonlinear decoder, 1 latent draw "
-          "per image). The last two columns are validation BPD after the last epoch and the lowest over "
-          "all epochs: where they differ a lot, the learned-variance decoder's BPD jumped late in "
-          "training (descriptive only; the verdicts use the test metrics after the last epoch, like "
-          "the paper's tables):", "")
-    s.table(["method", "chosen", "BPD", "KLD", "MSE", "val BPD, last epoch", "val BPD, best epoch"], rows)
+                       format_mean_ci([_best_val_bpd(r) for r in rs]),
+                       sum(run_health(r)["saturated_epochs"] for r in rs),
+                       ", ".join(f"seed {r['seed']}" for r in rs if run_health(r)["dead"]) or "none"))
+    _describe_protocol(s, [r for rs in per.values() for r in rs])
+    s.table(["method", "chosen", "BPD", "IWAE BPD", "KLD", "MSE", "val BPD, last epoch", "val BPD, best epoch",
+             "saturated epochs", "dead runs"], rows)
+    dead = [(k, r) for k, rs in per.items() for r in rs if run_health(r)["dead"]]
+    if dead:
+        s.add("Dead runs, left out of every comparison below (with their pair on the same seed): " + "; ".join(
+            f"{LABELS[k]} seed {r['seed']} ({run_health(r)['why']})" for k, r in dead) + ".", "")
+    live = {k: [r for r in rs if not run_health(r)["dead"]] for k, rs in per.items()}
     for est in ("reparam", "gumbel", "reinforce"):
-        if est in per and est + "+sg" in per:
+        if est in live and est + "+sg" in live:
             s.claim(f"{LABELS[est]}: with SG has a lower BPD than without (paper: "
                     f"{PAPER['table3'][dataset][est + '+sg']} vs {PAPER['table3'][dataset][est]})",
-                    verdict_better(per_seed(per[est + "+sg"], lambda r: r["test"]["bpd"]),
-                                   per_seed(per[est], lambda r: r["test"]["bpd"]), what="BPD"))
+                    verdict_better(per_seed(live[est + "+sg"], lambda r: r["test"]["bpd"]),
+                                   per_seed(live[est], lambda r: r["test"]["bpd"]), what="BPD"))
             s.claim(f"{LABELS[est]}: with SG has a higher KLD than without (paper: "
                     f"{PAPER['table4'][dataset][est + '+sg']} vs {PAPER['table4'][dataset][est]})",
-                    verdict_better(per_seed(per[est + "+sg"], lambda r: r["test"]["kld"]),
-                                   per_seed(per[est], lambda r: r["test"]["kld"]),
+                    verdict_better(per_seed(live[est + "+sg"], lambda r: r["test"]["kld"]),
+                                   per_seed(live[est], lambda r: r["test"]["kld"]),
                                    lower_is_better=False, what="KLD"))
-    if "sg-bernoulli" in per and "reinforce" in per:
+    if "sg-bernoulli" in live and "reinforce" in live:
         s.claim(f"SG alone (discrete) has a lower BPD than REINFORCE without SG (paper: "
                 f"{PAPER['table3'][dataset]['sg-bernoulli']} vs {PAPER['table3'][dataset]['reinforce']})",
-                verdict_better(per_seed(per["sg-bernoulli"], lambda r: r["test"]["bpd"]),
-                               per_seed(per["reinforce"], lambda r: r["test"]["bpd"]), what="BPD"))
+                verdict_better(per_seed(live["sg-bernoulli"], lambda r: r["test"]["bpd"]),
+                               per_seed(live["reinforce"], lambda r: r["test"]["bpd"]), what="BPD"))
     if figures and per:
         s.curves(per, ("val_bpd", "val_kld"), folder, out_path, "Tables 3-4 (seed means)",
                  "Tables 3-4 validation curves")
