@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent draws per image (nonlinear decoders)")
     p.add_argument("--dequant", choices=("noise", "center"), default=None)
     p.add_argument("--limit", type=int_at_least(1), default=None, help="evaluate the first N images only")
+    p.add_argument("--iwae", type=int_at_least(1), default=None, metavar="S",
+                   help="also the importance-weighted bound on log p(x) with S samples per image")
     p.add_argument("--device", default="cpu")
 
     p = sub.add_parser("gradvar", help="Table 1: total variance of the encoder gradient")
@@ -175,7 +177,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import data as data_mod
-    from .evaluate import evaluate
+    from .evaluate import evaluate, importance_weighted_bound
 
     run_dir = _run_dir(args)
     device = str(distributed.check_device(args.device))
@@ -191,6 +193,9 @@ def cmd_eval(args) -> int:
     if args.limit:
         images = images[:args.limit]
     res = evaluate(model, images, cfg, device=device, samples=args.samples, dequant=args.dequant)
+    if args.iwae:
+        iw = importance_weighted_bound(model, images, cfg, samples=args.iwae, device=device, dequant=args.dequant)
+        res.update(iwae_nll=iw["nll"], iwae_bpd=iw["bpd"], iwae_samples=iw["samples"])
     res.update(split=args.split, checkpoint=args.checkpoint or "last.pt")
     write_json_atomic(res, os.path.join(run_dir, f"eval_{args.split}.json"))
     print(json.dumps(res, indent=2))

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .autograd import HEADS, register_loss_ops
-from .triton_categorical import categorical_backward, categorical_forward
+from .triton_categorical_launch import categorical_backward, categorical_forward
 from .triton_fixed import fixed_backward, fixed_forward
 from .triton_logvar import bernoulli_logvar_backward, bernoulli_logvar_forward
 from .triton_precision import precision_backward, precision_forward

@@ -6,6 +6,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from silent_kernels.api import cli, demo
 from silent_kernels.api.arguments import config_overrides
@@ -27,7 +28,9 @@ def test_train_eval_gradvar_plot(tmp_path, capsys):
     assert cli.main(["train", "--preset", "cpu", "--epochs", "2", "--run-dir", a, "--gradvar-epochs", "2",
                      *TINY]) == 0
     assert cli.main(["train", "--preset", "cpu", "--epochs", "1", "--run-dir", b, "--latent", "bernoulli",
-                     "--decoder", "dual", "--variance", "learned", "--estimator", "reinforce", *TINY]) == 0
+                     "--decoder", "dual", "--variance", "learned", "--estimator", "reinforce", "--keep-best",
+                     *TINY]) == 0
+    best = torch.load(os.path.join(b, "checkpoints", "best.pt"), weights_only=True)["val_bpd"]
     cfg = json.load(open(os.path.join(a, "config.json")))
     assert cfg["dataset"] == "digits" and cfg["epochs"] == 2 and cfg["enc_channels"] == [2, 3, 3]
     recs = [json.loads(line) for line in open(os.path.join(a, "metrics.jsonl"))]
@@ -49,6 +52,11 @@ def test_train_eval_gradvar_plot(tmp_path, capsys):
     assert json.load(open(os.path.join(a, "eval_val.json")))["mse"] == pytest.approx(recs[-1]["val_mse"])
     assert cli.main(["eval", a, "--dequant", "center", "--limit", "8"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 8
+    assert cli.main(["eval", b, "--limit", "8", "--iwae", "5", "--checkpoint",
+                     os.path.join(b, "checkpoints", "best.pt")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["iwae_samples"] == 5 and res["iwae_bpd"] > 0 and res["mse_expected"] > 0
+    assert best == pytest.approx(rb["val_bpd"])          # one epoch: the best is the last
 
     assert cli.main(["gradvar", b, "--draws", "3", "--batch", "4"]) == 0
     out = capsys.readouterr().out

@@ -26,7 +26,8 @@ from silent_kernels import LatentMoments, analytic_nll, backends
 
 triton = pytest.importorskip("triton")
 
-from silent_kernels import triton_categorical, triton_ops  # noqa: E402  (after TRITON_INTERPRET; registers the ops)
+from silent_kernels import triton_ops  # noqa: E402  (after TRITON_INTERPRET; registers the ops)
+from silent_kernels import triton_categorical_launch  # noqa: E402
 from silent_kernels.autograd import HEADS, reference_loss  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -327,8 +328,8 @@ def test_optional_biases_and_strided_inputs(head):
 def test_multiple_tiles(monkeypatch, head, dtype):
     """Tiny tiles (2 x 2 samples x pixels), so several programs own ragged tiles and the
     per-tile partials of the loss, dlogits, dweights and the bias gradients are summed."""
-    monkeypatch.setattr(triton_categorical, "_INTERP_TILE", 8)
-    cfg = triton_categorical._config(5, 7, 3, dtype, torch.device(DEVICE))
+    monkeypatch.setattr(triton_categorical_launch, "_INTERP_TILE", 8)
+    cfg = triton_categorical_launch._config(5, 7, 3, dtype, torch.device(DEVICE))
     assert (cfg["BLOCK_B"], cfg["BLOCK_P"]) == (2, 2)
     compare(head, case(head, 5, 7, 3, 3, seed=13, saturate=True), dtype,
             grad_weights=torch.tensor([0.5, -1.0, 2.0, 0.0, 1.5], dtype=F64))
@@ -337,11 +338,12 @@ def test_multiple_tiles(monkeypatch, head, dtype):
 def test_gpu_block_configuration(monkeypatch):
     """The GPU blocks hold all categories of a group and respect the tile budget (a 2 x 2
     sample x pixel tile at least); then the GPU blocks run here on a ragged problem."""
-    monkeypatch.setattr(triton_categorical, "_sized_to_problem", lambda device: False)
+    monkeypatch.setattr(triton_categorical_launch, "_sized_to_problem", lambda device: False)
     for ncat, dtype, kind in itertools.product((1, 2, 3, 10, 100, 1000), DTYPES, ("fwd", "bwd")):
         width = 8 if dtype == F64 else 4
-        budget, pairs = triton_categorical._GPU_TILE[width][kind], triton_categorical._GPU_PAIRS[width]
-        cfg = triton_categorical._config(128, 784, ncat, dtype, torch.device(DEVICE), kind)
+        budget = triton_categorical_launch._GPU_TILE[width][kind]
+        pairs = triton_categorical_launch._GPU_PAIRS[width]
+        cfg = triton_categorical_launch._config(128, 784, ncat, dtype, torch.device(DEVICE), kind)
         tile = cfg["BLOCK_B"] * cfg["BLOCK_P"] * cfg["BLOCK_C"]
         assert cfg["BLOCK_C"] >= ncat and tile <= max(budget, 4 * cfg["BLOCK_C"]), (ncat, cfg)
         assert cfg["BLOCK_B"] * cfg["BLOCK_P"] <= pairs and cfg["num_warps"] == 4
@@ -554,7 +556,7 @@ _BUILD_SCRIPT = r"""
 import json, os, re, subprocess, sys, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
-from silent_kernels import triton_categorical as tc, triton_common as common
+from silent_kernels import triton_categorical as tc, triton_categorical_launch as tcl, triton_common as common
 assert not common.INTERPRET
 tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 kernel = tc._categorical_kernel
@@ -563,7 +565,7 @@ ptr = {"float32": "*fp32", "float64": "*fp64", "bfloat16": "*bf16"}
 out = {}
 for head, dtype, grad, ncat in json.loads(sys.argv[1]):
     dt = getattr(torch, dtype)
-    cfg = tc._config(128, 784, ncat, dt, torch.device("cuda"), "bwd" if grad else "fwd")
+    cfg = tcl._config(128, 784, ncat, dt, torch.device("cuda"), "bwd" if grad else "fwd")
     options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     fixed = head == 3
     consts = dict(HEAD=head, HAS_C=not fixed, TAYLOR=head == 0, LOGVAR=head == 2, HAS_BIAS=True,

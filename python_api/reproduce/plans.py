@@ -86,7 +86,7 @@ class Plan:
         n = 0
         for a in self.arms:
             points = len(grid_points(a.grid))
-            if a.inherit or not self.screen_seeds:
+            if not self.screen_seeds:
                 n += points * len(self.seeds)
             else:
                 screened = [s for s in self.seeds if s in self.screen_seeds]

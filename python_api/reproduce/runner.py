@@ -214,23 +214,26 @@ def run_preset(preset: str, scale: str, *, out_dir: str = "docs/results", runs_d
         counts["skipped"] += len(specs) - len(todo)
         counts["ran"] += _execute(todo, jobs, log, tag)
 
-    # first the arms with their own grid: every point on the screening seeds, then the other
-    # seeds at the chosen point
-    own_grid = [a for a in selected if not a.inherit]
-    if own_grid:
-        run_missing(own_grid, {}, [s for s in seeds if s in screen])
+    def screen_then_rest(phase_arms: list, chosen: dict) -> None:
+        """Every grid point on the screening seeds, then the other seeds at the chosen point."""
+        run_missing(phase_arms, chosen, [s for s in seeds if s in screen])
         rest = [s for s in seeds if s not in screen]
         if rest:
             results = load_results(folder)
             narrowed = []
-            for a in own_grid:
+            for a in phase_arms:
                 c = choose(results, a.key, screen)
                 if c is None:
                     log(f"{tag} {a.key}: no grid point finished on seeds {screen}; seeds {rest} not run")
                 else:
                     narrowed.append(_narrow(a, c["point"]))
-            run_missing(narrowed, {}, rest)
-    # then the arms that inherit a value chosen for another arm, on every seed
+            run_missing(narrowed, chosen, rest)
+
+    # first the arms with their own grid, then those that inherit a value chosen for another arm
+    # (Algorithm 1's arms take their baseline's learning rate and screen their own grid)
+    own_grid = [a for a in selected if not a.inherit]
+    if own_grid:
+        screen_then_rest(own_grid, {})
     inheriting = [a for a in selected if a.inherit]
     if inheriting:
         results = load_results(folder)
@@ -246,7 +249,7 @@ def run_preset(preset: str, scale: str, *, out_dir: str = "docs/results", runs_d
                     "run that arm first")
             else:
                 ready.append(a)
-        run_missing(ready, chosen, seeds)
+        screen_then_rest(ready, chosen)
     if figures:
         try:
             _reconstruction_figures(p, folder, runs_dir, log)
