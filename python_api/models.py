@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from silent_kernels import PRECISION_SQ_FLOOR, analytic_nll, as_latent_moments
+from silent_kernels.moments import LOG_2PI
 
 from .posterior import LATENTS, Posterior, params_per_latent
 
@@ -48,7 +49,6 @@ __all__ = ["ConvEncoder", "StridedEncoder", "Posterior", "AnalyticLinearDecoder"
            "StridedDecoder", "VAE", "build_model", "LOGVAR_FLOOR", "LATENTS", "VARIANCES", "LOG_TERMS",
            "DECODERS", "resolve_arch", "default_channels"]
 
-LOG_2PI = math.log(2 * math.pi)
 LOGVAR_FLOOR = math.log(1.0 / (12 * 256 ** 2))
 VARIANCES = ("fixed", "scalar", "learned", "logvar")
 LOG_TERMS = ("taylor", "exact", "auto")

@@ -34,13 +34,13 @@ import torch
 from torch import Tensor, nn
 
 from silent_kernels import LatentMoments, analytic_nll
+from silent_kernels.moments import LOG_2PI
 
 from .entropies import entropy_sum
 
 __all__ = ["make_ppca_data", "ppca_max_loglik", "gaussian_loglik", "LinearVAE", "train_linear_vae",
            "run_experiment", "ppca_figure"]
 
-LOG_2PI = math.log(2 * math.pi)
 
 
 def make_ppca_data(n: int, dim: int, latent: int, *, sigma_gen: float = 0.1, seed: int = 0,
