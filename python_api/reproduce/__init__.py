@@ -34,8 +34,9 @@ Modules, each importing only those above it:
     results     result JSON files and the grid point each arm chose (``choose``)
     runner      trains and evaluates the missing cells (``run_preset``, ``run_cell``)
     markdown    report building blocks (sections, table rows, intervals, figure links)
+    diagnosis   the section on the learned-variance instability (``table34-diagnosis``) and the
+                power rule (seeds needed for the paper's Tables 3-4 differences)
     sections    one report section per table, with its claims and verdicts
-    diagnosis   the section on the learned-variance instability (``table34-diagnosis``)
     report      ``build_report``: docs/reproduction.md from the result files alone
     command     the ``list`` / ``run`` / ``report`` command line
 """

@@ -14,9 +14,10 @@ from ..models import LOGVAR_FLOOR
 from .markdown import Section, format_mean_ci
 from .plans import plan
 from .results import load_results
-from .statistics import format_value, mean_ci, seeds_needed
+from .statistics import format_value, mean_ci, pooled_sd, seeds_needed
 
-__all__ = ["section_diagnosis", "cell_stability", "JUMP_BITS", "TABLE34_EFFECTS"]
+__all__ = ["section_diagnosis", "cell_stability", "power_row", "JUMP_BITS", "TABLE34_EFFECTS", "POWER_HEADER",
+           "POWER_RULE"]
 
 JUMP_BITS = 0.5   # an epoch-to-epoch rise of the validation BPD above this counts as a jump
 # the paper's MNIST Table 3 differences the protocol must resolve (bits/dim): pair -> |difference|
@@ -74,31 +75,33 @@ def _factor_rows(cells: list) -> list:
 
 def _pooled_sd(cells: list, metric: str) -> tuple:
     """(pooled seed standard deviation of ``metric`` within grid points, degrees of freedom)."""
-    ss, df = 0.0, 0
-    for point in {_key(c) for c in cells}:
-        vals = [c[metric] for c in cells if _key(c) == point and c[metric] is not None]
-        if len(vals) >= 2:
-            m = sum(vals) / len(vals)
-            ss += sum((v - m) ** 2 for v in vals)
-            df += len(vals) - 1
-    return (math.sqrt(ss / df), df) if df else (None, 0)
+    return pooled_sd([[c[metric] for c in cells if _key(c) == point] for point in {_key(c) for c in cells}])
+
+
+POWER_RULE = ("two-sided 5% level, 80% power; the difference of two arms' seeds has standard deviation "
+              "sqrt(2) sd, i.e. no credit for pairing; t quantile for the significance, normal for the power")
+
+
+def power_row(label: str, sd: float, df: int) -> tuple:
+    """A row of the power table: the pooled sd and the seeds each Table 3 difference needs."""
+    return (label, f"{sd:.3f} (df {df})", *[seeds_needed(math.sqrt(2) * sd, e) for e in TABLE34_EFFECTS.values()])
+
+
+POWER_HEADER = ["BPD", "pooled seed sd (bits)", *[f"seeds for {k} ({v} bits)" for k, v in TABLE34_EFFECTS.items()]]
 
 
 def _power(s: Section, cells: list) -> None:
     s.add("**Power.** The seed-to-seed spread of the validation BPD within a grid point, pooled over the "
-          "points, and the seeds per arm that a paired comparison needs to detect each Table 3 difference "
-          "(two-sided 5% level, 80% power; the difference of two arms' seeds has standard deviation "
-          "sqrt(2) sd, i.e. no credit for pairing; t quantile for the significance, normal for the power):", "")
+          f"points, and the seeds per arm that a paired comparison needs to detect each Table 3 difference "
+          f"({POWER_RULE}):", "")
     rows = []
     for metric, label in (("last", "last epoch"), ("best", "best epoch")):
         sd, df = _pooled_sd(cells, metric)
         if sd is None:
             s.add("(no grid point has two seeds yet)", "")
             return
-        rows.append((label, f"{sd:.3f} (df {df})",
-                     *[seeds_needed(math.sqrt(2) * sd, effect) for effect in TABLE34_EFFECTS.values()]))
-    s.table(["validation BPD at", "pooled seed sd (bits)",
-             *[f"seeds for {k} ({v} bits)" for k, v in TABLE34_EFFECTS.items()]], rows)
+        rows.append(power_row(f"validation, {label}", sd, df))
+    s.table(POWER_HEADER, rows)
 
 
 def _paired_factor(cells: list, field: str, a, b, metric) -> dict:

@@ -17,7 +17,8 @@ from .markdown import Section, figure_link, format_ci_log, format_mean_ci
 from .paper import LABELS, PAPER
 from .plans import CATEGORICAL_ARMS, DATASETS, TABLE2_ARMS, TABLE34_ARMS, Plan, plan, point_slug
 from .results import chosen_cells, load_results, per_seed, run_health
-from .statistics import format_value, verdict_better, verdict_similar
+from .diagnosis import POWER_HEADER, POWER_RULE, power_row
+from .statistics import format_value, pooled_sd, verdict_better, verdict_similar
 
 __all__ = ["section_table1", "section_table2", "section_table34", "section_ppca", "section_m1",
            "section_categorical"]
@@ -268,6 +269,20 @@ def _describe_protocol(s: Section, cells: list) -> None:
           "MSE at the reported checkpoint.", "")
 
 
+def _table34_power(s: Section, live: dict) -> None:
+    """What these runs' seed spread says about the seeds each Table 3 difference needs."""
+    rows = []
+    for label, value in (("test (reported checkpoint)", lambda r: r["test"]["bpd"]),
+                         ("validation, best epoch", _best_val_bpd)):
+        sd, df = pooled_sd([[value(r) for r in rs] for rs in live.values()])
+        if sd is not None:
+            rows.append(power_row(label, sd, df))
+    if rows:
+        s.add(f"Power of these runs: their seed spread pooled over the arms (live runs only) and the seeds per "
+              f"arm each Table 3 difference would need ({POWER_RULE}):", "")
+        s.table(POWER_HEADER, rows)
+
+
 def section_table34(results_dir, preset, scale, out_path, figures: bool) -> Section:
     dataset = DATASETS[preset]
     s = Section(f"Paper ({dataset}, learnable variance; BPD = Table 3, KLD = Table 4):", "")
@@ -291,6 +306,7 @@ def section_table34(results_dir, preset, scale, out_path, figures: bool) -> Sect
     s.table(["method", "chosen", "BPD", "IWAE BPD", "KLD", "MSE", "val BPD, last epoch", "val BPD, best epoch",
              "saturated epochs", "dead runs"], rows)
     live = _leave_out_dead(s, per)
+    _table34_power(s, live)
     for est in ("reparam", "gumbel", "reinforce"):
         if est in live and est + "+sg" in live:
             s.claim(f"{LABELS[est]}: with SG has a lower BPD than without (paper: "

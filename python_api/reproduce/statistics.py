@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["VERDICT_RULES", "t975", "mean_ci", "verdict_better", "verdict_similar", "format_value", "seeds_needed"]
+__all__ = ["VERDICT_RULES", "t975", "mean_ci", "verdict_better", "verdict_similar", "format_value", "seeds_needed", "pooled_sd"]
 
 VERDICT_RULES = """\
 Verdicts are computed, not written by hand. Every interval is a two-sided 95% Student-t
@@ -51,6 +51,19 @@ def mean_ci(values) -> dict:
     sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1))
     h = t975(n - 1) * sd / math.sqrt(n)
     return {"n": n, "mean": m, "lo": m - h, "hi": m + h}
+
+
+def pooled_sd(groups) -> tuple:
+    """(pooled within-group standard deviation, degrees of freedom) over ``groups`` of values
+    (groups with fewer than two values add nothing); (None, 0) without any df."""
+    ss, df = 0.0, 0
+    for vals in groups:
+        vals = [float(v) for v in vals if v is not None]
+        if len(vals) >= 2:
+            m = sum(vals) / len(vals)
+            ss += sum((v - m) ** 2 for v in vals)
+            df += len(vals) - 1
+    return (math.sqrt(ss / df), df) if df else (None, 0)
 
 
 _Z_POWER = {0.8: 0.8416, 0.9: 1.2816}   # one-sided normal quantiles of the power
