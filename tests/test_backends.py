@@ -167,3 +167,35 @@ def test_torch_compile_fullgraph(backend):
     assert relative_error(compiled, eager) <= 1e-6
     for i, (a, b) in enumerate(zip(compiled_grads, eager_grads)):
         assert relative_error(a, b) <= 1e-6, i
+
+
+# ------------------------------------------------------------------ half precision end to end
+# Through torch.distributions the posterior's moments and their gradients are computed by PyTorch
+# in the half dtype too (sigmoid and its backward), which adds its own rounding to the backend's:
+# a looser tolerance than TOL, for this path only.
+END_TO_END_HALF_TOL = {torch.float16: 5e-3, torch.bfloat16: 4e-2}
+
+
+@pytest.mark.parametrize("dtype", list(END_TO_END_HALF_TOL))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_end_to_end_through_a_distribution(backend, dtype):
+    case = Case(16, 10, 50, head="precision", family="bernoulli", seed=7)   # float64 values, logits as leaves
+    device = device_for(backend, case)
+    problem = Problem(case)
+
+    def run(run_backend, run_dtype, run_device):
+        leaves = problem.leaves(run_dtype, run_device)
+        loss = problem.loss(leaves, run_backend)
+        grads = torch.autograd.grad(loss, list(leaves.values()), problem.upstream.to(run_device, run_dtype),
+                                    allow_unused=True)
+        return loss, dict(zip(leaves, grads))
+
+    half_values = {n: v.to(dtype).double() for n, v in problem.values.items()}
+    problem.values = half_values                   # both runs on the same (rounded) values
+    loss, grads = run(backend, dtype, device)
+    ref_loss, ref_grads = run("torch", torch.float64, "cpu")
+    assert loss.dtype == dtype
+    errors = {"loss": relative_error(loss.cpu(), ref_loss)}
+    errors.update({n: relative_error(g.cpu(), ref_grads[n]) for n, g in grads.items() if ref_grads[n] is not None})
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= END_TO_END_HALF_TOL[dtype], (worst, errors)

@@ -42,19 +42,9 @@ REFERENCE = reference_loss("categorical")
 WORST: dict = {}  # largest error per (head, dtype), printed by the last test (pytest -s)
 
 
-def rel_err(actual, expected) -> float:
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert a.shape == e.shape, (a.shape, e.shape)
-    if e.numel() == 0:
-        return 0.0
-    scale = e.abs().max().item()
-    err = (a - e).abs().max().item()
-    return err / scale if scale > 0 else err
-
-
 def check(actual, expected, dtype, what, head):
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = rel_err(actual, expected)
+    err = relative_error(actual, expected)
     assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:g}"
     key = f"{head}/{str(dtype).replace('torch.', '')}"
     WORST[key] = max(WORST.get(key, 0.0), err)
@@ -362,12 +352,12 @@ def test_half_precision_inputs(head, dtype, tol):
     grad = torch.tensor([1.0, -0.5, 2.0], dtype=F64)
     (ref * grad).sum().backward()
     loss = OPS.triton_categorical_nll(*cast, HEAD_CODES[head])
-    assert loss.dtype == dtype and rel_err(loss, ref) <= tol
+    assert loss.dtype == dtype and relative_error(loss, ref) <= tol
     outs = OPS.triton_categorical_nll_backward(grad.to(DEVICE, dtype), *cast, [t is not None for t in cast],
                                                HEAD_CODES[head])
     for got, r in zip(outs, ref_in):
         if r is not None:
-            assert got.dtype == dtype and rel_err(got, r.grad) <= tol
+            assert got.dtype == dtype and relative_error(got, r.grad) <= tol
 
 
 # --------------------------------------------------------------- backward contract
@@ -384,7 +374,7 @@ def test_backward_each_needs_flag(head):
         for j, (o, inp) in enumerate(zip(outs, inputs)):
             if j == i and inp is not None:
                 assert o.shape == inp.shape
-                assert rel_err(o, ref_in[i].grad) <= TOL[F64], (head, i)
+                assert relative_error(o, ref_in[i].grad) <= TOL[F64], (head, i)
             else:
                 assert o.shape == (0,), (head, i, j)
 
@@ -546,9 +536,9 @@ def test_torch_compile_fullgraph():
         loss.backward()
         results.append((loss.detach(), [v.grad for h in heads for v in ts[h].values()]))
     (compiled, compiled_grads), (eager, eager_grads) = results
-    assert rel_err(compiled, eager) <= 1e-6
+    assert relative_error(compiled, eager) <= 1e-6
     for i, (a, b) in enumerate(zip(compiled_grads, eager_grads)):
-        assert rel_err(a, b) <= 1e-6, i
+        assert relative_error(a, b) <= 1e-6, i
 
 
 # ------------------------------------------------------ GPU build check (no GPU needed)
@@ -557,6 +547,7 @@ import json, os, re, subprocess, sys, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from silent_kernels import triton_categorical as tc, triton_categorical_launch as tcl, triton_common as common
+from tests.backend_cases import relative_error  # noqa: E402
 assert not common.INTERPRET
 tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 kernel = tc._categorical_kernel

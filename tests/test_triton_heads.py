@@ -32,6 +32,7 @@ from silent_kernels.autograd import HEADS, PrecisionNLLFunction  # noqa: E402
 from silent_kernels.special import SERIES_LIMIT  # noqa: E402
 from silent_kernels.special import expected_log_square as special_log_square  # noqa: E402
 from silent_kernels.triton_heads import expected_log_square  # noqa: E402
+from tests.backend_cases import relative_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = torch.ops.silent_kernels
@@ -41,19 +42,9 @@ EXACT, LOGVAR = HEADS["exact"], HEADS["logvar"]
 WORST: dict = {}  # largest error per (path, dtype), printed by the last test (pytest -s)
 
 
-def rel_err(actual, expected) -> float:
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert a.shape == e.shape, (a.shape, e.shape)
-    if e.numel() == 0:
-        return 0.0
-    scale = e.abs().max().item()
-    err = (a - e).abs().max().item()
-    return err / scale if scale > 0 else err
-
-
 def check(actual, expected, dtype, what, path):
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = rel_err(actual, expected)
+    err = relative_error(actual, expected)
     assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:g}"
     key = f"{path}/{str(dtype).replace('torch.', '')}"
     WORST[key] = max(WORST.get(key, 0.0), err)
@@ -415,7 +406,7 @@ def test_empty_batch_and_no_latents():
             bwd = OPS.triton_bernoulli_logvar_nll_backward if not extra else OPS.triton_precision_nll_backward
             ref = bernoulli_reference(inputs) if not extra else precision_reference(extra[0], inputs)
             loss = fwd(*cast, *extra)
-            assert loss.shape == (B,) and rel_err(loss, ref) <= 1e-6, (path, B, d)
+            assert loss.shape == (B,) and relative_error(loss, ref) <= 1e-6, (path, B, d)
             grads = bwd(torch.ones(B, device=DEVICE), *cast, [t is not None for t in cast], *extra)
             assert [tuple(g.shape) for g in grads] == [tuple(t.shape) if t is not None else (0,) for t in cast]
 
@@ -438,10 +429,10 @@ def test_half_precision_inputs(path, dtype, tol):
     grad = torch.linspace(-1.0, 2.0, 4).to(DEVICE, dtype)
     (ref * grad.double().cpu()).sum().backward()
     loss = fwd(*cast, *extra)
-    assert loss.dtype == dtype and rel_err(loss, ref) <= tol
+    assert loss.dtype == dtype and relative_error(loss, ref) <= tol
     for got, r in zip(bwd(grad, *cast, [t is not None for t in cast], *extra), ref_in):
         if r is not None:
-            assert got.dtype == dtype and rel_err(got, r.grad) <= tol
+            assert got.dtype == dtype and relative_error(got, r.grad) <= tol
 
 
 # --------------------------------------------------------------- backward contract
@@ -465,7 +456,7 @@ def test_backward_each_needs_flag(path):
         for j, (o, inp) in enumerate(zip(outs, inputs)):
             if j == i and inp is not None:
                 assert o.shape == inp.shape
-                assert rel_err(o, ref_in[i].grad) <= TOL[torch.float64], (path, i)
+                assert relative_error(o, ref_in[i].grad) <= TOL[torch.float64], (path, i)
             else:
                 assert o.shape == (0,), (path, i, j)
 
@@ -487,7 +478,7 @@ def test_taylor_head_unchanged_by_explicit_head():
     inputs = [t.to(DEVICE) if t is not None else None for t in op_inputs(EXACT, gaussian_case(EXACT, 3, 5, 4))]
     assert torch.equal(OPS.triton_precision_nll(*inputs), OPS.triton_precision_nll(*inputs, 0))
     ref = reference.precision_nll(*[t.cpu() if t is not None else None for t in inputs])
-    assert rel_err(OPS.triton_precision_nll(*inputs, 0), ref) <= 1e-12
+    assert relative_error(OPS.triton_precision_nll(*inputs, 0), ref) <= 1e-12
 
 
 # -------------------------------------------------------- autograd, opcheck, gradcheck
@@ -506,13 +497,13 @@ def test_wrappers_and_function_are_differentiable():
             precision_reference(head, ref_in).sum().backward()
             for t, r in zip(case, ref_in):
                 if t is not None:
-                    assert rel_err(t.grad, r.grad) <= TOL[torch.float64]
+                    assert relative_error(t.grad, r.grad) <= TOL[torch.float64]
     bern = [t.to(DEVICE).requires_grad_() for t in bernoulli_case(3, 5, 4, seed=2)]
     ref_b = [t.detach().cpu().requires_grad_() for t in bern]
     triton_ops.triton_bernoulli_logvar_nll(*bern).sum().backward()
     bernoulli_reference(ref_b).sum().backward()
     for t, r in zip(bern, ref_b):
-        assert rel_err(t.grad, r.grad) <= TOL[torch.float64]
+        assert relative_error(t.grad, r.grad) <= TOL[torch.float64]
 
 
 def test_non_contiguous_bernoulli_inputs():
@@ -528,11 +519,11 @@ def test_non_contiguous_bernoulli_inputs():
     assert not any(v.is_contiguous() for v in views)
     dense = [v.contiguous() for v in views]
     got = OPS.triton_bernoulli_logvar_nll(*views)
-    assert rel_err(got, bernoulli_reference(dense)) <= TOL[torch.float64]
+    assert relative_error(got, bernoulli_reference(dense)) <= TOL[torch.float64]
     grad = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
     for a, b in zip(OPS.triton_bernoulli_logvar_nll_backward(grad, *views, [True] * 6),
                     OPS.triton_bernoulli_logvar_nll_backward(grad, *dense, [True] * 6)):
-        assert rel_err(a, b) <= TOL[torch.float64]
+        assert relative_error(a, b) <= TOL[torch.float64]
 
 
 def _grad_on(inputs):
@@ -656,9 +647,9 @@ def test_torch_compile_fullgraph_new_heads():
         loss.backward()
         results.append((loss.detach(), [v.grad for v in (*g.values(), *b.values())]))
     (compiled, compiled_grads), (eager, eager_grads) = results
-    assert rel_err(compiled, eager) <= 1e-6
+    assert relative_error(compiled, eager) <= 1e-6
     for i, (a, b) in enumerate(zip(compiled_grads, eager_grads)):
-        assert rel_err(a, b) <= 1e-6, i
+        assert relative_error(a, b) <= 1e-6, i
 
 
 def test_report_worst_errors():
