@@ -32,15 +32,11 @@ Checkpoints hold the model, every optimiser, the generator states (and the globa
 REINFORCE baseline and the step counter; on CPU a resumed run therefore ends bit-identical to
 an uninterrupted one.
 
-Data parallelism (``torchrun ... -m silent_kernels.api.cli train ...``, distributed.py): each
-process takes the rows rank::world of every global batch (``DistributedSampler``); every
-random draw is made for the global batch from identically seeded generators and sliced the
-same way; each process's loss is its rows' sum divided by the global batch size, times the
-world size, and ``DistributedDataParallel`` averages the gradients (gloo on CPU, nccl on
-CUDA). The result equals the single-process run on the same global batch up to
-floating-point summation order, for any number of processes that divides the batch size.
-(BatchNorm layers of the 32x32 architecture use per-process batch statistics; DDP
-broadcasts rank 0's running statistics.)
+Data parallelism (``torchrun ... -m silent_kernels.api.cli train ...``): distributed.py. Every
+random draw is made for the global batch and sliced per process, and each process's loss is its
+rows' sum over the global batch size times the world size, so any number of processes that
+divides the batch size gives the single-process result up to summation order. (BatchNorm of the
+32x32 architecture uses per-process statistics; DDP broadcasts rank 0's running ones.)
 """
 
 from __future__ import annotations
