@@ -29,6 +29,7 @@ triton = pytest.importorskip("triton")
 from silent_kernels import triton_ops  # noqa: E402  (after TRITON_INTERPRET; registers the ops)
 from silent_kernels import triton_categorical_launch  # noqa: E402
 from silent_kernels.autograd import HEADS, reference_loss  # noqa: E402
+from tests.backend_cases import relative_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = torch.ops.silent_kernels
@@ -547,7 +548,6 @@ import json, os, re, subprocess, sys, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from silent_kernels import triton_categorical as tc, triton_categorical_launch as tcl, triton_common as common
-from tests.backend_cases import relative_error  # noqa: E402
 assert not common.INTERPRET
 tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 kernel = tc._categorical_kernel
