@@ -91,7 +91,9 @@ def evaluate(model: VAE, images_u8: Tensor, cfg, *, device=None, batch_size: Opt
              samples: Optional[int] = None, dequant: Optional[str] = None,
              seed: Optional[int] = None) -> dict:
     """Mean per-image metrics on ``images_u8`` (uint8 (N, C, H, W)): bpd, nll, kld, elbo,
-    mse (and bpd_linear / nll_linear for the linear head of a dual model)."""
+    mse (and for the linear head of a dual model nll_linear / bpd_linear, exact wherever a closed
+    form exists, with bpd_linear_kind; nll_linear_taylor / bpd_linear_taylor: the Taylor value a
+    Taylor-trained Gaussian precision head was trained on)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     batch_size = batch_size or cfg.eval_batch_size
     samples = samples or cfg.eval_samples
@@ -106,6 +108,7 @@ def evaluate(model: VAE, images_u8: Tensor, cfg, *, device=None, batch_size: Opt
     if model.linear is not None and not analytic:
         sums["nll_linear"] = 0.0
     kind = "monte-carlo"
+    linear_kind = None
     n = y_all.shape[0]
     with _Eval(model):
         for start in range(0, n, batch_size):
@@ -134,7 +137,12 @@ def evaluate(model: VAE, images_u8: Tensor, cfg, *, device=None, batch_size: Opt
             else:
                 nll, sq_err = (t.mean(0) for t in dec.sample_nll_and_sq_error(y, post.hard_sample(draws())))
                 if "nll_linear" in sums:
-                    sums["nll_linear"] += float(model.linear.nll(y, q, log_term="auto").double().sum())
+                    lin = model.linear
+                    sums["nll_linear"] += float(lin.nll(y, q, log_term="auto").double().sum())
+                    linear_kind = "exact" if lin.is_exact(q, "auto") else "taylor-approximation"
+                    if lin.learned_precision and lin.log_term == "taylor" and linear_kind == "exact":
+                        sums["nll_linear_taylor"] = (sums.get("nll_linear_taylor", 0.0)
+                                                     + float(lin.nll(y, q).double().sum()))
             mean, spread = dec(post.mean)
             mse = (y - mean).square().flatten(1).sum(1)
             if not analytic and dec.variance == "learned":
@@ -149,9 +157,11 @@ def evaluate(model: VAE, images_u8: Tensor, cfg, *, device=None, batch_size: Opt
         out["entropy_gap"] = out["elbo"] - out["entropy_sum"]
     out["bpd"] = bits_per_dim(out["nll"], out["kld"], k)
     out["bpd_kind"] = kind
-    for extra in ("linear", "taylor", "sampled"):
+    for extra in ("linear", "linear_taylor", "taylor", "sampled"):
         if f"nll_{extra}" in out:
             out[f"bpd_{extra}"] = bits_per_dim(out[f"nll_{extra}"], out["kld"], k)
+    if linear_kind is not None:
+        out["bpd_linear_kind"] = linear_kind
     out["n"] = n
     return out
 

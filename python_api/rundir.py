@@ -23,7 +23,7 @@ from typing import Callable, Optional
 from .checkpoints import fsync_folder
 from .errors import InputFileError, RunDirError, WriteError
 
-__all__ = ["RunDirLock", "MetricsLog", "LOCK_NAME"]
+__all__ = ["RunDirLock", "MetricsLog", "LOCK_NAME", "epoch_line"]
 
 LOCK_NAME = ".lock"
 
@@ -176,3 +176,17 @@ class MetricsLog:
             if os.path.exists(tmp):
                 os.remove(tmp)
         fsync_folder(os.path.dirname(os.path.abspath(self.path)))
+
+
+def epoch_line(rec: dict, epochs: int) -> str:
+    """The one-line progress report of a metrics record (an estimated or approximate BPD labelled)."""
+    parts = [f"epoch {rec['epoch']}/{epochs}", f"loss {rec.get('train_loss', float('nan')):.4f}"]
+    for key in ("val_bpd", "val_mse", "val_kld"):
+        if key in rec:
+            parts.append(f"{key[4:]} {rec[key]:.4f}")
+            if key == "val_bpd" and rec.get("val_bpd_kind", "exact") != "exact":
+                parts[-1] += f" ({rec['val_bpd_kind']})"   # an estimate or the Taylor approximation
+    if "gradvar" in rec:
+        parts.append("gradvar " + ", ".join(f"{k} {v['total']:.3g}" for k, v in rec["gradvar"].items()))
+    parts.append(f"{rec.get('time_s', rec.get('train_time_s', 0)):.1f}s")
+    return "  ".join(parts)

@@ -322,3 +322,20 @@ def test_bernoulli_default_init_keeps_codes_image_dependent():
     assert saturated(collapsed) > 0.95 and collapsed.std(0).mean() < 1e-3   # one constant code
     # measured: 0 saturated, mean std over images 0.138
     assert saturated(learning) < 0.05 and learning.std(0).mean() > 0.05
+
+
+def test_epoch_line_labels_an_estimated_or_approximate_bpd():
+    from silent_kernels.api.rundir import epoch_line as _epoch_line
+    rec = {"epoch": 2, "train_loss": 1.0, "val_bpd": 3.0, "val_bpd_kind": "monte-carlo", "time_s": 1.0}
+    assert "bpd 3.0000 (monte-carlo)" in _epoch_line(rec, 5)
+    assert "bpd 3.0000 (taylor-approximation)" in _epoch_line({**rec, "val_bpd_kind": "taylor-approximation"}, 5)
+    assert "bpd 3.0000  " in _epoch_line({**rec, "val_bpd_kind": "exact"}, 5)
+
+
+def test_freed_memory_is_kept_on_glibc():
+    import platform
+    from silent_kernels.api.allocator import keep_freed_memory
+    accepted = keep_freed_memory()
+    assert accepted == keep_freed_memory()                      # idempotent
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert accepted

@@ -39,13 +39,14 @@ def test_every_preset_ran_at_smoke_scale(smoke):
     # arms x (lr grid on the screening seed 0 + seed 1 at the chosen point)
     assert ran["table2"]["ran"] == 5 * (2 + 1)
     assert ran["table1"] == {**ran["table1"], "ran": 0, "skipped": 15}   # the cells of table2
-    assert ran["table34"]["ran"] == 5 * (2 + 1) + 3 * 2   # grid arms + "with SG" arms (inherited lr)
+    # lr-grid arms (3 baselines, 3 SG alone) + "with SG" arms (inherited lr, their own 2-point grid)
+    assert ran["table34"]["ran"] == 6 * (2 + 1) + 3 * (2 + 1)
     assert ran["ppca"]["ran"] == 2
     assert ran["m1"]["ran"] == 2 * (2 + 1)
     # categorical: 4 linear arms with the lr grid, 5 nonlinear arms at one lr on both seeds
     assert ran["categorical"]["ran"] == 4 * (2 + 1) + 5 * 2
     assert ran["table34-diagnosis"]["ran"] == 1 * 2 * 2    # lr x beta2 x floor, one seed, no test split
-    for preset, n in (("table2", 15), ("table34", 21), ("m1", 6), ("ppca", 2), ("categorical", 22)):
+    for preset, n in (("table2", 15), ("table34", 27), ("m1", 6), ("ppca", 2), ("categorical", 22)):
         files = [f for f in os.listdir(os.path.join(smoke["out"], preset, "smoke")) if f.endswith(".json")]
         assert len(files) == n
     # results are small JSON files with the curves, the test metrics and the gradient variance
@@ -60,7 +61,8 @@ def test_every_preset_ran_at_smoke_scale(smoke):
     chosen = choose(res, "gumbel", [0])["point"]
     assert {r["point"]["lr"] for r in res if r["arm"] == "gumbel+sg"} == {chosen["lr"]}
     # screening: every grid point ran seed 0, only the chosen point ran seed 1
-    for arm in ("reparam", "gumbel", "reinforce", "sg-gaussian", "sg-bernoulli"):
+    for arm in ("reparam", "gumbel", "reinforce", "sg-gaussian", "sg-bernoulli", "sg-gaussian-exact",
+                "reparam+sg"):
         c = choose(res, arm, [0])
         assert c["seeds"] == [0]
         seeds = {json.dumps(r["point"], sort_keys=True): sorted(x["seed"] for x in res if x["arm"] == arm
@@ -68,6 +70,14 @@ def test_every_preset_ran_at_smoke_scale(smoke):
                  for r in res if r["arm"] == arm}
         assert sorted(seeds.values()) == [[0], [0, 1]]
         assert seeds[json.dumps(c["point"], sort_keys=True)] == [0, 1]
+    # SG alone: the linear head's bound, exact with Gaussian latents (and the Taylor value the paper's
+    # arm trained on beside it), the Taylor approximation with Bernoulli latents; every cell tested
+    # at its best-validation checkpoint with the importance-weighted bound
+    for arm, kind in (("sg-gaussian", "exact"), ("sg-gaussian-exact", "exact"), ("sg-bernoulli", "taylor-approximation")):
+        r = next(x for x in res if x["arm"] == arm)
+        assert r["test"]["bpd_linear_kind"] == kind
+        assert ("bpd_linear_taylor" in r["test"]) == (arm == "sg-gaussian")
+        assert r["test_epoch"] is not None and r["iwae"]["samples"] == 4 and r["test_samples"] == 2
     # the m1 arm really trained with the M1 objective and the linear head logs the entropy gap
     m1 = json.load(open(os.path.join(smoke["out"], "m1", "smoke", "m1__lr1e-03__s0.json")))
     assert m1["config"]["objective"] == "m1" and "train_m1" in m1["curve"][0]
@@ -84,6 +94,7 @@ def test_report_is_generated_from_the_results(smoke):
     text = open(smoke["report"]).read()
     assert "MSE expected" in text and "arm pairs ordered as in the paper" in text
     assert "Tables 3-4 diagnosis" in text and "largest rise" in text
+    assert "SG alone, its linear learned-variance head" in text and "exact log term (ours)" in text
     for title in ("Table 1", "Table 2", "Tables 3-4: learnable variance, MNIST", "Companion 1", "Companion 2",
                   "Extension: categorical latents", "How verdicts are computed", "Summary"):
         assert title in text
@@ -126,6 +137,19 @@ def test_plans_at_every_scale_without_data():
     with pytest.raises(ValueError):
         plan("table34-cifar10", "cpu")
     assert "core-hours" in plan("table34", "cpu").budget
+    # the decision protocol of Tables 3-4 at cpu scale
+    cpu = plan("table34", "cpu")
+    arms = {a.key: a for a in cpu.arms}
+    assert cpu.seeds == [0, 1, 2, 3, 4] and cpu.screen_seeds == [0]
+    assert (cpu.test_checkpoint, cpu.test_samples, cpu.iwae) == ("best", 10, {"samples": 100, "images": 1000})
+    assert arms["reparam"].grid == {"lr": [1e-4, 5e-4]}
+    assert arms["reinforce+sg"].grid == {"anneal_rate": [1 / 30, 2 / 30], "cutoff_epoch": [None, 24]}
+    assert arms["sg-bernoulli"].grid == {"lr": [1e-4, 5e-4], "cutoff_epoch": [10, 16]}
+    assert arms["sg-gaussian-exact"].overrides["log_term"] == "exact"
+    assert arms["sg-gaussian"].overrides["log_term"] == "taylor"
+    assert all(a.overrides["keep_best"] and a.overrides["betas"] == arms["reparam"].overrides["betas"]
+               and a.overrides["logvar_floor"] == arms["reparam"].overrides["logvar_floor"] for a in cpu.arms)
+    assert cpu.n_cells() == 3 * (2 + 4) + 6 * (4 + 4)
     assert plan("table1", "cpu").source == "table2"
 
 

@@ -46,6 +46,7 @@ LABELS = {
     "silent-gaussian": "Silent Gradients (continuous)", "reparam": "Reparameterization",
     "silent-bernoulli": "Silent Gradients (discrete)", "gumbel": "Gumbel-Softmax",
     "reinforce": "REINFORCE", "sg-gaussian": "None + SG (continuous)",
+    "sg-gaussian-exact": "None + SG (continuous), exact log term (ours)",
     "reparam+sg": "Reparameterization + SG", "sg-bernoulli": "None + SG (discrete)",
     "gumbel+sg": "Gumbel-Softmax + SG", "reinforce+sg": "REINFORCE + SG",
     "elbo": "D_KL-ELBO (linear decoder, learned sigma^2)", "m1": "D_KL-M1 (analytic M1)",
