@@ -20,6 +20,17 @@ fixed_nll_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
                    const c10::optional<at::Tensor>& bias, const at::Tensor& sigma2,
                    const std::vector<bool>& needs);
 
+// Training pair of the fixed head: the loss and the residual coefficients (x - ubar) / sigma2
+// (B, k) in the accumulation dtype, and the backward that uses them (cpu_fixed.cpp).
+std::tuple<at::Tensor, at::Tensor>
+fixed_nll_train(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,
+                const c10::optional<at::Tensor>& bias, const at::Tensor& sigma2);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+fixed_nll_train_backward(const at::Tensor& grad, const at::Tensor& coefficients, const at::Tensor& mean,
+                         const at::Tensor& var, const at::Tensor& weight, const at::Tensor& sigma2,
+                         const std::vector<bool>& needs);
+
 at::Tensor precision_nll(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
                          const c10::optional<at::Tensor>& k3, const c10::optional<at::Tensor>& k4,
                          const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

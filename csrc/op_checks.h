@@ -158,4 +158,33 @@ inline void check_categorical_inputs(const char* op, c10::DeviceType device, con
               head == 3 ? " (fixed) needs sigma2 and no second_weight" : " needs second_weight and no sigma2");
 }
 
+// The backward of a training pair (CPU): weight sets the dtype and device every other argument
+// must have (as x does elsewhere); returns the batch size B read from grad (B,).
+inline int64_t check_saved_backward_inputs(const char* op, const at::Tensor& grad, const at::Tensor& weight) {
+  TORCH_CHECK(weight.defined() && weight.dim() == 2, op, ": weight: expected a 2-D tensor (k, d), got shape ",
+              shape_str(weight.sizes()));
+  TORCH_CHECK(is_supported_float(weight.scalar_type()), op,
+              ": weight: expected dtype float16, bfloat16, float32 or float64, got ", weight.scalar_type());
+  TORCH_CHECK(weight.device().type() == c10::DeviceType::CPU, op, ": weight: expected a CPU tensor, got one on ",
+              weight.device());
+  TORCH_CHECK(grad.defined() && grad.dim() == 1, op, ": grad: expected a 1-D tensor (B,), got shape ",
+              shape_str(grad.sizes()));
+  check_like_x(op, "grad", grad, {grad.size(0)}, weight);
+  return grad.size(0);
+}
+
+// The saved coefficients of a training forward `producer`: the expected shape, the
+// accumulation dtype of weight's (float64 for float64, else float32), weight's device.
+inline void check_coefficients(const char* op, const at::Tensor& coefficients, at::IntArrayRef shape,
+                               const at::Tensor& weight, const char* producer) {
+  const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(coefficients.sizes() == shape, op, ": coefficients: expected shape ", shape_str(shape), " (from ",
+              producer, " with the same shapes), got shape ", shape_str(coefficients.sizes()));
+  TORCH_CHECK(coefficients.scalar_type() == acc, op, ": coefficients: expected dtype ", acc, ", got ",
+              coefficients.scalar_type());
+  TORCH_CHECK(coefficients.device() == weight.device(), op, ": coefficients: expected device ", weight.device(),
+              ", got ", coefficients.device());
+  TORCH_CHECK(coefficients.is_contiguous(), op, ": coefficients: expected a contiguous tensor");
+}
+
 }  // namespace silent_kernels

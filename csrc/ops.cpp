@@ -32,6 +32,33 @@ fixed_nll_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Te
   return cpu::fixed_nll_backward(grad, x, mean, var, weight, bias, sigma2, needs);
 }
 
+// Training pair of the fixed head (CPU only, used by the cpp backend when gradients are
+// needed): the forward also returns the residual coefficients, which the backward consumes
+// instead of recomputing the mean GEMM (cpu_fixed.cpp).
+std::tuple<at::Tensor, at::Tensor>
+fixed_nll_train_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,
+                    const c10::optional<at::Tensor>& bias, const at::Tensor& sigma2) {
+  check_fixed_inputs("silent_kernels::fixed_nll_train", c10::DeviceType::CPU, x, mean, var, weight, bias,
+                     sigma2);
+  return cpu::fixed_nll_train(x, mean, var, weight, bias, sigma2);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+fixed_nll_train_backward_cpu(const at::Tensor& grad, const at::Tensor& coefficients, const at::Tensor& mean,
+                             const at::Tensor& var, const at::Tensor& weight, const at::Tensor& sigma2,
+                             const c10::List<bool>& needs_list) {
+  const char* op = "silent_kernels::fixed_nll_train_backward";
+  const int64_t B = check_saved_backward_inputs(op, grad, weight);
+  const int64_t k = weight.size(0), d = weight.size(1);
+  check_like_x(op, "mean", mean, {B, d}, weight);
+  check_like_x(op, "var", var, {B, d}, weight);
+  check_like_x(op, "sigma2", sigma2, {k}, weight);
+  check_coefficients(op, coefficients, {B, k}, weight, "fixed_nll_train");
+  const std::vector<bool> needs = needs_list.vec();
+  check_needs(op, needs, 6);
+  return cpu::fixed_nll_train_backward(grad, coefficients, mean, var, weight, sigma2, needs);
+}
+
 at::Tensor precision_nll_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
                              const c10::optional<at::Tensor>& k3,
                              const c10::optional<at::Tensor>& k4, const at::Tensor& weight,
@@ -91,34 +118,16 @@ precision_nll_train_backward_cpu(const at::Tensor& grad, const at::Tensor& coeff
                                  const at::Tensor& precision_weight,
                                  const c10::List<bool>& needs_list) {
   const char* op = "silent_kernels::precision_nll_train_backward";
-  // weight sets the dtype and device every other argument must have (as x does elsewhere).
-  TORCH_CHECK(weight.defined() && weight.dim() == 2, op, ": weight: expected a 2-D tensor (k, d), got shape ",
-              shape_str(weight.sizes()));
-  TORCH_CHECK(is_supported_float(weight.scalar_type()), op,
-              ": weight: expected dtype float16, bfloat16, float32 or float64, got ", weight.scalar_type());
-  TORCH_CHECK(weight.device().type() == c10::DeviceType::CPU, op, ": weight: expected a CPU tensor, got one on ",
-              weight.device());
+  const int64_t B = check_saved_backward_inputs(op, grad, weight);
   const int64_t k = weight.size(0), d = weight.size(1);
-  TORCH_CHECK(grad.defined() && grad.dim() == 1, op, ": grad: expected a 1-D tensor (B,), got shape ",
-              shape_str(grad.sizes()));
-  const int64_t B = grad.size(0);
-  check_like_x(op, "grad", grad, {B}, weight);
   check_like_x(op, "mean", mean, {B, d}, weight);
   check_like_x(op, "var", var, {B, d}, weight);
   check_optional_like_x(op, "k3", k3, {B, d}, weight);
   check_optional_like_x(op, "k4", k4, {B, d}, weight);
   check_like_x(op, "precision_weight", precision_weight, {k, d}, weight);
   const bool has3 = k3.has_value() && k3->defined(), has4 = k4.has_value() && k4->defined();
-  const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t n = cpu::precision_coefficient_count(B, k, has3, has4);
-  TORCH_CHECK(coefficients.dim() == 1 && coefficients.numel() == n, op,
-              ": coefficients: expected a 1-D tensor of ", n,
-              " elements (from precision_nll_train with the same shapes), got shape ",
-              shape_str(coefficients.sizes()));
-  TORCH_CHECK(coefficients.scalar_type() == acc, op, ": coefficients: expected dtype ", acc, ", got ",
-              coefficients.scalar_type());
-  TORCH_CHECK(coefficients.device() == weight.device(), op, ": coefficients: expected device ",
-              weight.device(), ", got ", coefficients.device());
+  check_coefficients(op, coefficients, {cpu::precision_coefficient_count(B, k, has3, has4)}, weight,
+                     "precision_nll_train");
   const std::vector<bool> needs = needs_list.vec();
   check_needs(op, needs, 9);
   return cpu::precision_nll_train_backward(grad, coefficients, mean, var, k3, k4, weight,
@@ -184,6 +193,10 @@ TORCH_LIBRARY(silent_kernels, m) {
   m.def("fixed_nll(Tensor x, Tensor mean, Tensor var, Tensor weight, Tensor? bias, Tensor sigma2) -> Tensor");
   m.def("fixed_nll_backward(Tensor grad, Tensor x, Tensor mean, Tensor var, Tensor weight, Tensor? bias, "
         "Tensor sigma2, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("fixed_nll_train(Tensor x, Tensor mean, Tensor var, Tensor weight, Tensor? bias, Tensor sigma2) "
+        "-> (Tensor, Tensor)");
+  m.def("fixed_nll_train_backward(Tensor grad, Tensor coefficients, Tensor mean, Tensor var, Tensor weight, "
+        "Tensor sigma2, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("precision_nll(Tensor x, Tensor mean, Tensor var, Tensor? k3, Tensor? k4, Tensor weight, "
         "Tensor? bias, Tensor precision_weight, Tensor? precision_bias, int head=0) -> Tensor");
   m.def("precision_nll_backward(Tensor grad, Tensor x, Tensor mean, Tensor var, Tensor? k3, Tensor? k4, "
@@ -209,6 +222,8 @@ TORCH_LIBRARY(silent_kernels, m) {
 TORCH_LIBRARY_IMPL(silent_kernels, CPU, m) {
   m.impl("fixed_nll", &fixed_nll_cpu);
   m.impl("fixed_nll_backward", &fixed_nll_backward_cpu);
+  m.impl("fixed_nll_train", &fixed_nll_train_cpu);
+  m.impl("fixed_nll_train_backward", &fixed_nll_train_backward_cpu);
   m.impl("precision_nll", &precision_nll_cpu);
   m.impl("precision_nll_backward", &precision_nll_backward_cpu);
   m.impl("precision_nll_train", &precision_nll_train_cpu);

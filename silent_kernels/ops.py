@@ -60,7 +60,9 @@ def _register_once() -> None:
 _register_once()
 
 
-# ------------------------------------------ cpp training pair of the learnable-precision head
+# ---------------------------------------------- cpp training pairs (fixed and precision heads)
+#   fixed_nll_train(x, mean, var, weight, bias?, sigma2) -> (loss (B,), (x - ubar) / sigma2 (B, k))
+#   fixed_nll_train_backward(grad, coefficients, mean, var, weight, sigma2, bool[6] needs) -> 6 tensors
 #   precision_nll_train(<the 9 inputs>) -> (loss (B,), coefficients)
 #   precision_nll_train_backward(grad, coefficients, mean, var, k3?, k4?, weight,
 #                                precision_weight, bool[9] needs) -> 9 tensors
@@ -86,6 +88,16 @@ def _fake_train_backward(grad, coefficients, mean, var, k3, k4, weight, precisio
                  for s, need in zip(shapes, needs))
 
 
+def _fake_fixed_coefficients(x, *rest) -> Tensor:
+    return x.new_empty(x.shape, dtype=_acc_dtype(x.dtype))
+
+
+def _fake_fixed_backward(grad, coefficients, mean, var, weight, sigma2, needs):
+    B, (k, d) = grad.shape[0], weight.shape
+    shapes = [(B, k), mean.shape, var.shape, (k, d), (k,), (k,)]
+    return tuple(weight.new_empty(s) if need else weight.new_empty(0) for s, need in zip(shapes, needs))
+
+
 def _register_train_once() -> None:
     if ("precision", "cpp-train") in _OPS:
         return
@@ -94,6 +106,11 @@ def _register_train_once() -> None:
     register_saved_coefficient_ops("precision", forward, backward, (1, 2, 3, 4, 5, 7),
                                    _fake_train_coefficients, _fake_train_backward)
     _OPS[("precision", "cpp-train")] = (forward, backward)
+    forward, backward = _NS.fixed_nll_train.default, _NS.fixed_nll_train_backward.default
+    # The backward takes mean, var, weight, sigma2 after the coefficients (x - ubar) / sigma2.
+    register_saved_coefficient_ops("fixed", forward, backward, (1, 2, 3, 5),
+                                   _fake_fixed_coefficients, _fake_fixed_backward)
+    _OPS[("fixed", "cpp-train")] = (forward, backward)
 
 
 _register_train_once()
@@ -115,9 +132,26 @@ def cuda_ops_registered(*kinds: str) -> bool:
     return _has_kernel("CUDA", kinds or ("fixed", "precision"))
 
 
+def _needs_grad_on_cpu(x: Tensor, args) -> bool:
+    return (x.device.type == "cpu" and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in args))
+
+
 def cpp_fixed_nll(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Optional[Tensor],
                   sigma2: Tensor) -> Tensor:
-    """Per-sample fixed-variance loss (B,) by the compiled op (sigma2: (k,), may be expanded)."""
+    """Per-sample fixed-variance loss (B,) by the compiled op (sigma2: (k,), may be expanded).
+
+    When autograd will need a gradient on the CPU, the training op keeps the residual
+    coefficients (B, k) so that the backward does not recompute the mean GEMM."""
+    args = (x, mean, var, weight, bias, sigma2)
+    if _needs_grad_on_cpu(x, args):
+        return _NS.fixed_nll_train.default(*args)[0]
+    return _NS.fixed_nll.default(*args)
+
+
+def cuda_fixed_nll(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Optional[Tensor],
+                   sigma2: Tensor) -> Tensor:
+    """Per-sample fixed-variance loss (B,) (CUDA kernels)."""
     return _NS.fixed_nll.default(x, mean, var, weight, bias, sigma2)
 
 
@@ -133,8 +167,7 @@ def cpp_precision_nll(x: Tensor, mean: Tensor, var: Tensor, k3: Optional[Tensor]
     inference) the plain op, which saves nothing.
     """
     args = (x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias)
-    if (x.device.type == "cpu" and torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in args)):
+    if _needs_grad_on_cpu(x, args):
         return _NS.precision_nll_train.default(*args, head)[0]
     return _NS.precision_nll.default(*args, head)
 
@@ -158,8 +191,7 @@ cpp_categorical_fixed_nll = _categorical("fixed")
 cpp_categorical_precision_nll = _categorical("taylor")
 cpp_categorical_logvar_nll = _categorical("logvar")
 
-# Same ops: the dispatcher picks the CUDA kernels for CUDA tensors.
-cuda_fixed_nll = cpp_fixed_nll
+# Same op: the dispatcher picks the CUDA kernels for CUDA tensors.
 cuda_bernoulli_logvar_nll = cpp_bernoulli_logvar_nll
 
 

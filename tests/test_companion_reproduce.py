@@ -39,14 +39,15 @@ def test_every_preset_ran_at_smoke_scale(smoke):
     # arms x (lr grid on the screening seed 0 + seed 1 at the chosen point)
     assert ran["table2"]["ran"] == 5 * (2 + 1)
     assert ran["table1"] == {**ran["table1"], "ran": 0, "skipped": 15}   # the cells of table2
-    # lr-grid arms (3 baselines, 3 SG alone) + "with SG" arms (inherited lr, their own 2-point grid)
-    assert ran["table34"]["ran"] == 6 * (2 + 1) + 3 * (2 + 1)
+    # lr-grid arms (3 baselines, 2 SG alone) + "with SG" arms (inherited lr, their own 2-point grid)
+    # + SG alone with the exact log term at the Taylor arm's chosen point (both seeds)
+    assert ran["table34"]["ran"] == 5 * (2 + 1) + 3 * (2 + 1) + 2
     assert ran["ppca"]["ran"] == 2
     assert ran["m1"]["ran"] == 2 * (2 + 1)
     # categorical: 4 linear arms with the lr grid, 5 nonlinear arms at one lr on both seeds
     assert ran["categorical"]["ran"] == 4 * (2 + 1) + 5 * 2
     assert ran["table34-diagnosis"]["ran"] == 1 * 2 * 2    # lr x beta2 x floor, one seed, no test split
-    for preset, n in (("table2", 15), ("table34", 27), ("m1", 6), ("ppca", 2), ("categorical", 22)):
+    for preset, n in (("table2", 15), ("table34", 26), ("m1", 6), ("ppca", 2), ("categorical", 22)):
         files = [f for f in os.listdir(os.path.join(smoke["out"], preset, "smoke")) if f.endswith(".json")]
         assert len(files) == n
     # results are small JSON files with the curves, the test metrics and the gradient variance
@@ -61,8 +62,8 @@ def test_every_preset_ran_at_smoke_scale(smoke):
     chosen = choose(res, "gumbel", [0])["point"]
     assert {r["point"]["lr"] for r in res if r["arm"] == "gumbel+sg"} == {chosen["lr"]}
     # screening: every grid point ran seed 0, only the chosen point ran seed 1
-    for arm in ("reparam", "gumbel", "reinforce", "sg-gaussian", "sg-bernoulli", "sg-gaussian-exact",
-                "reparam+sg"):
+    assert {r["point"]["lr"] for r in res if r["arm"] == "sg-gaussian-exact"} == {choose(res, "sg-gaussian", [0])["point"]["lr"]}
+    for arm in ("reparam", "gumbel", "reinforce", "sg-gaussian", "sg-bernoulli", "reparam+sg"):
         c = choose(res, arm, [0])
         assert c["seeds"] == [0]
         seeds = {json.dumps(r["point"], sort_keys=True): sorted(x["seed"] for x in res if x["arm"] == arm
@@ -143,13 +144,14 @@ def test_plans_at_every_scale_without_data():
     assert cpu.seeds == [0, 1, 2, 3, 4] and cpu.screen_seeds == [0]
     assert (cpu.test_checkpoint, cpu.test_samples, cpu.iwae) == ("best", 10, {"samples": 100, "images": 1000})
     assert arms["reparam"].grid == {"lr": [1e-4, 5e-4]}
-    assert arms["reinforce+sg"].grid == {"anneal_rate": [1 / 30, 2 / 30], "cutoff_epoch": [None, 24]}
-    assert arms["sg-bernoulli"].grid == {"lr": [1e-4, 5e-4], "cutoff_epoch": [10, 16]}
+    assert arms["reinforce+sg"].grid == {"anneal_rate": [1 / 22, 2 / 22], "cutoff_epoch": [None]}
+    assert arms["sg-bernoulli"].grid == {"lr": [1e-4, 5e-4], "cutoff_epoch": [12]}
     assert arms["sg-gaussian-exact"].overrides["log_term"] == "exact"
+    assert arms["sg-gaussian-exact"].inherit == {"lr": "sg-gaussian", "cutoff_epoch": "sg-gaussian"}
     assert arms["sg-gaussian"].overrides["log_term"] == "taylor"
     assert all(a.overrides["keep_best"] and a.overrides["betas"] == arms["reparam"].overrides["betas"]
                and a.overrides["logvar_floor"] == arms["reparam"].overrides["logvar_floor"] for a in cpu.arms)
-    assert cpu.n_cells() == 3 * (2 + 4) + 6 * (4 + 4)
+    assert cpu.n_cells() == 8 * (2 + 4) + 5
     assert plan("table1", "cpu").source == "table2"
 
 
@@ -234,11 +236,13 @@ def test_cell_workers_end_with_the_runner(tmp_path):
 
 def test_diagnosis_plan_and_stability_numbers():
     p = plan("table34-diagnosis", "cpu")
-    assert p.n_cells() == 3 * 2 * 2 * 2 and p.test_split is False and p.screen_seeds is None
+    # lr {1e-4, 5e-4} at (0.95, default floor) + the 2 x 2 square at 5e-4, sharing one point; 2 seeds
+    assert p.n_cells() == (2 + 4 - 1) * 2 and p.test_split is False and p.screen_seeds is None
     arm = p.arms[0]
     assert arm.overrides["estimator"] == "reparam" and arm.overrides["variance"] == "learned"
-    slugs = {reproduce.point_slug(pt) for pt in grid_points(arm.grid)}
-    assert "b0.9-0.999_fl-11.09_lr1e-04" in slugs and "b0.9-0.95_flnone_lr1e-03" in slugs
+    slugs = [reproduce.point_slug(pt) for a in p.arms for pt in grid_points(a.grid)]
+    assert "b0.9-0.999_fl-11.09_lr5e-04" in slugs and "b0.9-0.95_flnone_lr1e-04" in slugs
+    assert slugs.count("b0.9-0.95_flnone_lr5e-04") == 2 and len(set(slugs)) == 5
     curve = [{"epoch": e, "val_bpd": v, "val_floor_fraction": f}
              for e, (v, f) in enumerate([(5.0, 0.0), (4.0, 0.1), (4.7, 0.2), (3.5, 0.3), (4.2, 0.25)], 1)]
     cell = {"curve": curve, "seed": 1, "status": "ok", "config": {"lr": 1e-3, "betas": [0.9, 0.95],

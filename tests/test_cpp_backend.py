@@ -178,15 +178,19 @@ def test_train_ops_match_the_plain_ops(k3, k4, biases):
                 assert g.shape == (0,), (i, j, g.shape)
 
 
-def test_cpp_entry_uses_the_train_op_only_when_grads_are_needed():
-    args = _precision_args(B=3, d=4, k=5)
-    called = []
-
+def _recorder(called: list) -> type:
+    """A dispatch mode class that appends the name of every op it sees to ``called``."""
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             called.append(func._schema.name)
             return func(*args, **(kwargs or {}))
+    return Record
 
+
+def test_cpp_entry_uses_the_train_op_only_when_grads_are_needed():
+    args = _precision_args(B=3, d=4, k=5)
+    called = []
+    Record = _recorder(called)
     with Record():
         sk_ops.cpp_precision_nll(*args)  # nothing requires grad
     assert "silent_kernels::precision_nll" in called and "silent_kernels::precision_nll_train" not in called
@@ -231,7 +235,7 @@ def test_train_backward_checks_the_coefficients():
     args = _precision_args()
     _, coef = OPS.precision_nll_train(*args)
     rest = _train_backward_args(args)
-    with pytest.raises(RuntimeError, match="coefficients: expected a 1-D tensor of"):
+    with pytest.raises(RuntimeError, match="coefficients: expected shape"):
         OPS.precision_nll_train_backward(torch.ones(4, dtype=torch.float64), coef[:-1], *rest, [True] * 9)
     with pytest.raises(RuntimeError, match="coefficients: expected dtype"):
         OPS.precision_nll_train_backward(torch.ones(4, dtype=torch.float64), coef.float(), *rest, [True] * 9)
@@ -250,3 +254,74 @@ def test_float32_log_term_over_a_wide_range_of_precisions(scale):
     args32 = [a.float() if a is not None else None for a in args]
     for l32 in (OPS.precision_nll(*args32), OPS.precision_nll_train(*args32)[0]):
         torch.testing.assert_close(l32.double(), l64, rtol=2e-6, atol=0)
+
+
+# ----------------------------------------- fixed head: the training pair keeps the residuals
+def _fixed_args(B=4, d=3, k=5, dtype=torch.float64, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.rand(*s, generator=g, dtype=dtype)  # noqa: E731
+    n = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return [r(B, k), n(B, d), 0.5 * r(B, d), n(k, d), n(k) if bias else None, 0.05 + r(k)]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fixed_train_ops_match_the_plain_ops(bias):
+    args = _fixed_args(B=6, d=5, k=37, bias=bias, seed=3)
+    loss, coef = OPS.fixed_nll_train(*args)
+    torch.testing.assert_close(loss, OPS.fixed_nll(*args), rtol=0, atol=0)
+    x, mean, var, weight, b, sigma2 = args
+    ubar = mean @ weight.T + (b if bias else 0)
+    torch.testing.assert_close(coef, (x - ubar) / sigma2, rtol=1e-13, atol=1e-13)
+    grad = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0, -0.25], dtype=torch.float64)
+    needs = [True, True, True, True, bias, True]
+    ref = OPS.fixed_nll_backward(grad, *args, needs)
+    full = OPS.fixed_nll_train_backward(grad, coef, mean, var, weight, sigma2, needs)
+    for i in range(6):
+        torch.testing.assert_close(full[i], ref[i], rtol=0, atol=0)
+        one = [need and j == i for j, need in enumerate(needs)]
+        out = OPS.fixed_nll_train_backward(grad, coef, mean, var, weight, sigma2, one)
+        for j, t in enumerate(out):
+            assert t.shape == (full[j].shape if one[j] else (0,)), (i, j)
+
+
+def test_fixed_cpp_entry_uses_the_train_op_only_when_grads_are_needed():
+    args = _fixed_args()
+    called = []
+    Record = _recorder(called)
+    with Record():
+        sk_ops.cpp_fixed_nll(*args)
+    assert "silent_kernels::fixed_nll" in called and "silent_kernels::fixed_nll_train" not in called
+    called.clear()
+    leaf = [a.detach().clone().requires_grad_() if a is not None else None for a in args]
+    with Record():
+        sk_ops.cpp_fixed_nll(*leaf).sum().backward()
+    assert "silent_kernels::fixed_nll_train" in called and "silent_kernels::fixed_nll_train_backward" in called
+    # the backward reuses the forward's residuals: no second forward, no recomputing backward
+    assert called.count("silent_kernels::fixed_nll_train") == 1 and "silent_kernels::fixed_nll_backward" not in called
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fixed_train_pair_gradcheck_and_opcheck(bias):
+    args = _fixed_args(B=3, d=4, k=5, bias=bias, seed=2)
+    inputs = [a.detach().clone().requires_grad_() if a is not None else None for a in args]
+    assert torch.autograd.gradcheck(lambda *t: OPS.fixed_nll_train(*t)[0], inputs, eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(lambda *t: sk_ops.cpp_fixed_nll(*t) * torch.tensor(
+        [1.0, -2.0, 0.5], dtype=torch.float64), inputs, eps=1e-6, atol=1e-7)
+    _opcheck(OPS.fixed_nll_train.default, args)
+    _opcheck(OPS.fixed_nll_train.default, inputs)
+    _, coef = OPS.fixed_nll_train(*args)
+    x, mean, var, weight, b, sigma2 = args
+    _opcheck(OPS.fixed_nll_train_backward.default,
+             [torch.ones(3, dtype=torch.float64), coef, mean, var, weight, sigma2, [True, True, False, True, bias, True]])
+
+
+def test_fixed_train_backward_checks_the_coefficients():
+    x, mean, var, weight, b, sigma2 = _fixed_args()
+    _, coef = OPS.fixed_nll_train(x, mean, var, weight, b, sigma2)
+    grad = torch.ones(4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"coefficients: expected shape \(4, 5\)"):
+        OPS.fixed_nll_train_backward(grad, coef[:, :-1], mean, var, weight, sigma2, [True] * 6)
+    with pytest.raises(RuntimeError, match="coefficients: expected dtype"):
+        OPS.fixed_nll_train_backward(grad, coef.float(), mean, var, weight, sigma2, [True] * 6)
+    with pytest.raises(RuntimeError, match="sigma2: expected shape"):
+        OPS.fixed_nll_train_backward(grad, coef, mean, var, weight, sigma2[:-1], [True] * 6)

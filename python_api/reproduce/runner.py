@@ -145,6 +145,8 @@ def _cells(p: Plan, arms: list, out_dir: str, runs_dir: str, chosen: dict, seeds
             full_point = {**fixed, **point}
             for seed in seeds:
                 name = cell_name(arm.key, full_point, seed)
+                if any(s["name"] == name for s in specs):   # arms slicing one grid share points
+                    continue
                 config = {**arm.overrides, **full_point, "seed": seed}
                 specs.append({"preset": p.cells_preset, "scale": p.scale,
                               "arm": arm.key, "point": full_point, "seed": seed, "config": config,
