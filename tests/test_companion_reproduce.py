@@ -296,3 +296,17 @@ def test_run_health_flags_saturated_and_dead_runs():
     assert run_health(gauss)["saturated_epochs"] == 0
     # the reported checkpoint's validation BPD: the last epoch, or the best one when tested there
     assert reported_val_bpd(r) == 5.5 and reported_val_bpd({**r, "test_epoch": 2}) == 5.0
+
+
+def test_report_flags_results_made_under_an_earlier_plan():
+    from silent_kernels.api.reproduce.sections import _stale_fields
+    p = plan("table34", "cpu")
+    arm = next(a for a in p.arms if a.key == "reparam")
+    current = {"arm": "reparam", "config": {**arm.overrides, "lr": 1e-4, "seed": 0}, "test_epoch": 7,
+               "test_samples": 10, "iwae": {"samples": 100}}
+    assert _stale_fields([current], p) == []
+    old = {**current, "config": {**current["config"], "lr": 1e-3, "epochs": 12, "keep_best": False},
+           "test_epoch": None, "iwae": None}
+    stale = " ".join(_stale_fields([old], p))
+    for field in ("epochs: plan 15, result 12", "lr: plan grid", "keep_best", "test checkpoint", "IWAE samples"):
+        assert field in stale

@@ -13,7 +13,22 @@ import math
 import os
 from typing import Optional
 
-__all__ = ["RESULT_FORMAT", "write_json", "read_json", "load_results", "choose", "chosen_cells",
+# config fields that do not change a cell's result (machine-specific)
+IGNORED_FIELDS = ("data_root", "num_threads", "progress", "figures", "device")
+
+
+def cell_identity(config: dict) -> dict:
+    """The fields that define a cell's result (machine-specific ones dropped)."""
+    return {k: v for k, v in config.items() if k not in IGNORED_FIELDS}
+
+
+def stored_config(r: dict) -> dict:
+    """A result file's config with every field it predates at its default (the default is the
+    old behaviour whenever a field is added)."""
+    from ..config import TrainConfig
+    return {**cell_identity(TrainConfig().to_dict()), **r.get("config", {})}
+
+__all__ = ["RESULT_FORMAT", "IGNORED_FIELDS", "cell_identity", "stored_config", "write_json", "read_json", "load_results", "choose", "chosen_cells",
            "per_seed", "reported_val_bpd", "run_health", "DEAD_MSE_FRACTION"]
 
 RESULT_FORMAT = 1

@@ -20,17 +20,11 @@ import time
 from typing import Callable, Optional
 
 from .plans import DATASETS, Arm, Plan, default_data_root, grid_points, plan, point_slug
-from .results import RESULT_FORMAT, chosen_cells, choose, load_results, read_json, write_json
+from .results import RESULT_FORMAT, cell_identity, stored_config, chosen_cells, choose, load_results, read_json, write_json
 from .statistics import format_value
 
 __all__ = ["run_preset", "run_cell", "cell_name"]
 
-_IGNORED = ("data_root", "num_threads", "progress", "figures", "device")
-
-
-def _identity(config: dict) -> dict:
-    """The fields that define a cell's result (machine-specific ones dropped)."""
-    return {k: v for k, v in config.items() if k not in _IGNORED}
 
 
 _CURVE_KEYS = ("epoch", "train_loss", "train_m1", "val_bpd", "val_mse", "val_kld", "val_elbo",
@@ -102,7 +96,7 @@ def run_cell(spec: dict) -> dict:
     out = {
         "format": RESULT_FORMAT, "preset": spec["preset"], "scale": spec["scale"], "arm": spec["arm"],
         "point": spec["point"], "seed": spec["seed"], "status": status,
-        "config": _identity(trainer.cfg.to_dict()),
+        "config": cell_identity(trainer.cfg.to_dict()),
         "n_train": int(trainer.data.train.shape[0]), "n_val": int(trainer.data.val.shape[0]),
         "val_source": trainer.data.val_source,
         "final_val": {k[4:]: _round(v) for k, v in final.items() if k.startswith("val_")},
@@ -168,10 +162,9 @@ def _is_done(spec: dict) -> bool:
         res = read_json(path)
     except (OSError, json.JSONDecodeError):
         return False
-    from ..train import TrainConfig, make_config
-    want = _identity(make_config(None, spec["config"]).to_dict())
-    # a field added after the result was written counts as its default (default = old behaviour)
-    have = {**_identity(TrainConfig().to_dict()), **res.get("config", {})}
+    from ..train import make_config
+    want = cell_identity(make_config(None, spec["config"]).to_dict())
+    have = stored_config(res)
     if have != want:
         print(f"  {spec['name']}: the stored result has a different config; it will be re-run",
               file=sys.stderr)

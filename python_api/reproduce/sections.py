@@ -16,7 +16,7 @@ from typing import Optional
 from .markdown import Section, figure_link, format_ci_log, format_mean_ci
 from .paper import LABELS, PAPER
 from .plans import CATEGORICAL_ARMS, DATASETS, TABLE2_ARMS, TABLE34_ARMS, TABLE34_EXTRA_ARMS, Plan, plan, point_slug
-from .results import chosen_cells, load_results, per_seed, run_health
+from .results import IGNORED_FIELDS, chosen_cells, load_results, per_seed, run_health, stored_config
 from .diagnosis import POWER_HEADER, POWER_RULE, power_row
 from .statistics import format_value, pooled_sd, verdict_better, verdict_similar
 
@@ -39,13 +39,46 @@ def _describe_ours(results: list, p: Plan) -> str:
             f"{sum(r['wall_time_s'] for r in results) / 3600:.2f} core-hours in total")
 
 
+def _stale_fields(results: list, p: Plan) -> list:
+    """The training fields in which result files differ from the current plan's arms (results
+    made under an earlier plan): ["field: plan value vs result value (n files)", ...]."""
+    arms = {a.key: a for a in p.arms}
+    diffs: dict = {}
+    for r in results:
+        arm = arms.get(r["arm"])
+        if arm is None:
+            continue
+        config = stored_config(r)
+        for field, value in arm.overrides.items():
+            if field in IGNORED_FIELDS or field in arm.grid or field in arm.inherit:
+                continue
+            have = config.get(field)
+            if have != value and not (isinstance(value, (list, tuple)) and list(value) == have):
+                diffs.setdefault((field, json.dumps(value), json.dumps(have)), []).append(r)
+        for field, values in arm.grid.items():
+            if config.get(field) not in values:
+                diffs.setdefault((field, "grid " + json.dumps(values), json.dumps(config.get(field))), []).append(r)
+        protocol = {"test checkpoint": (p.test_checkpoint, "best" if r.get("test_epoch") is not None else "last"),
+                    "test draws per image": (p.test_samples, r.get("test_samples")),
+                    "IWAE samples": ((p.iwae or {}).get("samples"), (r.get("iwae") or {}).get("samples"))}
+        for field, (want, have) in protocol.items():
+            if want is not None and have != want:
+                diffs.setdefault((field, json.dumps(want), json.dumps(have)), []).append(r)
+    return [f"{f}: plan {v}, result {h} ({len(rs)} files)" for (f, v, h), rs in sorted(diffs.items())]
+
+
 def _our_results(s: Section, results_dir: str, preset: str, scale: str) -> tuple:
     """(plan, result folder, results) of ``preset`` at ``scale``; adds to ``s`` the lines that
-    state our scale and setup."""
+    state our scale and setup, and a warning when result files were made under an earlier plan."""
     p = plan(preset, scale, None)
     folder = os.path.join(results_dir, preset, scale)
     results = load_results(folder)
     s.add(f"Scale: {p.scale_note}.", "", _describe_ours(results, p) + ".", "")
+    stale = _stale_fields(results, p)
+    if stale:
+        s.add("**Results from an earlier plan.** The result files below were not made with the plan described "
+              "above (the numbers are theirs, the scale line is the plan's); they differ in "
+              + "; ".join(stale[:6]) + (f"; and {len(stale) - 6} more" if len(stale) > 6 else "") + ".", "")
     return p, folder, results
 
 
