@@ -156,7 +156,7 @@ def section_diagnosis(results_dir: str, scale: Optional[str], out_path: str, fig
         return s.no_results("`silent-vae reproduce run table34-diagnosis --scale cpu`")
     p = plan("table34-diagnosis", scale, None)
     results = load_results(os.path.join(results_dir, "table34-diagnosis", scale))
-    s.add(f"Scale: {p.scale_note}; {len(results)} cells, "
+    s.add(f"Scale: {p.scale_note}. Budget, estimated before running: {p.budget}; spent: {len(results)} cells, "
           f"{sum(r['wall_time_s'] for r in results) / 3600:.2f} core-hours.", "")
     cells = [cell_stability(r) for r in results if r.get("curve")]
     if not cells:

@@ -73,7 +73,8 @@ def _our_results(s: Section, results_dir: str, preset: str, scale: str) -> tuple
     p = plan(preset, scale, None)
     folder = os.path.join(results_dir, preset, scale)
     results = load_results(folder)
-    s.add(f"Scale: {p.scale_note}.", "", _describe_ours(results, p) + ".", "")
+    s.add(f"Scale: {p.scale_note}. Budget, estimated before running: {p.budget}.", "",
+          _describe_ours(results, p) + ".", "")
     stale = _stale_fields(results, p)
     if stale:
         s.add("**Results from an earlier plan.** The result files below were not made with the plan described "
