@@ -27,6 +27,12 @@ namespace {
 
 enum Need { kX = 0, kLogits, kA, kBias, kH, kLogvarBias, kNumInputs };
 
+// Per-sample rows of the latent tables (each (B, d), acc_t).
+template <typename acc_t>
+struct LatentRows {
+  const acc_t *logit, *log_p, *log_q, *prob;
+};
+
 template <typename scalar_t>
 struct LogvarInputs {
   using acc_t = at::opmath_type<scalar_t>;
@@ -52,13 +58,24 @@ struct LogvarInputs {
     const auto opts = x.options().dtype(acc);
     bias = (bias_.has_value() && bias_->defined()) ? as_acc(*bias_, acc) : at::zeros({k}, opts);
     h0 = (logvar_bias.has_value() && logvar_bias->defined()) ? as_acc(*logvar_bias, acc) : at::zeros({k}, opts);
+    X = x.template data_ptr<scalar_t>();
+    Ap = A.template data_ptr<scalar_t>();
+    Hp = H.template data_ptr<scalar_t>();
+    bias_p = bias.template data_ptr<acc_t>();
+    h0_p = h0.template data_ptr<acc_t>();
+    tables = {logits.template data_ptr<acc_t>(), log_p.template data_ptr<acc_t>(),
+              log_q.template data_ptr<acc_t>(), probs.template data_ptr<acc_t>()};
   }
-};
 
-// Per-sample rows of the latent tables (each (B, d), acc_t).
-template <typename acc_t>
-struct LatentRows {
-  const acc_t *logit, *log_p, *log_q, *prob;
+  // raw views of the tensors above, read by the loops
+  const scalar_t *X, *Ap, *Hp;
+  const acc_t *bias_p, *h0_p;
+  LatentRows<acc_t> tables;   // row 0 of each latent table
+
+  LatentRows<acc_t> latent_row(int64_t n) const {
+    const int64_t row = linear_offset(n, 0, d);
+    return {tables.logit + row, tables.log_p + row, tables.log_q + row, tables.prob + row};
+  }
 };
 
 // The four sums of one (sample, pixel): rows a, h of the pixel (acc_t), rows of the sample.
@@ -119,29 +136,18 @@ at::Tensor forward_impl(const LogvarInputs<scalar_t>& in) {
   if (B == 0) return at::zeros({0}, in.x.options());
   const int64_t nparts = part_count(k);
   at::Tensor loss_parts = at::zeros({nparts, B}, in.x.options().dtype(in.logits.scalar_type()));
-  const scalar_t* X = in.x.template data_ptr<scalar_t>();
-  const scalar_t* A = in.A.template data_ptr<scalar_t>();
-  const scalar_t* H = in.H.template data_ptr<scalar_t>();
-  const acc_t* L = in.logits.template data_ptr<acc_t>();
-  const acc_t* LP = in.log_p.template data_ptr<acc_t>();
-  const acc_t* LQ = in.log_q.template data_ptr<acc_t>();
-  const acc_t* PR = in.probs.template data_ptr<acc_t>();
-  const acc_t* bias = in.bias.template data_ptr<acc_t>();
-  const acc_t* h0 = in.h0.template data_ptr<acc_t>();
 
   at::parallel_for(0, nparts, 1, [&](int64_t part_begin, int64_t part_end) {
     std::vector<acc_t> a(d), h(d);
     for (int64_t part = part_begin; part < part_end; ++part) {
       acc_t* loss = loss_parts.template data_ptr<acc_t>() + linear_offset(part, 0, B);
       for (int64_t p = part * k / nparts; p < (part + 1) * k / nparts; ++p) {
-        load_row(A + linear_offset(p, 0, d), d, a.data());
-        load_row(H + linear_offset(p, 0, d), d, h.data());
+        load_row(in.Ap + linear_offset(p, 0, d), d, a.data());
+        load_row(in.Hp + linear_offset(p, 0, d), d, h.data());
         for (int64_t n = 0; n < B; ++n) {
-          const int64_t row = linear_offset(n, 0, d);
-          const LatentRows<acc_t> z{L + row, LP + row, LQ + row, PR + row};
-          const TiltedSums<acc_t> s = tilted_sums(a.data(), h.data(), z, d);
-          loss[n] += tilted_logvar_pixel_nll<acc_t>(static_cast<acc_t>(X[linear_offset(n, p, k)]),
-                                                    bias[p], h0[p], s);
+          const TiltedSums<acc_t> s = tilted_sums(a.data(), h.data(), in.latent_row(n), d);
+          loss[n] += tilted_logvar_pixel_nll<acc_t>(static_cast<acc_t>(in.X[linear_offset(n, p, k)]),
+                                                    in.bias_p[p], in.h0_p[p], s);
         }
       }
     }
@@ -171,15 +177,6 @@ std::array<at::Tensor, kNumInputs> backward_impl(const at::Tensor& grad_in, cons
   const at::Tensor grad = as_acc(grad_in, in.logits.scalar_type());
   const bool second_pass = need[kLogits] || need[kA] || need[kH];
 
-  const scalar_t* X = in.x.template data_ptr<scalar_t>();
-  const scalar_t* A = in.A.template data_ptr<scalar_t>();
-  const scalar_t* H = in.H.template data_ptr<scalar_t>();
-  const acc_t* L = in.logits.template data_ptr<acc_t>();
-  const acc_t* LP = in.log_p.template data_ptr<acc_t>();
-  const acc_t* LQ = in.log_q.template data_ptr<acc_t>();
-  const acc_t* PR = in.probs.template data_ptr<acc_t>();
-  const acc_t* bias = in.bias.template data_ptr<acc_t>();
-  const acc_t* h0 = in.h0.template data_ptr<acc_t>();
   const acc_t* G = grad.template data_ptr<acc_t>();
 
   at::parallel_for(0, nparts, 1, [&](int64_t part_begin, int64_t part_end) {
@@ -188,18 +185,17 @@ std::array<at::Tensor, kNumInputs> backward_impl(const at::Tensor& grad_in, cons
       acc_t* dl_part = need[kLogits] ? dlogit_parts.template data_ptr<acc_t>() + linear_offset(part, 0, B * d)
                                      : nullptr;
       for (int64_t p = part * k / nparts; p < (part + 1) * k / nparts; ++p) {
-        load_row(A + linear_offset(p, 0, d), d, a.data());
-        load_row(H + linear_offset(p, 0, d), d, h.data());
+        load_row(in.Ap + linear_offset(p, 0, d), d, a.data());
+        load_row(in.Hp + linear_offset(p, 0, d), d, h.data());
         std::fill(da.begin(), da.end(), acc_t(0));
         std::fill(dh.begin(), dh.end(), acc_t(0));
         acc_t dbias = 0, dh0 = 0;
         for (int64_t n = 0; n < B; ++n) {
           const int64_t row = linear_offset(n, 0, d);
-          const acc_t* l = L + row;
-          const acc_t* pr = PR + row;
-          const TiltedSums<acc_t> s = tilted_sums(a.data(), h.data(), LatentRows<acc_t>{l, LP + row, LQ + row, pr}, d);
-          const acc_t xv = static_cast<acc_t>(X[linear_offset(n, p, k)]);
-          TiltedSums<acc_t> g = tilted_logvar_pixel_grad<acc_t>(xv, bias[p], h0[p], s);
+          const LatentRows<acc_t> z = in.latent_row(n);
+          const TiltedSums<acc_t> s = tilted_sums(a.data(), h.data(), z, d);
+          const acc_t xv = static_cast<acc_t>(in.X[linear_offset(n, p, k)]);
+          TiltedSums<acc_t> g = tilted_logvar_pixel_grad<acc_t>(xv, in.bias_p[p], in.h0_p[p], s);
           const acc_t gn = G[n];
           g.hm *= gn;
           g.S *= gn;
@@ -209,7 +205,7 @@ std::array<at::Tensor, kNumInputs> backward_impl(const at::Tensor& grad_in, cons
           dh0 += g.hm - g.S;
           if (need[kX]) out[kX].template data_ptr<scalar_t>()[linear_offset(n, p, k)] = static_cast<scalar_t>(-g.T1);
           if (!second_pass) continue;
-          tilted_row_grads(a.data(), h.data(), l, pr, g, d, dl_part != nullptr ? dl_part + row : dl_scratch.data(),
+          tilted_row_grads(a.data(), h.data(), z.logit, z.prob, g, d, dl_part != nullptr ? dl_part + row : dl_scratch.data(),
                            da.data(), dh.data());
         }
         if (need[kBias]) out[kBias].template data_ptr<scalar_t>()[p] = static_cast<scalar_t>(dbias);
