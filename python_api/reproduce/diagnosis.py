@@ -149,9 +149,11 @@ def _fmt(ci: dict) -> str:
 
 
 def section_diagnosis(results_dir: str, scale: Optional[str], out_path: str, figures: bool) -> Section:
-    s = Section("Not in the paper. Our first Tables 3-4 runs (below) were unstable: the validation BPD of "
-                "learned-variance decoders jumped by 1-4 bits between epochs. This grid searches the "
-                "cause on the reparameterisation arm.", "")
+    s = Section("Not in the paper. Our first Tables 3-4 runs (29 cells scored at their last epoch, lr {5e-4, 1e-3}; "
+                "in the history of docs/results/table34/cpu up to commit 6425325) were unstable: the validation "
+                "BPD of learned-variance decoders jumped by 1-4 bits between epochs, and every Table 3 claim was "
+                "inconclusive. This grid searches the cause on the reparameterisation arm; the Tables 3-4 "
+                "protocol below uses what it found.", "")
     if scale is None:
         return s.no_results("`silent-vae reproduce run table34-diagnosis --scale cpu`")
     p = plan("table34-diagnosis", scale, None)
