@@ -12,7 +12,7 @@ from typing import Optional
 
 from ..models import LOGVAR_FLOOR
 from .markdown import Section, format_mean_ci
-from .plans import plan
+from .plans import T34_BETAS, T34_LOGVAR_FLOOR, plan
 from .results import load_results
 from .statistics import format_value, mean_ci, pooled_sd, seeds_needed
 
@@ -84,7 +84,7 @@ POWER_RULE = ("two-sided 5% level, 80% power; the difference of two arms' seeds 
 
 def power_row(label: str, sd: float, df: int) -> tuple:
     """A row of the power table: the pooled sd and the seeds each Table 3 difference needs."""
-    return (label, f"{sd:.3f} (df {df})", *[seeds_needed(math.sqrt(2) * sd, e) for e in TABLE34_EFFECTS.values()])
+    return (label, f"{sd:.3g} (df {df})", *[seeds_needed(math.sqrt(2) * sd, e) for e in TABLE34_EFFECTS.values()])
 
 
 POWER_HEADER = ["BPD", "pooled seed sd (bits)", *[f"seeds for {k} ({v} bits)" for k, v in TABLE34_EFFECTS.items()]]
@@ -93,15 +93,22 @@ POWER_HEADER = ["BPD", "pooled seed sd (bits)", *[f"seeds for {k} ({v} bits)" fo
 def _power(s: Section, cells: list) -> None:
     s.add("**Power.** The seed-to-seed spread of the validation BPD within a grid point, pooled over the "
           f"points, and the seeds per arm that a paired comparison needs to detect each Table 3 difference "
-          f"({POWER_RULE}):", "")
+          f"({POWER_RULE}); an sd on 1 degree of freedom is a rough estimate:", "")
     rows = []
-    for metric, label in (("last", "last epoch"), ("best", "best epoch")):
-        sd, df = _pooled_sd(cells, metric)
-        if sd is None:
-            s.add("(no grid point has two seeds yet)", "")
-            return
-        rows.append(power_row(f"validation, {label}", sd, df))
+    chosen = [c for c in cells if c["beta2"] == T34_BETAS[1] and c["floor"] == _protocol_floor()]
+    for subset, where in ((cells, "all points"), (chosen, "the protocol's beta2 and floor")):
+        for metric, label in (("last", "last epoch"), ("best", "best epoch")):
+            sd, df = _pooled_sd(subset, metric)
+            if sd is not None:
+                rows.append(power_row(f"validation, {label} ({where})", sd, df))
+    if not rows:
+        s.add("(no grid point has two seeds yet)", "")
+        return
     s.table(POWER_HEADER, rows)
+
+
+def _protocol_floor() -> float:
+    return LOGVAR_FLOOR if T34_LOGVAR_FLOOR is None else T34_LOGVAR_FLOOR
 
 
 def _paired_factor(cells: list, field: str, a, b, metric) -> dict:
