@@ -276,7 +276,7 @@ def test_cell_protocol_best_checkpoint_samples_and_iwae(tmp_path):
     # without a test split the "test" images are the validation images: the best checkpoint's
     # evaluation repeats that epoch's validation record and the last one the final record
     assert r["test"]["bpd"] == pytest.approx(min(curve), rel=1e-6)
-    assert r["test_last"]["bpd"] == pytest.approx(curve[-1], rel=1e-6)
+    assert r["test_last"]["bpd"] == pytest.approx(curve[-1], rel=1e-6) and r["test_last_samples"] == 1
     assert r["iwae"]["samples"] == 5 and r["iwae"]["n"] == 8 and r["iwae"]["bpd"] > 0
     assert os.path.isfile(tmp_path / "run" / "checkpoints" / "best.pt")
 

@@ -42,8 +42,9 @@ def run_cell(spec: dict) -> dict:
     """Train one cell, evaluate it and write its JSON (also usable in a worker process).
     ``spec``: preset, scale, arm, point, seed, config, run_dir, result_path, test_split and the
     optional protocol fields of ``Plan``: test_checkpoint ("best": ``test`` is measured on
-    checkpoints/best.pt, ``test_last`` after the last epoch, ``test_epoch`` names the best
-    epoch), test_samples (latent draws per test image) and iwae ({"samples", "images"})."""
+    checkpoints/best.pt, ``test_last`` after the last epoch with the config's draws per image
+    (``test_last_samples``), ``test_epoch`` names the best epoch), test_samples (latent draws per
+    test image) and iwae ({"samples", "images"})."""
     import torch
 
     from .. import data as data_mod
@@ -77,11 +78,15 @@ def run_cell(spec: dict) -> dict:
             images, test_source = trainer.data.val, "validation (no test split)"
         samples = spec.get("test_samples")
         extra["test_samples"] = samples or cfg.eval_samples
-        test = {k: _round(v) for k, v in evaluate(trainer.model, images, cfg, samples=samples).items()}
-        if spec.get("test_checkpoint", "last") == "best":
+        best_only = spec.get("test_checkpoint", "last") == "best"
+        # the last epoch, when only for reference, with the config's (cheaper) draws per image
+        test = {k: _round(v) for k, v in
+                evaluate(trainer.model, images, cfg, samples=None if best_only else samples).items()}
+        if best_only:
             best = load_checkpoint(trainer.best_path)
             trainer.model.load_state_dict(best["model"])
             extra["test_last"], extra["test_epoch"] = test, int(best["epoch"])
+            extra["test_last_samples"] = cfg.eval_samples
             test = {k: _round(v) for k, v in evaluate(trainer.model, images, cfg, samples=samples).items()}
         extra["mean_image_mse"] = {"val": _round(_mean_image_mse(trainer.data.train, trainer.data.val, cfg)),
                                    "test": _round(_mean_image_mse(trainer.data.train, images, cfg))}
