@@ -299,7 +299,7 @@ def test_run_health_flags_saturated_and_dead_runs():
 
 
 def test_report_flags_results_made_under_an_earlier_plan():
-    from silent_kernels.api.reproduce.sections import _stale_fields
+    from silent_kernels.api.reproduce.ours import stale_fields as _stale_fields
     p = plan("table34", "cpu")
     arm = next(a for a in p.arms if a.key == "reparam")
     current = {"arm": "reparam", "config": {**arm.overrides, "lr": 1e-4, "seed": 0}, "test_epoch": 7,

@@ -36,7 +36,9 @@ Modules, each importing only those above it:
     markdown    report building blocks (sections, table rows, intervals, figure links)
     diagnosis   the section on the learned-variance instability (``table34-diagnosis``) and the
                 power rule (seeds needed for the paper's Tables 3-4 differences)
-    sections    one report section per table, with its claims and verdicts
+    ours        our results for a section: setup sentence, check against the plan, chosen rows
+    table34     the Tables 3-4 section
+    sections    the other sections, one per table, with their claims and verdicts
     report      ``build_report``: docs/reproduction.md from the result files alone
     command     the ``list`` / ``run`` / ``report`` command line
 """

@@ -12,8 +12,8 @@ from typing import Optional
 
 from .diagnosis import section_diagnosis
 from .markdown import row
-from .sections import (section_categorical, section_m1, section_ppca, section_table1, section_table2,
-                       section_table34)
+from .sections import section_categorical, section_m1, section_ppca, section_table1, section_table2
+from .table34 import section_table34
 from .statistics import VERDICT_RULES
 
 __all__ = ["build_report"]

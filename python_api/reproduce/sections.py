@@ -8,99 +8,19 @@ results yet.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Optional
 
 from .markdown import Section, figure_link, format_ci_log, format_mean_ci
+from .ours import chosen_rows, dead_seeds, leave_out_dead, our_results
 from .paper import LABELS, PAPER
-from .plans import CATEGORICAL_ARMS, DATASETS, TABLE2_ARMS, TABLE34_ARMS, TABLE34_EXTRA_ARMS, Plan, plan, point_slug
-from .results import IGNORED_FIELDS, chosen_cells, load_results, per_seed, run_health, stored_config
-from .diagnosis import POWER_HEADER, POWER_RULE, power_row
-from .statistics import format_value, pooled_sd, verdict_better, verdict_similar
+from .plans import CATEGORICAL_ARMS, TABLE2_ARMS, plan, point_slug
+from .results import load_results, per_seed
+from .statistics import format_value, verdict_better, verdict_similar
 
-__all__ = ["section_table1", "section_table2", "section_table34", "section_ppca", "section_m1",
+__all__ = ["section_table1", "section_table2", "section_ppca", "section_m1",
            "section_categorical"]
-
-
-def _describe_ours(results: list, p: Plan) -> str:
-    """One sentence on our setup, read from the result files."""
-    if not results:
-        return ""
-    r0 = results[0]
-    c = r0["config"]
-    grids = sorted({json.dumps(r["point"], sort_keys=True) for r in results})
-    seeds = sorted({r["seed"] for r in results})
-    return (f"Ours ({p.scale} scale, from the result files): {c['dataset']}, {r0['n_train']:,} training / "
-            f"{r0['n_val']:,} validation ({r0['val_source']}) images, test on {r0.get('test_source')}; "
-            f"batch {c['batch_size']}, d = {c['latent_dim']}, encoder channels {c['enc_channels']}; "
-            f"{len(results)} cells, seeds {seeds}, grid points {', '.join(grids)}; "
-            f"{sum(r['wall_time_s'] for r in results) / 3600:.2f} core-hours in total")
-
-
-def _stale_fields(results: list, p: Plan) -> list:
-    """The training fields in which result files differ from the current plan's arms (results
-    made under an earlier plan): ["field: plan value vs result value (n files)", ...]."""
-    arms = {a.key: a for a in p.arms}
-    diffs: dict = {}
-    for r in results:
-        arm = arms.get(r["arm"])
-        if arm is None:
-            continue
-        config = stored_config(r)
-        for field, value in arm.overrides.items():
-            if field in IGNORED_FIELDS or field in arm.grid or field in arm.inherit:
-                continue
-            have = config.get(field)
-            if have != value and not (isinstance(value, (list, tuple)) and list(value) == have):
-                diffs.setdefault((field, json.dumps(value), json.dumps(have)), []).append(r)
-        for field, values in arm.grid.items():
-            if config.get(field) not in values:
-                diffs.setdefault((field, "grid " + json.dumps(values), json.dumps(config.get(field))), []).append(r)
-        protocol = {"test checkpoint": (p.test_checkpoint, "best" if r.get("test_epoch") is not None else "last"),
-                    "test draws per image": (p.test_samples, r.get("test_samples")),
-                    "IWAE samples": ((p.iwae or {}).get("samples"), (r.get("iwae") or {}).get("samples"))}
-        for field, (want, have) in protocol.items():
-            if want is not None and have != want:
-                diffs.setdefault((field, json.dumps(want), json.dumps(have)), []).append(r)
-    return [f"{f}: plan {v}, result {h} ({len(rs)} files)" for (f, v, h), rs in sorted(diffs.items())]
-
-
-def _our_results(s: Section, results_dir: str, preset: str, scale: str) -> tuple:
-    """(plan, result folder, results) of ``preset`` at ``scale``; adds to ``s`` the lines that
-    state our scale and setup, and a warning when result files were made under an earlier plan."""
-    p = plan(preset, scale, None)
-    folder = os.path.join(results_dir, preset, scale)
-    results = load_results(folder)
-    s.add(f"Scale: {p.scale_note}. Budget, estimated before running: {p.budget}.", "",
-          _describe_ours(results, p) + ".", "")
-    stale = _stale_fields(results, p)
-    if stale:
-        s.add("**Results from an earlier plan.** The result files below were not made with the plan described "
-              "above (the numbers are theirs, the scale line is the plan's); they differ in "
-              + "; ".join(stale[:6]) + (f"; and {len(stale) - 6} more" if len(stale) > 6 else "") + ".", "")
-    return p, folder, results
-
-
-def _chosen_rows(results: list, keys, seeds: list, n_columns: int, values) -> tuple:
-    """One table row per arm in ``keys``: its label, its chosen grid point and ``values(choice,
-    cells)``, or a "no complete result" row padded to ``n_columns``. Returns (rows, {arm: cells})
-    for the arms that have a choice."""
-    rows, per = [], {}
-    for key in keys:
-        c, rs = chosen_cells(results, key, seeds)
-        if c is None:
-            rows.append((LABELS[key], "no complete result", *[""] * (n_columns - 2)))
-            continue
-        per[key] = rs
-        rows.append((LABELS[key], point_slug(c["point"]), *values(c, rs)))
-    return rows, per
-
-
-def _best_val_bpd(r: dict) -> float:
-    """The lowest validation BPD over a cell's epochs."""
-    return min(rec["val_bpd"] for rec in r["curve"] if rec.get("val_bpd") is not None)
 
 
 def _first_epoch_at(r: dict, milestone: float) -> Optional[int]:
@@ -173,8 +93,8 @@ def section_table2(results_dir, scale, out_path, figures: bool) -> tuple:
           f"{paper['milestone']['reparam']}.", "")
     if scale is None:
         return s.no_results("`silent-vae reproduce run table2 --scale cpu`"), {}
-    p, folder, results = _our_results(s, results_dir, "table2", scale)
-    rows, per = _chosen_rows(
+    p, folder, results = our_results(s, results_dir, "table2", scale)
+    rows, per = chosen_rows(
         results, [a.key for a in p.arms], p.choice_seeds, 7,
         lambda c, rs: (format_mean_ci([r["test"]["bpd"] for r in rs]),
                        format_mean_ci([r["test"]["mse"] for r in rs]),
@@ -273,124 +193,6 @@ def section_table1(scale, per2: dict) -> Section:
     return s.finish()
 
 
-def _leave_out_dead(s: Section, per: dict) -> dict:
-    """``per`` without its dead runs (``run_health``), naming them in ``s``."""
-    dead = [(k, r) for k, rs in per.items() for r in rs if run_health(r)["dead"]]
-    if dead:
-        s.add("Dead runs, left out of every comparison below (with their pair on the same seed): " + "; ".join(
-            f"{LABELS[k]} seed {r['seed']} ({run_health(r)['why']})" for k, r in dead) + ".", "")
-    live = {k: [r for r in rs if not run_health(r)["dead"]] for k, rs in per.items()}
-    return {k: rs for k, rs in live.items() if rs}
-
-
-def _dead_seeds(rs: list) -> str:
-    return ", ".join(f"seed {r['seed']}" for r in rs if run_health(r)["dead"]) or "none"
-
-
-def _describe_protocol(s: Section, cells: list) -> None:
-    """How the reported test metrics were measured, read from the result files."""
-    best = [r for r in cells if r.get("test_epoch") is not None]
-    draws = sorted({r.get("test_samples", r["config"].get("eval_samples", 1)) for r in cells})
-    iwae = sorted({(r["iwae"]["samples"], r["iwae"]["n"]) for r in cells if r.get("iwae")})
-    checkpoint = ("the best-validation checkpoint" if len(best) == len(cells) else
-                  "the last epoch" if not best else f"the best-validation checkpoint for {len(best)} of {len(cells)} cells")
-    s.add(f"Ours: test metrics of the chosen point at {checkpoint}; nonlinear decoder, test NLL averaged over "
-          f"{' / '.join(map(str, draws))} latent draw(s) per image; IWAE BPD: the importance-weighted bound "
-          + (", ".join(f"with S = {a} samples on the first {b} test images" for a, b in iwae) if iwae
-             else "(not measured for these cells)")
-          + ". 'val BPD, last / best epoch': validation BPD after the last epoch and the lowest over all "
-          "epochs (where they differ a lot the learned-variance decoder jumped). A saturated epoch has every "
-          "discrete code constant (validation KLD = d ln 2); a dead run is saturated or at the mean image's "
-          "MSE at the reported checkpoint.", "")
-
-
-def _table34_power(s: Section, live: dict) -> None:
-    """What these runs' seed spread says about the seeds each Table 3 difference needs."""
-    rows = []
-    for label, value in (("test (reported checkpoint)", lambda r: r["test"]["bpd"]),
-                         ("validation, best epoch", _best_val_bpd)):
-        sd, df = pooled_sd([[value(r) for r in rs] for rs in live.values()])
-        if sd is not None:
-            rows.append(power_row(label, sd, df))
-    if rows:
-        s.add(f"Power of these runs: their seed spread pooled over the arms (live runs only) and the seeds per "
-              f"arm each Table 3 difference would need ({POWER_RULE}):", "")
-        s.table(POWER_HEADER, rows)
-
-
-def _sg_alone_linear_heads(s: Section, per: dict) -> None:
-    """SG alone trains its encoder through the linear learned-variance head: that head's own bound,
-    exact where a closed form exists (Gaussian latents) and the Taylor value beside it."""
-    rows = []
-    for key in ("sg-gaussian", "sg-gaussian-exact", "sg-bernoulli"):
-        rs = [r for r in per.get(key, []) if "bpd_linear" in r["test"]]
-        if not rs:
-            continue
-        kinds = {r["test"].get("bpd_linear_kind", "exact" if r["config"]["latent"] == "gaussian"
-                                else "taylor-approximation") for r in rs}
-        taylor = [r["test"]["bpd_linear_taylor"] for r in rs if "bpd_linear_taylor" in r["test"]]
-        rows.append((LABELS[key], rs[0]["config"].get("log_term", "taylor"),
-                     format_mean_ci([r["test"]["bpd_linear"] for r in rs]),
-                     " / ".join(sorted(kinds)), format_mean_ci(taylor) if taylor else "-",
-                     format_mean_ci([r["test"]["bpd"] for r in rs])))
-    if rows:
-        s.add("SG alone, its linear learned-variance head (the decoder its encoder was trained through) on the "
-              "test split: the bound with the exact log term where one exists (Gaussian latents; the precision "
-              "head on Bernoulli latents has none, so its value is the Taylor approximation), the Taylor value "
-              "the paper's arm was trained on, and the nonlinear decoder's BPD of the table above:", "")
-        s.table(["arm", "trained with", "linear head BPD", "kind", "linear head BPD, Taylor", "nonlinear decoder BPD"],
-                rows)
-
-
-def section_table34(results_dir, preset, scale, out_path, figures: bool) -> Section:
-    dataset = DATASETS[preset]
-    s = Section(f"Paper ({dataset}, learnable variance; BPD = Table 3, KLD = Table 4):", "")
-    s.table(["method", "BPD", "KLD"], [(LABELS[k], PAPER["table3"][dataset][k], PAPER["table4"][dataset][k])
-                                       for k in TABLE34_ARMS])
-    if scale is None:
-        return s.no_results(f"`silent-vae reproduce run {preset} --scale "
-                            f"{'cpu' if preset == 'table34' else 'paper --data PATH'}`")
-    p, folder, results = _our_results(s, results_dir, preset, scale)
-    rows, per = _chosen_rows(
-        results, TABLE34_ARMS + TABLE34_EXTRA_ARMS, p.choice_seeds, 10,
-        lambda c, rs: (format_mean_ci([r["test"]["bpd"] for r in rs]),
-                       format_mean_ci([r["iwae"]["bpd"] for r in rs if r.get("iwae")]) if any(
-                           r.get("iwae") for r in rs) else "-",
-                       format_mean_ci([r["test"]["kld"] for r in rs]),
-                       format_mean_ci([r["test"]["mse"] for r in rs]),
-                       format_mean_ci([r["final_val"]["bpd"] for r in rs]),
-                       format_mean_ci([_best_val_bpd(r) for r in rs]),
-                       sum(run_health(r)["saturated_epochs"] for r in rs), _dead_seeds(rs)))
-    _describe_protocol(s, [r for rs in per.values() for r in rs])
-    s.table(["method", "chosen", "BPD", "IWAE BPD", "KLD", "MSE", "val BPD, last epoch", "val BPD, best epoch",
-             "saturated epochs", "dead runs"], rows)
-    _sg_alone_linear_heads(s, per)
-    live = _leave_out_dead(s, per)
-    _table34_power(s, live)
-    for est in ("reparam", "gumbel", "reinforce"):
-        if est in live and est + "+sg" in live:
-            s.claim(f"{LABELS[est]}: with SG has a lower BPD than without (paper: "
-                    f"{PAPER['table3'][dataset][est + '+sg']} vs {PAPER['table3'][dataset][est]})",
-                    verdict_better(per_seed(live[est + "+sg"], lambda r: r["test"]["bpd"]),
-                                   per_seed(live[est], lambda r: r["test"]["bpd"]), what="BPD"))
-            s.claim(f"{LABELS[est]}: with SG has a higher KLD than without (paper: "
-                    f"{PAPER['table4'][dataset][est + '+sg']} vs {PAPER['table4'][dataset][est]})",
-                    verdict_better(per_seed(live[est + "+sg"], lambda r: r["test"]["kld"]),
-                                   per_seed(live[est], lambda r: r["test"]["kld"]),
-                                   lower_is_better=False, what="KLD"))
-    if "sg-bernoulli" in live and "reinforce" in live:
-        s.claim(f"SG alone (discrete) has a lower BPD than REINFORCE without SG (paper: "
-                f"{PAPER['table3'][dataset]['sg-bernoulli']} vs {PAPER['table3'][dataset]['reinforce']})",
-                verdict_better(per_seed(live["sg-bernoulli"], lambda r: r["test"]["bpd"]),
-                               per_seed(live["reinforce"], lambda r: r["test"]["bpd"]), what="BPD"))
-    if figures and per:
-        s.curves(per, ("val_bpd", "val_kld"), folder, out_path, "Tables 3-4 (seed means)",
-                 "Tables 3-4 validation curves")
-        s.add(*figure_link(os.path.join(folder, "figures", "reconstructions.png"), out_path,
-                           "Tables 3-4 reconstructions and learned std"))
-    return s.finish()
-
-
 def section_ppca(results_dir, scale, out_path, figures: bool) -> Section:
     s = Section("Paper (Fig. 1(a), Appendix C): on pPCA data (H = 2, D = 10, 10,000 points, sigma_gen = 0.1) "
                 "the linear VAE's ELBO and the three-entropies sum both converge to the pPCA maximum "
@@ -443,8 +245,8 @@ def section_m1(results_dir, scale, out_path, figures: bool) -> Section:
                 "")
     if scale is None:
         return s.no_results("`silent-vae reproduce run m1 --scale cpu`")
-    p, folder, results = _our_results(s, results_dir, "m1", scale)
-    rows, per = _chosen_rows(
+    p, folder, results = our_results(s, results_dir, "m1", scale)
+    rows, per = chosen_rows(
         results, ("elbo", "m1"), p.choice_seeds, 6,
         lambda c, rs: (format_mean_ci([-r["test"]["elbo"] for r in rs]),
                        format_mean_ci([r["test"]["mse"] for r in rs]),
@@ -480,14 +282,14 @@ def section_categorical(results_dir, scale, out_path, figures: bool) -> Section:
                 "Algorithm 1.", "")
     if scale is None:
         return s.no_results("`silent-vae reproduce run categorical --scale cpu`")
-    p, folder, results = _our_results(s, results_dir, "categorical", scale)
+    p, folder, results = our_results(s, results_dir, "categorical", scale)
     linear = [k for k, (dec, *_) in CATEGORICAL_ARMS.items() if dec == "linear"]
-    rows, per = _chosen_rows(
+    rows, per = chosen_rows(
         results, list(CATEGORICAL_ARMS), p.choice_seeds, 8,
         lambda c, rs: (format_mean_ci([r["test"]["bpd"] for r in rs]),
                        format_mean_ci([r["test"]["mse"] for r in rs]),
                        format_mean_ci([_expected_mse(r) for r in rs]),
-                       format_mean_ci([r["test"]["kld"] for r in rs]), _dead_seeds(rs),
+                       format_mean_ci([r["test"]["kld"] for r in rs]), dead_seeds(rs),
                        ", ".join(f"{point_slug(t['point'])}: {format_value(t['val_bpd'])}" for t in c["table"])))
     s.add("Ours (test metrics of the chosen point after the last epoch, 1 latent draw per image for the "
           "nonlinear decoder; mean [95% interval] over seeds; MSE at E[z] and expected as in Table 2, the "
@@ -496,7 +298,7 @@ def section_categorical(results_dir, scale, out_path, figures: bool) -> Section:
     s.table(["method", "chosen", "BPD", "MSE (at E[z])", "MSE (expected)", "KLD", "dead runs",
              "validation BPD per grid point"], rows)
     every = per
-    per = _leave_out_dead(s, per)
+    per = leave_out_dead(s, per)
     var = {k: _own_gradvar(per[k]) for k in linear if k in per and per[k][0]["gradvar"]}
     if var:
         points = sorted({e for v in var.values() for e in v})

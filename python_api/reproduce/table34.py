@@ -1,0 +1,121 @@
+"""The report section of Tables 3-4 (learned variance, Algorithm 1): the chosen arms' test metrics
+(ELBO-based BPD and the importance-weighted bound), the SG-alone linear heads' own bounds, dead
+runs, the power of the runs and the paper's claims."""
+
+from __future__ import annotations
+
+import os
+
+from .diagnosis import POWER_HEADER, POWER_RULE, power_row
+from .markdown import Section, figure_link, format_mean_ci
+from .ours import best_val_bpd, chosen_rows, dead_seeds, leave_out_dead, our_results
+from .paper import LABELS, PAPER
+from .plans import DATASETS, TABLE34_ARMS, TABLE34_EXTRA_ARMS
+from .results import per_seed, run_health
+from .statistics import pooled_sd, verdict_better
+
+__all__ = ["section_table34"]
+
+
+def _describe_protocol(s: Section, cells: list) -> None:
+    """How the reported test metrics were measured, read from the result files."""
+    best = [r for r in cells if r.get("test_epoch") is not None]
+    draws = sorted({r.get("test_samples", r["config"].get("eval_samples", 1)) for r in cells})
+    iwae = sorted({(r["iwae"]["samples"], r["iwae"]["n"]) for r in cells if r.get("iwae")})
+    checkpoint = ("the best-validation checkpoint" if len(best) == len(cells) else
+                  "the last epoch" if not best else f"the best-validation checkpoint for {len(best)} of {len(cells)} cells")
+    s.add(f"Ours: test metrics of the chosen point at {checkpoint}; nonlinear decoder, test NLL averaged over "
+          f"{' / '.join(map(str, draws))} latent draw(s) per image; IWAE BPD: the importance-weighted bound "
+          + (", ".join(f"with S = {a} samples on the first {b} test images" for a, b in iwae) if iwae
+             else "(not measured for these cells)")
+          + ". 'val BPD, last / best epoch': validation BPD after the last epoch and the lowest over all "
+          "epochs (where they differ a lot the learned-variance decoder jumped). A saturated epoch has every "
+          "discrete code constant (validation KLD = d ln 2); a dead run is saturated or at the mean image's "
+          "MSE at the reported checkpoint.", "")
+
+
+def _table34_power(s: Section, live: dict) -> None:
+    """What these runs' seed spread says about the seeds each Table 3 difference needs."""
+    rows = []
+    for label, value in (("test (reported checkpoint)", lambda r: r["test"]["bpd"]),
+                         ("validation, best epoch", best_val_bpd)):
+        sd, df = pooled_sd([[value(r) for r in rs] for rs in live.values()])
+        if sd is not None:
+            rows.append(power_row(label, sd, df))
+    if rows:
+        s.add(f"Power of these runs: their seed spread pooled over the arms (live runs only) and the seeds per "
+              f"arm each Table 3 difference would need ({POWER_RULE}):", "")
+        s.table(POWER_HEADER, rows)
+
+
+def _sg_alone_linear_heads(s: Section, per: dict) -> None:
+    """SG alone trains its encoder through the linear learned-variance head: that head's own bound,
+    exact where a closed form exists (Gaussian latents) and the Taylor value beside it."""
+    rows = []
+    for key in ("sg-gaussian", "sg-gaussian-exact", "sg-bernoulli"):
+        rs = [r for r in per.get(key, []) if "bpd_linear" in r["test"]]
+        if not rs:
+            continue
+        kinds = {r["test"].get("bpd_linear_kind", "exact" if r["config"]["latent"] == "gaussian"
+                                else "taylor-approximation") for r in rs}
+        taylor = [r["test"]["bpd_linear_taylor"] for r in rs if "bpd_linear_taylor" in r["test"]]
+        rows.append((LABELS[key], rs[0]["config"].get("log_term", "taylor"),
+                     format_mean_ci([r["test"]["bpd_linear"] for r in rs]),
+                     " / ".join(sorted(kinds)), format_mean_ci(taylor) if taylor else "-",
+                     format_mean_ci([r["test"]["bpd"] for r in rs])))
+    if rows:
+        s.add("SG alone, its linear learned-variance head (the decoder its encoder was trained through) on the "
+              "test split: the bound with the exact log term where one exists (Gaussian latents; the precision "
+              "head on Bernoulli latents has none, so its value is the Taylor approximation), the Taylor value "
+              "the paper's arm was trained on, and the nonlinear decoder's BPD of the table above:", "")
+        s.table(["arm", "trained with", "linear head BPD", "kind", "linear head BPD, Taylor", "nonlinear decoder BPD"],
+                rows)
+
+
+def section_table34(results_dir, preset, scale, out_path, figures: bool) -> Section:
+    dataset = DATASETS[preset]
+    s = Section(f"Paper ({dataset}, learnable variance; BPD = Table 3, KLD = Table 4):", "")
+    s.table(["method", "BPD", "KLD"], [(LABELS[k], PAPER["table3"][dataset][k], PAPER["table4"][dataset][k])
+                                       for k in TABLE34_ARMS])
+    if scale is None:
+        return s.no_results(f"`silent-vae reproduce run {preset} --scale "
+                            f"{'cpu' if preset == 'table34' else 'paper --data PATH'}`")
+    p, folder, results = our_results(s, results_dir, preset, scale)
+    rows, per = chosen_rows(
+        results, TABLE34_ARMS + TABLE34_EXTRA_ARMS, p.choice_seeds, 10,
+        lambda c, rs: (format_mean_ci([r["test"]["bpd"] for r in rs]),
+                       format_mean_ci([r["iwae"]["bpd"] for r in rs if r.get("iwae")]) if any(
+                           r.get("iwae") for r in rs) else "-",
+                       format_mean_ci([r["test"]["kld"] for r in rs]),
+                       format_mean_ci([r["test"]["mse"] for r in rs]),
+                       format_mean_ci([r["final_val"]["bpd"] for r in rs]),
+                       format_mean_ci([best_val_bpd(r) for r in rs]),
+                       sum(run_health(r)["saturated_epochs"] for r in rs), dead_seeds(rs)))
+    _describe_protocol(s, [r for rs in per.values() for r in rs])
+    s.table(["method", "chosen", "BPD", "IWAE BPD", "KLD", "MSE", "val BPD, last epoch", "val BPD, best epoch",
+             "saturated epochs", "dead runs"], rows)
+    _sg_alone_linear_heads(s, per)
+    live = leave_out_dead(s, per)
+    _table34_power(s, live)
+    for est in ("reparam", "gumbel", "reinforce"):
+        if est in live and est + "+sg" in live:
+            s.claim(f"{LABELS[est]}: with SG has a lower BPD than without (paper: "
+                    f"{PAPER['table3'][dataset][est + '+sg']} vs {PAPER['table3'][dataset][est]})",
+                    verdict_better(per_seed(live[est + "+sg"], lambda r: r["test"]["bpd"]),
+                                   per_seed(live[est], lambda r: r["test"]["bpd"]), what="BPD"))
+            s.claim(f"{LABELS[est]}: with SG has a higher KLD than without (paper: "
+                    f"{PAPER['table4'][dataset][est + '+sg']} vs {PAPER['table4'][dataset][est]})",
+                    verdict_better(per_seed(live[est + "+sg"], lambda r: r["test"]["kld"]),
+                                   per_seed(live[est], lambda r: r["test"]["kld"]),
+                                   lower_is_better=False, what="KLD"))
+    if "sg-bernoulli" in live and "reinforce" in live:
+        s.claim(f"SG alone (discrete) has a lower BPD than REINFORCE without SG (paper: "
+                f"{PAPER['table3'][dataset]['sg-bernoulli']} vs {PAPER['table3'][dataset]['reinforce']})",
+                verdict_better(per_seed(live["sg-bernoulli"], lambda r: r["test"]["bpd"]),
+                               per_seed(live["reinforce"], lambda r: r["test"]["bpd"]), what="BPD"))
+    if figures and per:
+        s.curves(per, ("val_bpd", "val_kld"), folder, out_path, "Tables 3-4 (seed means)",
+                 "Tables 3-4 validation curves")
+        s.add(*figure_link(os.path.join(folder, "figures", "reconstructions.png"), out_path,
+                           "Tables 3-4 reconstructions and learned std"))
+    return s.finish()
