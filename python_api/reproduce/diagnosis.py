@@ -179,5 +179,7 @@ def section_diagnosis(results_dir: str, scale: Optional[str], out_path: str, fig
     s.table(["factor", "level", "runs", "jumps", "runs with a jump", "last - best epoch (bits)",
              "best val BPD", "at the floor"], _factor_rows(cells))
     _findings(s, cells)
+    s.add(f"The Tables 3-4 protocol below uses AdamW beta2 {T34_BETAS[1]:g} and the log-variance floor "
+          f"{_floor_label(_protocol_floor())} for every arm (plans.T34_BETAS, plans.T34_LOGVAR_FLOOR).", "")
     _power(s, cells)
     return s.finish()
