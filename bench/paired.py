@@ -1,5 +1,7 @@
-"""Two heads timed interleaved (A, B, A, B, ...) in one process, for a ratio that machine drift
-between benchmark rows cannot bias: ``python -m bench.paired --a precision --b precision-exact``.
+"""Two heads (or two providers of one head) timed interleaved (A, B, A, B, ...) in one process,
+for a ratio that machine drift between benchmark rows cannot bias:
+``python -m bench.paired --a precision --b precision-exact`` or
+``python -m bench.paired --a fixed --b fixed --provider cpp --provider-b gemm-limit``.
 
 Prints the median forward+backward time of each (ms) and B / A. Same problems and providers as
 ``bench.run`` (bench/problems.py, bench/providers.py).
@@ -23,7 +25,8 @@ def main(argv=None) -> int:
     parser.add_argument("--a", default="precision", choices=HEADS)
     parser.add_argument("--b", default="precision-exact", choices=HEADS)
     parser.add_argument("--latent", default="gaussian", choices=LATENTS)
-    parser.add_argument("--provider", default="cpp", choices=PROVIDERS)
+    parser.add_argument("--provider", default="cpp", choices=PROVIDERS, help="the provider of A (and of B)")
+    parser.add_argument("--provider-b", default=None, choices=PROVIDERS, help="B's provider, when it differs")
     parser.add_argument("--shape", default="64x200x784", help="BxDxK")
     parser.add_argument("--reps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
@@ -31,16 +34,18 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     B, d, k = (int(v) for v in args.shape.split("x"))
     runs = {}
-    for head in (args.a, args.b):
+    for head, provider in ((args.a, args.provider), (args.b, args.provider_b or args.provider)):
         p = Problem(B, d, k, head=head, latent=args.latent)
         if not p.valid:
             parser.error(f"--a/--b: head {head!r} does not apply to {args.latent} latents")
         inp = make_inputs(p)
-        runner, why = prepare(args.provider, p, inp)
+        runner, why = prepare(provider, p, inp)
         if runner is None:
-            parser.error(f"--provider {args.provider}: {why}")
-        runs[head] = (runner, inp.leaves(head))
-    times = {head: [] for head in runs}
+            parser.error(f"--provider {provider}: {why}")
+        runs[f"{head} ({provider})"] = (runner, inp.leaves(head))
+    if len(runs) < 2:
+        parser.error("--a/--b/--provider-b: A and B are the same; give two heads or two providers")
+    times = {name: [] for name in runs}
     for rep in range(args.reps + 10):
         for head, (runner, leaves) in runs.items():
             for leaf in leaves:
@@ -50,10 +55,11 @@ def main(argv=None) -> int:
             if rep >= 10:   # the first ten rounds are warm-up
                 times[head].append(time.perf_counter() - start)
     med = {head: statistics.median(v) * 1e3 for head, v in times.items()}
-    print(f"{args.provider}, {args.latent}, B x d x k = {args.shape}, {args.threads} threads, {args.reps} interleaved pairs")
-    for head, ms in med.items():
-        print(f"  {head:16s} {ms:8.3f} ms (median forward+backward)")
-    print(f"  {args.b} / {args.a} = {med[args.b] / med[args.a]:.3f}")
+    (name_a, ms_a), (name_b, ms_b) = med.items()
+    print(f"{args.latent}, B x d x k = {args.shape}, {args.threads} threads, {args.reps} interleaved pairs")
+    for name, ms in med.items():
+        print(f"  {name:28s} {ms:8.3f} ms (median forward+backward)")
+    print(f"  {name_b} / {name_a} = {ms_b / ms_a:.3f}")
     return 0
 
 

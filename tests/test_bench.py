@@ -48,4 +48,10 @@ def test_paired_timing_prints_a_ratio(capsys):
     assert paired.main(["--a", "precision", "--b", "precision-exact", "--provider", "reference-eager",
                         "--shape", "4x6x10", "--reps", "2", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert "precision-exact / precision = " in out and "2 interleaved pairs" in out
+    assert "precision-exact (reference-eager) / precision (reference-eager) = " in out and "2 interleaved pairs" in out
+    # one head, two providers: the kernel against its GEMM floor
+    assert paired.main(["--a", "fixed", "--b", "fixed", "--provider", "reference-eager", "--provider-b", "gemm-limit",
+                        "--shape", "4x6x10", "--reps", "2", "--threads", "1"]) == 0
+    assert "fixed (gemm-limit) / fixed (reference-eager) = " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        paired.main(["--a", "fixed", "--b", "fixed", "--shape", "4x6x10"])
