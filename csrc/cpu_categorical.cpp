@@ -271,15 +271,10 @@ categorical_nll_backward(const at::Tensor& grad, const at::Tensor& x, const at::
                          const c10::optional<at::Tensor>& second_weight,
                          const c10::optional<at::Tensor>& second_bias, const c10::optional<at::Tensor>& sigma2,
                          const std::vector<bool>& needs, int64_t head) {
-  auto given = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
   const std::array<bool, kNumInputs> present = {true, true, true, given(bias), given(second_weight),
                                                 given(second_bias), given(sigma2)};
-  std::array<bool, kNumInputs> need{};
   bool any = false;
-  for (int i = 0; i < kNumInputs; ++i) {
-    need[i] = needs[i] && present[i];
-    any = any || need[i];
-  }
+  const std::array<bool, kNumInputs> need = needed_gradients(needs, present, &any);
   std::array<at::Tensor, kNumInputs> out;
   if (any && x.size(0) > 0 && head == int64_t(Head::kFixed)) {
     std::tie(out[kX], out[kLogits], out[kA], out[kBias], out[kSigma2]) = categorical_fixed_nll_backward(

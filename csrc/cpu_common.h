@@ -16,7 +16,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <vector>
 
 #include "cpu_index.h"
 
@@ -99,5 +101,21 @@ inline at::Tensor sum_parts(const at::Tensor& parts) {
 }
 
 inline at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+inline bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// The inputs of a backward that get a gradient: asked for (needs, one flag per input) and present
+// (an absent optional input gets none); *any says whether at least one does.
+template <size_t N>
+std::array<bool, N> needed_gradients(const std::vector<bool>& needs, const std::array<bool, N>& present,
+                                     bool* any) {
+  std::array<bool, N> need{};
+  *any = false;
+  for (size_t i = 0; i < N; ++i) {
+    need[i] = needs[i] && present[i];
+    *any = *any || need[i];
+  }
+  return need;
+}
 
 }  // namespace silent_kernels::cpu

@@ -225,7 +225,6 @@ std::array<at::Tensor, kNumInputs> backward_impl(const at::Tensor& grad_in, cons
   return out;
 }
 
-bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 }  // namespace
 
@@ -245,12 +244,8 @@ bernoulli_logvar_nll_backward(const at::Tensor& grad, const at::Tensor& x, const
                               const at::Tensor& logvar_weight,
                               const c10::optional<at::Tensor>& logvar_bias, const std::vector<bool>& needs) {
   const std::array<bool, kNumInputs> present = {true, true, true, given(bias), true, given(logvar_bias)};
-  std::array<bool, kNumInputs> need{};
   bool any = false;
-  for (int i = 0; i < kNumInputs; ++i) {
-    need[i] = needs[i] && present[i];
-    any = any || need[i];
-  }
+  const std::array<bool, kNumInputs> need = needed_gradients(needs, present, &any);
   std::array<at::Tensor, kNumInputs> out;
   if (any) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bernoulli_logvar_nll_backward_cpu", [&] {

@@ -29,6 +29,24 @@ namespace {
 using namespace meanfield;
 
 // ------------------------------------------------------------------------------ forward
+// The forwards' per-part partial sums (one row per parallel part, summed at the end so that the
+// result does not depend on the thread count): each sample's loss and, with k4, the column sums
+// of the Q products (their loss term is sum_p Q / 2 = 0.5 k4 . colsum, one GEMV at the end).
+template <typename acc_t, bool H4>
+struct LossParts {
+  at::Tensor loss, qcol;
+  int64_t B, d;
+  LossParts(int64_t nparts, int64_t B_, int64_t d_, const at::TensorOptions& acc_opts)
+      : loss(at::zeros({nparts, B_}, acc_opts)), qcol(at::zeros({nparts, H4 ? d_ : 0}, acc_opts)), B(B_), d(d_) {}
+  acc_t* loss_row(int64_t q) { return loss.template data_ptr<acc_t>() + linear_offset(q, 0, B); }
+  acc_t* qcol_row(int64_t q) { return H4 ? qcol.template data_ptr<acc_t>() + linear_offset(q, 0, d) : nullptr; }
+  at::Tensor total(const std::array<at::Tensor, kGroups>& mom, at::ScalarType out_dtype) const {
+    at::Tensor sum = sum_parts(loss);
+    if (H4) sum.add_(at::mv(mom[3], sum_parts(qcol)), 0.5);
+    return sum.to(out_dtype);
+  }
+};
+
 // The per-pixel loss of one row of a tile, summed: the Taylor head keeps its log out of the
 // (vectorised) loop, the other heads call their epilogue per pixel (special functions).
 template <Head HD, typename scalar_t, typename acc_t, bool H3, bool H4>
@@ -61,8 +79,7 @@ at::Tensor forward_impl(const Inputs<scalar_t>& in) {
   const auto acc_opts = in.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   if (B == 0) return at::zeros({0}, in.x.options());
   const TilePlan plan = make_plan(B, k, d, gr.total, gr.total);
-  at::Tensor loss_parts = at::zeros({plan.nparts, B}, acc_opts);
-  at::Tensor qcol_parts = at::zeros({plan.nparts, H4 ? d : 0}, acc_opts);
+  LossParts<acc_t, H4> parts(plan.nparts, B, d, acc_opts);
 
   const scalar_t* X = in.x.template data_ptr<scalar_t>();
   const scalar_t* A = in.A.template data_ptr<scalar_t>();
@@ -75,8 +92,8 @@ at::Tensor forward_impl(const Inputs<scalar_t>& in) {
     Workspace<acc_t> ws(gr, plan, d, /*with_h=*/false);
     std::vector<acc_t> mbuf(plan.tile);
     for (int64_t q = q_begin; q < q_end; ++q) {
-      acc_t* loss = loss_parts.template data_ptr<acc_t>() + linear_offset(q, 0, B);
-      acc_t* qcol = H4 ? qcol_parts.template data_ptr<acc_t>() + linear_offset(q, 0, d) : nullptr;
+      acc_t* loss = parts.loss_row(q);
+      acc_t* qcol = parts.qcol_row(q);
       for (int64_t t = plan.tile_begin(q); t < plan.tile_begin(q + 1); ++t) {
         const int64_t p0 = plan.pixel_begin(t), np = plan.pixel_count(t);
         form_products<scalar_t, acc_t, H3, H4>(A, C, p0, np, d, ws.P, qcol);
@@ -92,9 +109,7 @@ at::Tensor forward_impl(const Inputs<scalar_t>& in) {
     }
   });
 
-  at::Tensor loss = sum_parts(loss_parts);
-  if (H4) loss.add_(at::mv(in.mom[3], sum_parts(qcol_parts)), 0.5);  // sum_p Q / 2
-  return loss.to(in.x.scalar_type());
+  return parts.total(in.mom, in.x.scalar_type());
 }
 
 // ------------------------------------------------- training forward + saved-coefficient backward
@@ -117,8 +132,7 @@ std::tuple<at::Tensor, at::Tensor> forward_train_impl(const Inputs<scalar_t>& in
   if (B == 0) return {at::zeros({0}, in.x.options()), coef};
   const TilePlan plan = make_saved_plan(B, k, d, gr.total);
   const auto roff = group_row_offsets(gr);
-  at::Tensor loss_parts = at::zeros({plan.nparts, B}, acc_opts);
-  at::Tensor qcol_parts = at::zeros({plan.nparts, H4 ? d : 0}, acc_opts);
+  LossParts<acc_t, H4> parts(plan.nparts, B, d, acc_opts);
 
   const scalar_t* X = in.x.template data_ptr<scalar_t>();
   const scalar_t* A = in.A.template data_ptr<scalar_t>();
@@ -133,8 +147,8 @@ std::tuple<at::Tensor, at::Tensor> forward_train_impl(const Inputs<scalar_t>& in
     std::vector<acc_t> mbuf(plan.tile);
     ExactLogRow exact(HD == Head::kExactLog ? plan.tile : 0);
     for (int64_t q = q_begin; q < q_end; ++q) {
-      acc_t* loss = loss_parts.template data_ptr<acc_t>() + linear_offset(q, 0, B);
-      acc_t* qcol = H4 ? qcol_parts.template data_ptr<acc_t>() + linear_offset(q, 0, d) : nullptr;
+      acc_t* loss = parts.loss_row(q);
+      acc_t* qcol = parts.qcol_row(q);
       for (int64_t t = plan.tile_begin(q); t < plan.tile_begin(q + 1); ++t) {
         const int64_t p0 = plan.pixel_begin(t), np = plan.pixel_count(t);
         form_products<scalar_t, acc_t, H3, H4>(A, C, p0, np, d, ws.P, qcol);
@@ -195,9 +209,7 @@ std::tuple<at::Tensor, at::Tensor> forward_train_impl(const Inputs<scalar_t>& in
     }
   });
 
-  at::Tensor loss = sum_parts(loss_parts);
-  if (H4) loss.add_(at::mv(in.mom[3], sum_parts(qcol_parts)), 0.5);  // sum_p Q / 2
-  return {loss.to(in.x.scalar_type()), coef};
+  return {parts.total(in.mom, in.x.scalar_type()), coef};
 }
 
 }  // namespace

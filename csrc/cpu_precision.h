@@ -62,6 +62,4 @@ auto dispatch_stage(bool has3, bool has4, int64_t head, Fn&& fn) {
   return fn(F{}, F{}, Taylor{});
 }
 
-inline bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
 }  // namespace silent_kernels::cpu::meanfield

@@ -165,13 +165,7 @@ std::array<bool, kNumInputs> needed(const std::vector<bool>& needs, const c10::o
                                     const c10::optional<at::Tensor>& k4, bool any_bias, bool* any) {
   const std::array<bool, kNumInputs> present = {true, true, true, given(k3), given(k4), true,
                                                 any_bias, true, any_bias};
-  std::array<bool, kNumInputs> need{};
-  *any = false;
-  for (int i = 0; i < kNumInputs; ++i) {
-    need[i] = needs[i] && present[i];
-    *any = *any || need[i];
-  }
-  return need;
+  return needed_gradients(needs, present, any);
 }
 
 template <typename scalar_t>

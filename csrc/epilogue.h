@@ -79,22 +79,8 @@ SK_HOST_DEVICE PixelTerms<T> scaled(PixelTerms<T> g, T s) {
 
 // Loss of one pixel (MATH.md §4, centred form, residual first):
 //   l = 0.5 E[(x-u)^2 v^2] - 0.5 log M + V / (4 M^2) + 0.5 log 2 pi
-template <typename T>
-SK_HOST_DEVICE T precision_pixel_nll(T x, const PixelTerms<T>& c) {
-  const T e = x - c.ubar;
-  const T vb2 = c.vbar * c.vbar;
-  const T e2v2 = e * e * (vb2 + c.Scc) - T(4) * e * c.vbar * c.Sac - T(2) * e * c.Tacc +
-                 vb2 * c.Saa + T(2) * c.vbar * c.Taac + c.Q + c.Saa * c.Scc +
-                 T(2) * c.Sac * c.Sac;
-  T M = vb2 + c.Scc;
-  M = M < T(kPrecisionSqFloor) ? T(kPrecisionSqFloor) : M;
-  const T V = T(4) * vb2 * c.Scc + T(4) * c.vbar * c.C3 + c.C4 + T(2) * c.Scc * c.Scc;
-  return T(0.5) * e2v2 - T(0.5) * log(M) + V / (T(4) * M * M) + T(kHalfLog2Pi);
-}
-
-// precision_pixel_nll without its -0.5 log M term, and the (floored) M it needs:
-// precision_pixel_nll(x, c) == precision_pixel_nll_logfree(x, c, M) - 0.5 log(M), so that a
-// caller can keep this part in a vectorised loop and take the logs separately.
+// without its -0.5 log M term, and the (floored) M it needs, so that a caller can keep this part
+// in a vectorised loop and take the logs separately.
 template <typename T>
 SK_HOST_DEVICE T precision_pixel_nll_logfree(T x, const PixelTerms<T>& c, T& M_out) {
   const T e = x - c.ubar;
@@ -107,6 +93,14 @@ SK_HOST_DEVICE T precision_pixel_nll_logfree(T x, const PixelTerms<T>& c, T& M_o
   const T V = T(4) * vb2 * c.Scc + T(4) * c.vbar * c.C3 + c.C4 + T(2) * c.Scc * c.Scc;
   M_out = M;
   return T(0.5) * e2v2 + V / (T(4) * M * M) + T(kHalfLog2Pi);
+}
+
+// The whole loss of one pixel: precision_pixel_nll_logfree - 0.5 log M.
+template <typename T>
+SK_HOST_DEVICE T precision_pixel_nll(T x, const PixelTerms<T>& c) {
+  T M;
+  const T logfree = precision_pixel_nll_logfree(x, c, M);
+  return logfree - T(0.5) * log(M);
 }
 
 // d(pixel nll)/d(each contraction); d/dx is -grad.ubar. Below the floor M is a

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/List.h>
 #include <c10/util/Optional.h>
 
 #include <string>
@@ -62,14 +63,25 @@ inline int64_t check_mean(const char* op, const at::Tensor& mean, const at::Tens
   return mean.size(1);
 }
 
-inline void check_needs(const char* op, const std::vector<bool>& needs, size_t n) {
+// needs: one gradient flag per input of the forward (n of them); returns them as a vector.
+inline std::vector<bool> check_needs(const char* op, const c10::List<bool>& needs_list, size_t n) {
+  std::vector<bool> needs = needs_list.vec();
   TORCH_CHECK(needs.size() == n, op, ": needs: expected ", n, " flags (one per input), got ",
               needs.size());
+  return needs;
 }
 
 // grad: the upstream gradient of each sample's loss, (B,) in x's dtype.
 inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& x) {
   check_like_x(op, "grad", grad, {x.size(0)}, x);
+}
+
+// What every backward op checks beyond its forward's inputs: grad (B,) like x and one needs flag
+// per input (n_inputs); returns the flags.
+inline std::vector<bool> check_backward_arguments(const char* op, const at::Tensor& grad, const at::Tensor& x,
+                                                  const c10::List<bool>& needs_list, size_t n_inputs) {
+  check_grad(op, grad, x);
+  return check_needs(op, needs_list, n_inputs);
 }
 
 inline void check_fixed_inputs(const char* op, c10::DeviceType device, const at::Tensor& x,
@@ -112,6 +124,17 @@ inline void check_head(const char* op, int64_t head, const c10::optional<at::Ten
   const bool higher = (k3.has_value() && k3->defined()) || (k4.has_value() && k4->defined());
   TORCH_CHECK(head == 0 || !higher, op, ": head=", head, " needs Gaussian latents: k3 and k4 must be "
               "None (the exact log term and the GEMM-shaped log-variance head hold only for them)");
+}
+
+inline void check_precision_head_inputs(const char* op, c10::DeviceType device, const at::Tensor& x,
+                                        const at::Tensor& mean, const at::Tensor& var,
+                                        const c10::optional<at::Tensor>& k3,
+                                        const c10::optional<at::Tensor>& k4, const at::Tensor& weight,
+                                        const c10::optional<at::Tensor>& bias,
+                                        const at::Tensor& precision_weight,
+                                        const c10::optional<at::Tensor>& precision_bias, int64_t head) {
+  check_precision_inputs(op, device, x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias);
+  check_head(op, head, k3, k4);
 }
 
 inline void check_bernoulli_logvar_inputs(const char* op, c10::DeviceType device, const at::Tensor& x,
@@ -171,6 +194,13 @@ inline int64_t check_saved_backward_inputs(const char* op, const at::Tensor& gra
               shape_str(grad.sizes()));
   check_like_x(op, "grad", grad, {grad.size(0)}, weight);
   return grad.size(0);
+}
+
+// The saved-coefficient backward's latent moments: mean and var (B, d) like weight (k, d).
+inline void check_saved_moments(const char* op, const at::Tensor& mean, const at::Tensor& var, int64_t B,
+                                const at::Tensor& weight) {
+  check_like_x(op, "mean", mean, {B, weight.size(1)}, weight);
+  check_like_x(op, "var", var, {B, weight.size(1)}, weight);
 }
 
 // The saved coefficients of a training forward `producer`: the expected shape, the

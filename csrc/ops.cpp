@@ -26,9 +26,7 @@ fixed_nll_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Te
                        const c10::List<bool>& needs_list) {
   const char* op = "silent_kernels::fixed_nll_backward";
   check_fixed_inputs(op, c10::DeviceType::CPU, x, mean, var, weight, bias, sigma2);
-  check_grad(op, grad, x);
-  const std::vector<bool> needs = needs_list.vec();
-  check_needs(op, needs, 6);
+  const std::vector<bool> needs = check_backward_arguments(op, grad, x, needs_list, 6);
   return cpu::fixed_nll_backward(grad, x, mean, var, weight, bias, sigma2, needs);
 }
 
@@ -49,13 +47,11 @@ fixed_nll_train_backward_cpu(const at::Tensor& grad, const at::Tensor& coefficie
                              const c10::List<bool>& needs_list) {
   const char* op = "silent_kernels::fixed_nll_train_backward";
   const int64_t B = check_saved_backward_inputs(op, grad, weight);
-  const int64_t k = weight.size(0), d = weight.size(1);
-  check_like_x(op, "mean", mean, {B, d}, weight);
-  check_like_x(op, "var", var, {B, d}, weight);
+  check_saved_moments(op, mean, var, B, weight);
+  const int64_t k = weight.size(0);
   check_like_x(op, "sigma2", sigma2, {k}, weight);
   check_coefficients(op, coefficients, {B, k}, weight, "fixed_nll_train");
-  const std::vector<bool> needs = needs_list.vec();
-  check_needs(op, needs, 6);
+  const std::vector<bool> needs = check_needs(op, needs_list, 6);
   return cpu::fixed_nll_train_backward(grad, coefficients, mean, var, weight, sigma2, needs);
 }
 
@@ -66,9 +62,8 @@ at::Tensor precision_nll_cpu(const at::Tensor& x, const at::Tensor& mean, const 
                              const at::Tensor& precision_weight,
                              const c10::optional<at::Tensor>& precision_bias, int64_t head) {
   const char* op = "silent_kernels::precision_nll";
-  check_precision_inputs(op, c10::DeviceType::CPU, x, mean, var, k3, k4, weight, bias,
-                         precision_weight, precision_bias);
-  check_head(op, head, k3, k4);
+  check_precision_head_inputs(op, c10::DeviceType::CPU, x, mean, var, k3, k4, weight, bias,
+                              precision_weight, precision_bias, head);
   return cpu::precision_nll(x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias, head);
 }
 
@@ -82,12 +77,9 @@ precision_nll_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at
                            const c10::optional<at::Tensor>& precision_bias,
                            const c10::List<bool>& needs_list, int64_t head) {
   const char* op = "silent_kernels::precision_nll_backward";
-  check_precision_inputs(op, c10::DeviceType::CPU, x, mean, var, k3, k4, weight, bias,
-                         precision_weight, precision_bias);
-  check_head(op, head, k3, k4);
-  check_grad(op, grad, x);
-  const std::vector<bool> needs = needs_list.vec();
-  check_needs(op, needs, 9);
+  check_precision_head_inputs(op, c10::DeviceType::CPU, x, mean, var, k3, k4, weight, bias,
+                              precision_weight, precision_bias, head);
+  const std::vector<bool> needs = check_backward_arguments(op, grad, x, needs_list, 9);
   return cpu::precision_nll_backward(grad, x, mean, var, k3, k4, weight, bias, precision_weight,
                                      precision_bias, needs, head);
 }
@@ -102,9 +94,8 @@ precision_nll_train_cpu(const at::Tensor& x, const at::Tensor& mean, const at::T
                         const at::Tensor& precision_weight,
                         const c10::optional<at::Tensor>& precision_bias, int64_t head) {
   const char* op = "silent_kernels::precision_nll_train";
-  check_precision_inputs(op, c10::DeviceType::CPU, x, mean, var, k3, k4, weight, bias,
-                         precision_weight, precision_bias);
-  check_head(op, head, k3, k4);
+  check_precision_head_inputs(op, c10::DeviceType::CPU, x, mean, var, k3, k4, weight, bias,
+                              precision_weight, precision_bias, head);
   return cpu::precision_nll_train(x, mean, var, k3, k4, weight, bias, precision_weight,
                                   precision_bias, head);
 }
@@ -120,16 +111,14 @@ precision_nll_train_backward_cpu(const at::Tensor& grad, const at::Tensor& coeff
   const char* op = "silent_kernels::precision_nll_train_backward";
   const int64_t B = check_saved_backward_inputs(op, grad, weight);
   const int64_t k = weight.size(0), d = weight.size(1);
-  check_like_x(op, "mean", mean, {B, d}, weight);
-  check_like_x(op, "var", var, {B, d}, weight);
+  check_saved_moments(op, mean, var, B, weight);
   check_optional_like_x(op, "k3", k3, {B, d}, weight);
   check_optional_like_x(op, "k4", k4, {B, d}, weight);
   check_like_x(op, "precision_weight", precision_weight, {k, d}, weight);
   const bool has3 = k3.has_value() && k3->defined(), has4 = k4.has_value() && k4->defined();
   check_coefficients(op, coefficients, {cpu::precision_coefficient_count(B, k, has3, has4)}, weight,
                      "precision_nll_train");
-  const std::vector<bool> needs = needs_list.vec();
-  check_needs(op, needs, 9);
+  const std::vector<bool> needs = check_needs(op, needs_list, 9);
   return cpu::precision_nll_train_backward(grad, coefficients, mean, var, k3, k4, weight,
                                            precision_weight, needs);
 }
@@ -152,9 +141,7 @@ bernoulli_logvar_nll_backward_cpu(const at::Tensor& grad, const at::Tensor& x, c
   const char* op = "silent_kernels::bernoulli_logvar_nll_backward";
   check_bernoulli_logvar_inputs(op, c10::DeviceType::CPU, x, logits, weight, bias, logvar_weight,
                                 logvar_bias);
-  check_grad(op, grad, x);
-  const std::vector<bool> needs = needs_list.vec();
-  check_needs(op, needs, 6);
+  const std::vector<bool> needs = check_backward_arguments(op, grad, x, needs_list, 6);
   return cpu::bernoulli_logvar_nll_backward(grad, x, logits, weight, bias, logvar_weight, logvar_bias,
                                             needs);
 }
@@ -179,9 +166,7 @@ categorical_nll_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const 
   const char* op = "silent_kernels::categorical_nll_backward";
   check_categorical_inputs(op, c10::DeviceType::CPU, x, logits, weight, bias, second_weight, second_bias,
                            sigma2, head);
-  check_grad(op, grad, x);
-  const std::vector<bool> needs = needs_list.vec();
-  check_needs(op, needs, 7);
+  const std::vector<bool> needs = check_backward_arguments(op, grad, x, needs_list, 7);
   return cpu::categorical_nll_backward(grad, x, logits, weight, bias, second_weight, second_bias, sigma2,
                                        needs, head);
 }

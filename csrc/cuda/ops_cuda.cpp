@@ -63,6 +63,19 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// Runs launch(TypeTag<T>{}, scratch, stream) -> cudaError_t for x's element type T on the current
+// stream, with `workspace` accumulators (acc_t<T>) of scratch from the caching allocator, and checks
+// the error the launcher returns.
+template <typename Launch>
+void launch_with_scratch(const char* op, const at::Tensor& x, int64_t workspace, Launch&& launch) {
+  at::Tensor scratch = at::empty({workspace}, x.options().dtype(acc_dtype(x.scalar_type())));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    check_launch(launch(tag, reinterpret_cast<sk::acc_t<T>*>(scratch.data_ptr()), stream), op);
+  });
+}
+
 const std::vector<int64_t> kNoShape{0};  // shape (0,) of the gradient of an absent input
 
 // The gradient output of an input: its shape where needed, else an empty (0,) tensor.
@@ -85,15 +98,11 @@ at::Tensor fixed_nll_cuda(const at::Tensor& x, const at::Tensor& mean, const at:
   if (B == 0) return loss;
 
   const sk::ForwardPlan plan = sk::plan_fixed_forward(B, k, d, x.scalar_type() == at::kDouble);
-  at::Tensor ws = at::empty({plan.workspace}, x.options().dtype(acc_dtype(x.scalar_type())));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+  launch_with_scratch(op, x, plan.workspace, [&](auto tag, auto* ws, cudaStream_t stream) {
     using T = typename decltype(tag)::type;
     const sk::FixedArgs<T> a{cptr<T>(xc), cptr<T>(mc), cptr<T>(vc), cptr<T>(wc), cptr<T>(bc),
                              cptr<T>(s2c), nullptr, B, k, d};
-    check_launch(sk::fixed_forward<T>(a, plan, reinterpret_cast<sk::acc_t<T>*>(ws.data_ptr()),
-                                      reinterpret_cast<T*>(loss.data_ptr()), stream),
-                 op);
+    return sk::fixed_forward<T>(a, plan, ws, reinterpret_cast<T*>(loss.data_ptr()), stream);
   });
   return loss;
 }
@@ -105,9 +114,7 @@ fixed_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::T
                         const c10::List<bool>& needs_list) {
   const char* op = "silent_kernels::fixed_nll_backward";
   check_fixed_inputs(op, c10::DeviceType::CUDA, x, mean, var, weight, bias, sigma2);
-  check_grad(op, grad, x);
-  const std::vector<bool> needs = needs_list.vec();
-  check_needs(op, needs, 6);
+  const std::vector<bool> needs = check_backward_arguments(op, grad, x, needs_list, 6);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor bc = contiguous_or_undefined(bias);
   const sk::FixedNeeds n{needs[0], needs[1], needs[2], needs[3], needs[4] && bc.defined(),
@@ -125,18 +132,14 @@ fixed_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::T
   const int64_t B = x.size(0), k = x.size(1), d = mean.size(1);
   const sk::BackwardPlan plan =
       sk::plan_fixed_backward(B, k, d, x.scalar_type() == at::kDouble, n);
-  at::Tensor ws = at::empty({plan.workspace}, opts.dtype(acc_dtype(x.scalar_type())));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+  launch_with_scratch(op, x, plan.workspace, [&](auto tag, auto* ws, cudaStream_t stream) {
     using T = typename decltype(tag)::type;
     const sk::FixedArgs<T> a{cptr<T>(xc), cptr<T>(mc),  cptr<T>(vc), cptr<T>(wc),
                              cptr<T>(bc), cptr<T>(s2c), cptr<T>(gc), B, k, d};
     const sk::FixedGrads<T> out{mptr<T>(gx, n.x),      mptr<T>(gm, n.mean),
                                 mptr<T>(gv, n.var),    mptr<T>(gw, n.weight),
                                 mptr<T>(gb, n.bias),   mptr<T>(gs, n.sigma2)};
-    check_launch(sk::fixed_backward<T>(a, plan, reinterpret_cast<sk::acc_t<T>*>(ws.data_ptr()),
-                                       out, stream),
-                 op);
+    return sk::fixed_backward<T>(a, plan, ws, out, stream);
   });
   return {gx, gm, gv, gw, gb, gs};
 }
@@ -149,9 +152,8 @@ at::Tensor precision_nll_cuda(const at::Tensor& x, const at::Tensor& mean, const
                               const at::Tensor& precision_weight,
                               const c10::optional<at::Tensor>& precision_bias, int64_t head) {
   const char* op = "silent_kernels::precision_nll";
-  check_precision_inputs(op, c10::DeviceType::CUDA, x, mean, var, k3, k4, weight, bias,
-                         precision_weight, precision_bias);
-  check_head(op, head, k3, k4);
+  check_precision_head_inputs(op, c10::DeviceType::CUDA, x, mean, var, k3, k4, weight, bias,
+                              precision_weight, precision_bias, head);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), mc = mean.contiguous(), vc = var.contiguous(),
                    wc = weight.contiguous(), pwc = precision_weight.contiguous();
@@ -163,18 +165,14 @@ at::Tensor precision_nll_cuda(const at::Tensor& x, const at::Tensor& mean, const
 
   const sk::ForwardPlan plan =
       sk::plan_precision_forward(B, k, d, x.scalar_type() == at::kDouble);
-  at::Tensor ws = at::empty({plan.workspace}, x.options().dtype(acc_dtype(x.scalar_type())));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+  launch_with_scratch(op, x, plan.workspace, [&](auto tag, auto* ws, cudaStream_t stream) {
     using T = typename decltype(tag)::type;
     const sk::PrecisionArgs<T> a{cptr<T>(xc),  cptr<T>(mc),  cptr<T>(vc),
                                  cptr<T>(k3c), cptr<T>(k4c), cptr<T>(wc),
                                  cptr<T>(bc),  cptr<T>(pwc), cptr<T>(pbc),
                                  nullptr,      B,            k,
                                  d,            static_cast<int>(head)};
-    check_launch(sk::precision_forward<T>(a, plan, reinterpret_cast<sk::acc_t<T>*>(ws.data_ptr()),
-                                          reinterpret_cast<T*>(loss.data_ptr()), stream),
-                 op);
+    return sk::precision_forward<T>(a, plan, ws, reinterpret_cast<T*>(loss.data_ptr()), stream);
   });
   return loss;
 }
@@ -189,12 +187,9 @@ precision_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const a
                             const c10::optional<at::Tensor>& precision_bias,
                             const c10::List<bool>& needs_list, int64_t head) {
   const char* op = "silent_kernels::precision_nll_backward";
-  check_precision_inputs(op, c10::DeviceType::CUDA, x, mean, var, k3, k4, weight, bias,
-                         precision_weight, precision_bias);
-  check_head(op, head, k3, k4);
-  check_grad(op, grad, x);
-  const std::vector<bool> needs = needs_list.vec();
-  check_needs(op, needs, 9);
+  check_precision_head_inputs(op, c10::DeviceType::CUDA, x, mean, var, k3, k4, weight, bias,
+                              precision_weight, precision_bias, head);
+  const std::vector<bool> needs = check_backward_arguments(op, grad, x, needs_list, 9);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor k3c = contiguous_or_undefined(k3), k4c = contiguous_or_undefined(k4),
                    bc = contiguous_or_undefined(bias), pbc = contiguous_or_undefined(precision_bias);
@@ -221,9 +216,7 @@ precision_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const a
   const int64_t B = x.size(0), k = x.size(1), d = mean.size(1);
   const sk::BackwardPlan plan = sk::plan_precision_backward(
       B, k, d, x.scalar_type() == at::kDouble, k3c.defined(), k4c.defined(), n);
-  at::Tensor ws = at::empty({plan.workspace}, opts.dtype(acc_dtype(x.scalar_type())));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+  launch_with_scratch(op, x, plan.workspace, [&](auto tag, auto* ws, cudaStream_t stream) {
     using T = typename decltype(tag)::type;
     const sk::PrecisionArgs<T> a{cptr<T>(xc),  cptr<T>(mc),  cptr<T>(vc),
                                  cptr<T>(k3c), cptr<T>(k4c), cptr<T>(wc),
@@ -235,9 +228,7 @@ precision_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const a
                                     mptr<T>(g4, n.k4),      mptr<T>(gw, n.weight),
                                     mptr<T>(gb, n.bias),    mptr<T>(gpw, n.pweight),
                                     mptr<T>(gpb, n.pbias)};
-    check_launch(sk::precision_backward<T>(
-                     a, plan, reinterpret_cast<sk::acc_t<T>*>(ws.data_ptr()), out, stream),
-                 op);
+    return sk::precision_backward<T>(a, plan, ws, out, stream);
   });
   return {gx, gm, gv, g3, g4, gw, gb, gpw, gpb};
 }
@@ -261,17 +252,12 @@ at::Tensor bernoulli_logvar_nll_cuda(const at::Tensor& x, const at::Tensor& logi
 
   const sk::BernoulliLogvarPlan plan =
       sk::plan_bernoulli_logvar_forward(B, k, d, x.scalar_type() == at::kDouble);
-  at::Tensor ws = at::empty({plan.workspace}, x.options().dtype(acc_dtype(x.scalar_type())));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+  launch_with_scratch(op, x, plan.workspace, [&](auto tag, auto* ws, cudaStream_t stream) {
     using T = typename decltype(tag)::type;
     const sk::BernoulliLogvarArgs<T> a{cptr<T>(xc), cptr<T>(lc),  cptr<T>(wc), cptr<T>(bc),
                                        cptr<T>(hc), cptr<T>(h0c), nullptr,     B,
                                        k,           d};
-    check_launch(sk::bernoulli_logvar_forward<T>(
-                     a, plan, reinterpret_cast<sk::acc_t<T>*>(ws.data_ptr()),
-                     reinterpret_cast<T*>(loss.data_ptr()), stream),
-                 op);
+    return sk::bernoulli_logvar_forward<T>(a, plan, ws, reinterpret_cast<T*>(loss.data_ptr()), stream);
   });
   return loss;
 }
@@ -286,9 +272,7 @@ bernoulli_logvar_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
   const char* op = "silent_kernels::bernoulli_logvar_nll_backward";
   check_bernoulli_logvar_inputs(op, c10::DeviceType::CUDA, x, logits, weight, bias, logvar_weight,
                                 logvar_bias);
-  check_grad(op, grad, x);
-  const std::vector<bool> needs = needs_list.vec();
-  check_needs(op, needs, 6);
+  const std::vector<bool> needs = check_backward_arguments(op, grad, x, needs_list, 6);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor bc = contiguous_or_undefined(bias), h0c = contiguous_or_undefined(logvar_bias);
   const sk::BernoulliLogvarNeeds n{needs[0], needs[1], needs[2], needs[3] && bc.defined(),
@@ -309,9 +293,7 @@ bernoulli_logvar_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
   const int64_t B = x.size(0), k = x.size(1), d = logits.size(1);
   const sk::BernoulliLogvarPlan plan =
       sk::plan_bernoulli_logvar_backward(B, k, d, x.scalar_type() == at::kDouble, n);
-  at::Tensor ws = at::empty({plan.workspace}, opts.dtype(acc_dtype(x.scalar_type())));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+  launch_with_scratch(op, x, plan.workspace, [&](auto tag, auto* ws, cudaStream_t stream) {
     using T = typename decltype(tag)::type;
     const sk::BernoulliLogvarArgs<T> a{cptr<T>(xc), cptr<T>(lc),  cptr<T>(wc), cptr<T>(bc),
                                        cptr<T>(hc), cptr<T>(h0c), cptr<T>(gc), B,
@@ -319,9 +301,7 @@ bernoulli_logvar_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
     const sk::BernoulliLogvarGrads<T> out{mptr<T>(gx, n.x),      mptr<T>(gl, n.logits),
                                           mptr<T>(gw, n.weight), mptr<T>(gb, n.bias),
                                           mptr<T>(gh, n.lweight), mptr<T>(gh0, n.lbias)};
-    check_launch(sk::bernoulli_logvar_backward<T>(
-                     a, plan, reinterpret_cast<sk::acc_t<T>*>(ws.data_ptr()), out, stream),
-                 op);
+    return sk::bernoulli_logvar_backward<T>(a, plan, ws, out, stream);
   });
   return {gx, gl, gw, gb, gh, gh0};
 }
@@ -346,17 +326,13 @@ at::Tensor categorical_nll_cuda(const at::Tensor& x, const at::Tensor& logits, c
 
   const sk::CategoricalPlan plan =
       sk::plan_categorical_forward(B, k, G, K, static_cast<int>(head), x.scalar_type() == at::kDouble);
-  at::Tensor ws = at::empty({plan.workspace}, x.options().dtype(acc_dtype(x.scalar_type())));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+  launch_with_scratch(op, x, plan.workspace, [&](auto tag, auto* ws, cudaStream_t stream) {
     using T = typename decltype(tag)::type;
     const sk::CategoricalArgs<T> a{cptr<T>(xc),  cptr<T>(lc),  cptr<T>(wc), cptr<T>(bc),
                                    cptr<T>(w2c), cptr<T>(b2c), cptr<T>(s2c), nullptr,
                                    B,            k,            G,            K,
                                    static_cast<int>(head)};
-    check_launch(sk::categorical_forward<T>(a, plan, reinterpret_cast<sk::acc_t<T>*>(ws.data_ptr()),
-                                            reinterpret_cast<T*>(loss.data_ptr()), stream),
-                 op);
+    return sk::categorical_forward<T>(a, plan, ws, reinterpret_cast<T*>(loss.data_ptr()), stream);
   });
   return loss;
 }
@@ -371,9 +347,7 @@ categorical_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const
   const char* op = "silent_kernels::categorical_nll_backward";
   check_categorical_inputs(op, c10::DeviceType::CUDA, x, logits, weight, bias, second_weight, second_bias,
                            sigma2, head);
-  check_grad(op, grad, x);
-  const std::vector<bool> needs = needs_list.vec();
-  check_needs(op, needs, 7);
+  const std::vector<bool> needs = check_backward_arguments(op, grad, x, needs_list, 7);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor bc = contiguous_or_undefined(bias), w2c = contiguous_or_undefined(second_weight),
                    b2c = contiguous_or_undefined(second_bias), s2c = contiguous_or_undefined(sigma2);
@@ -397,9 +371,7 @@ categorical_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const
   const int64_t B = x.size(0), k = x.size(1), G = logits.size(1), K = logits.size(2);
   const sk::CategoricalPlan plan = sk::plan_categorical_backward(
       B, k, G, K, static_cast<int>(head), x.scalar_type() == at::kDouble, n);
-  at::Tensor ws = at::empty({plan.workspace}, opts.dtype(acc_dtype(x.scalar_type())));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+  launch_with_scratch(op, x, plan.workspace, [&](auto tag, auto* ws, cudaStream_t stream) {
     using T = typename decltype(tag)::type;
     const sk::CategoricalArgs<T> a{cptr<T>(xc),  cptr<T>(lc),  cptr<T>(wc), cptr<T>(bc),
                                    cptr<T>(w2c), cptr<T>(b2c), cptr<T>(s2c), cptr<T>(gc),
@@ -409,9 +381,7 @@ categorical_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const
                                       mptr<T>(gw, n.weight), mptr<T>(gb, n.bias),
                                       mptr<T>(gw2, n.second_weight), mptr<T>(gb2, n.second_bias),
                                       mptr<T>(gs, n.sigma2)};
-    check_launch(sk::categorical_backward<T>(
-                     a, plan, reinterpret_cast<sk::acc_t<T>*>(ws.data_ptr()), out, stream),
-                 op);
+    return sk::categorical_backward<T>(a, plan, ws, out, stream);
   });
   return {gx, gl, gw, gb, gw2, gb2, gs};
 }
