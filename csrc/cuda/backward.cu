@@ -22,18 +22,12 @@ Split choose_split(int64_t tiles, int64_t red, int bk) {
   const int64_t target = 2 * static_cast<int64_t>(current_sm_count());
   int64_t s = tiles >= target ? 1 : ceil_div(target, tiles);
   s = std::min<int64_t>(s, std::max<int64_t>(1, red / (4 * bk)));
-  s = std::min<int64_t>(s, 65535);
+  s = std::min<int64_t>(s, kMaxSplit);
   const int64_t chunk = ceil_div(ceil_div(red, s), bk) * bk;
   return {ceil_div(red, chunk), chunk};
 }
 
 namespace {
-
-template <class Large, class Small>
-int choose_cfg(int64_t B, int64_t k) {
-  const int64_t large = ceil_div(B, Large::BM) * ceil_div(k, Large::BN);
-  return large >= 2 * static_cast<int64_t>(current_sm_count()) ? 0 : 1;
-}
 
 void clear_slots(BackwardPlan& p) {
   for (int q = 0; q < kNumPlanes; ++q) p.slots.slot[q] = -1;
@@ -43,22 +37,15 @@ void clear_slots(BackwardPlan& p) {
 
 // Scratch layout, once the counts are known.
 void layout(BackwardPlan& p, int64_t B, int64_t k, int64_t d) {
-  int64_t off = 0;
-  p.off_planes = off;
-  off += p.nplanes * B * k;
-  p.off_colsum = off;
-  off += p.ncolsums * p.coef_row_tiles * k;
-  p.off_mom = off;
-  off += p.nkinds > 0 ? p.mom_split * p.nkinds * B * d : 0;
-  p.off_w = off;
-  off += p.nwout > 0 ? p.w_split * p.nwout * k * d : 0;
-  p.off_colw = off;
-  off += p.need_colw ? d : 0;
-  p.off_r = off;
-  off += p.need_r ? d : 0;
-  p.off_tmp = off;
-  off += k;
-  p.workspace = off;
+  ScratchLayout scratch;
+  p.off_planes = scratch.take(p.nplanes * B * k);
+  p.off_colsum = scratch.take(p.ncolsums * p.coef_row_tiles * k);
+  p.off_mom = scratch.take(p.nkinds > 0 ? p.mom_split * p.nkinds * B * d : 0);
+  p.off_w = scratch.take(p.nwout > 0 ? p.w_split * p.nwout * k * d : 0);
+  p.off_colw = scratch.take(p.need_colw ? d : 0);
+  p.off_r = scratch.take(p.need_r ? d : 0);
+  p.off_tmp = scratch.take(k);
+  p.workspace = scratch.end;
 }
 
 template <typename Acc>
@@ -131,20 +118,6 @@ BackwardPlan plan_precision_impl(int64_t B, int64_t k, int64_t d, bool has_k3, b
   return p;
 }
 
-template <typename T>
-cudaError_t zero(T* p, int64_t n, cudaStream_t stream) {
-  if (p == nullptr || n == 0) return cudaSuccess;
-  return cudaMemsetAsync(p, 0, static_cast<size_t>(n) * sizeof(T), stream);  // 0.0 in every T
-}
-
-// out_q = sum over splits of partial[s, q] (rows of `per` elements, `count` outputs a split)
-template <typename T>
-cudaError_t finish_split(const acc_t<T>* partial, int64_t split, int count, int q, int64_t per,
-                         T* out, cudaStream_t stream) {
-  return launch_sum_rows<acc_t<T>, T>(partial + q * per, split, per, count * per, nullptr, out,
-                                      stream);
-}
-
 }  // namespace
 
 BackwardPlan plan_fixed_backward(int64_t B, int64_t k, int64_t d, bool is_double,
@@ -164,9 +137,9 @@ cudaError_t fixed_backward(const FixedArgs<T>& a, const BackwardPlan& plan, acc_
   using Acc = acc_t<T>;
   const int64_t B = a.B, k = a.k, d = a.d;
   if (B == 0) {  // an empty batch: the loss is 0, so are the decoder gradients
-    SK_CUDA_TRY(zero(out.weight, k * d, stream));
-    SK_CUDA_TRY(zero(out.bias, k, stream));
-    return zero(out.sigma2, k, stream);
+    SK_CUDA_TRY(zero_async(out.weight, k * d, stream));
+    SK_CUDA_TRY(zero_async(out.bias, k, stream));
+    return zero_async(out.sigma2, k, stream);
   }
   Acc* planes = ws + plan.off_planes;
   Acc* colpart = ws + plan.off_colsum;
@@ -197,13 +170,10 @@ cudaError_t fixed_backward(const FixedArgs<T>& a, const BackwardPlan& plan, acc_
                                       true, false, plan.w_split, plan.w_chunk, wp, stream));
     SK_CUDA_TRY(finish_split<T>(wp, plan.w_split, plan.nwout, 0, k * d, out.weight, stream));
   }
-  if (out.bias != nullptr && plan.colsums.slot[kColUbar] >= 0)
-    SK_CUDA_TRY((launch_sum_rows<Acc, T>(colpart + plan.colsums.slot[kColUbar] * rt * k, rt, k, k,
-                                         nullptr, out.bias, stream)));
+  SK_CUDA_TRY(finish_colsum(colpart, plan.colsums.slot[kColUbar], rt, k, out.bias, stream));
   if (out.sigma2 != nullptr && plan.colsums.slot[kColDSigma2] >= 0) {
     Acc* tmp = ws + plan.off_tmp;
-    SK_CUDA_TRY((launch_sum_rows<Acc, Acc>(colpart + plan.colsums.slot[kColDSigma2] * rt * k, rt,
-                                           k, k, nullptr, tmp, stream)));
+    SK_CUDA_TRY(finish_colsum(colpart, plan.colsums.slot[kColDSigma2], rt, k, tmp, stream));
     SK_CUDA_TRY(launch_sigma2_finish<T>(a.weight, a.sigma2, r, tmp, k, d, out.sigma2, stream));
   }
   return cudaSuccess;
@@ -216,10 +186,10 @@ cudaError_t precision_backward(const PrecisionArgs<T>& a, const BackwardPlan& pl
   if (!precision_head_valid(a)) return cudaErrorInvalidValue;
   const int64_t B = a.B, k = a.k, d = a.d;
   if (B == 0) {
-    SK_CUDA_TRY(zero(out.weight, k * d, stream));
-    SK_CUDA_TRY(zero(out.pweight, k * d, stream));
-    SK_CUDA_TRY(zero(out.bias, k, stream));
-    return zero(out.pbias, k, stream);
+    SK_CUDA_TRY(zero_async(out.weight, k * d, stream));
+    SK_CUDA_TRY(zero_async(out.pweight, k * d, stream));
+    SK_CUDA_TRY(zero_async(out.bias, k, stream));
+    return zero_async(out.pbias, k, stream);
   }
   const bool has_k3 = a.k3 != nullptr, has_k4 = a.k4 != nullptr;
   Acc* planes = ws + plan.off_planes;
@@ -236,9 +206,8 @@ cudaError_t precision_backward(const PrecisionArgs<T>& a, const BackwardPlan& pl
                                       plan.mom_split, plan.mom_chunk, mom, stream));
     T* dst[4] = {out.mean, out.var, out.k3, out.k4};
     for (int q = 0; q < plan.nkinds; ++q)
-      if (dst[plan.kinds[q]] != nullptr)
-        SK_CUDA_TRY(finish_split<T>(mom, plan.mom_split, plan.nkinds, q, B * d,
-                                    dst[plan.kinds[q]], stream));
+      SK_CUDA_TRY(finish_split<T>(mom, plan.mom_split, plan.nkinds, q, B * d, dst[plan.kinds[q]],
+                                  stream));
   }
   if (plan.nwout > 0) {
     Acc* wp = ws + plan.off_w;
@@ -246,20 +215,11 @@ cudaError_t precision_backward(const PrecisionArgs<T>& a, const BackwardPlan& pl
                                       a.k3, a.k4, a.weight, a.pweight, nullptr, nullptr, B, k, d,
                                       plan.need_a, plan.need_c, plan.w_split, plan.w_chunk, wp,
                                       stream));
-    int o = 0;
-    if (plan.need_a && out.weight != nullptr)
-      SK_CUDA_TRY(finish_split<T>(wp, plan.w_split, plan.nwout, o, k * d, out.weight, stream));
-    if (plan.need_a) ++o;
-    if (plan.need_c && out.pweight != nullptr)
-      SK_CUDA_TRY(finish_split<T>(wp, plan.w_split, plan.nwout, o, k * d, out.pweight, stream));
+    SK_CUDA_TRY(finish_weight_splits<T>(wp, plan.w_split, plan.need_a, plan.need_c, k * d,
+                                        out.weight, out.pweight, stream));
   }
-  if (out.bias != nullptr && plan.colsums.slot[kColUbar] >= 0)
-    SK_CUDA_TRY((launch_sum_rows<Acc, T>(colpart + plan.colsums.slot[kColUbar] * rt * k, rt, k, k,
-                                         nullptr, out.bias, stream)));
-  if (out.pbias != nullptr && plan.colsums.slot[kColVbar] >= 0)
-    SK_CUDA_TRY((launch_sum_rows<Acc, T>(colpart + plan.colsums.slot[kColVbar] * rt * k, rt, k, k,
-                                         nullptr, out.pbias, stream)));
-  return cudaSuccess;
+  SK_CUDA_TRY(finish_colsum(colpart, plan.colsums.slot[kColUbar], rt, k, out.bias, stream));
+  return finish_colsum(colpart, plan.colsums.slot[kColVbar], rt, k, out.pbias, stream);
 }
 
 #define SK_INSTANTIATE(T)                                                                       \
@@ -267,10 +227,7 @@ cudaError_t precision_backward(const PrecisionArgs<T>& a, const BackwardPlan& pl
                                          const FixedGrads<T>&, cudaStream_t);                    \
   template cudaError_t precision_backward<T>(const PrecisionArgs<T>&, const BackwardPlan&,        \
                                              acc_t<T>*, const PrecisionGrads<T>&, cudaStream_t);
-SK_INSTANTIATE(float)
-SK_INSTANTIATE(double)
-SK_INSTANTIATE(__half)
-SK_INSTANTIATE(__nv_bfloat16)
+SK_CUDA_FOR_EACH_TYPE(SK_INSTANTIATE)
 #undef SK_INSTANTIATE
 
 }  // namespace cuda

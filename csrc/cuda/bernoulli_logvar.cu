@@ -38,36 +38,17 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
                                     acc_t<T>* __restrict__ partial) {
   using Acc = acc_t<T>;
   using TC = TiltedContraction<Tl, T>;
-  __shared__ typename TC::Smem sm;
-
-  const TileCoord tc = tile_coord(blockIdx.x, pixel_tiles);
-  const int64_t n0 = tc.row_tile * Tl::BM, p0 = tc.col_tile * Tl::BN;
+  const BlockTile bt = block_tile<Tl>(pixel_tiles);
   typename TC::Accum acc;
-  TC::run(sm, a, n0, p0, acc);
+  TC::run(a, bt, acc);
 
-  const int lane = threadIdx.x & 31, wy = threadIdx.x >> 5;
-  Acc rowsum[Tl::TM];
-#pragma unroll
-  for (int i = 0; i < Tl::TM; ++i) rowsum[i] = Acc(0);
-#pragma unroll
-  for (int j = 0; j < Tl::TN; ++j) {
-    const int64_t p = p0 + lane + 32 * j;
-    if (p >= a.k) continue;
-    const Acc b = ld_or0(a.bias, p), h0 = ld_or0(a.lbias, p);
-#pragma unroll
-    for (int i = 0; i < Tl::TM; ++i) {
-      const int64_t n = n0 + wy * Tl::TM + i;
-      if (n < a.B)
-        rowsum[i] += tilted_logvar_pixel_nll<Acc>(load_acc(a.x, offset2d(n, p, a.k)), b, h0,
-                                                  TC::sums(acc, i, j));
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < Tl::TM; ++i) {
-    const Acc s = warp_sum(rowsum[i]);
-    const int64_t n = n0 + wy * Tl::TM + i;
-    if (lane == 0 && n < a.B) partial[offset2d(tc.col_tile, n, a.B)] = s;
-  }
+  write_tile_losses<Tl, Acc>(
+      bt, a.B, a.k, [&](int64_t p) { return load_pixel_pair(a.bias, a.lbias, p); },
+      [&](int i, int j, int64_t n, int64_t p, const PixelPair<Acc>& b) {
+        return tilted_logvar_pixel_nll<Acc>(load_acc(a.x, offset2d(n, p, a.k)), b.first, b.second,
+                                            TC::sums(acc, i, j));
+      },
+      partial);
 }
 
 template <typename Acc>
@@ -103,16 +84,12 @@ BernoulliLogvarPlan plan_backward_impl(int64_t B, int64_t k, int64_t d,
   const Split ws = choose_split(ceil_div(k, WG::BM) * ceil_div(d, WG::BN), B, WG::BK);
   p.w_split = ws.split;
   p.w_chunk = ws.chunk;
-  int64_t off = 0;
-  p.off_planes = off;
-  off += p.planes ? kNumBernoulliPlanes * B * k : 0;
-  p.off_colsum = off;
-  off += p.ncolsums * p.coef_row_tiles * k;
-  p.off_logits = off;
-  off += p.need_logits ? p.l_split * B * d : 0;
-  p.off_w = off;
-  off += p.nwout > 0 ? p.w_split * p.nwout * k * d : 0;
-  p.workspace = off;
+  ScratchLayout scratch;
+  p.off_planes = scratch.take(p.planes ? kNumBernoulliPlanes * B * k : 0);
+  p.off_colsum = scratch.take(p.ncolsums * p.coef_row_tiles * k);
+  p.off_logits = scratch.take(p.need_logits ? p.l_split * B * d : 0);
+  p.off_w = scratch.take(p.nwout > 0 ? p.w_split * p.nwout * k * d : 0);
+  p.workspace = scratch.end;
   return p;
 }
 
@@ -136,7 +113,7 @@ cudaError_t bernoulli_logvar_forward(const BernoulliLogvarArgs<T>& a, const Bern
   using Tl = typename BernoulliTiles<Acc>::Sums;
   if (a.B == 0) return cudaSuccess;
   unsigned blocks = 0;
-  SK_CUDA_TRY((sums_grid<Tl, T>(a, blocks)));
+  SK_CUDA_TRY(tile_grid(ceil_div(a.B, Tl::BM), ceil_div(a.k, Tl::BN), blocks));
   if (blocks > 0) {
     bernoulli_logvar_forward_kernel<Tl, T><<<blocks, Tl::THREADS, 0, stream>>>(a, plan.pixel_tiles, workspace);
     SK_CUDA_TRY(last_error());
@@ -148,10 +125,7 @@ cudaError_t bernoulli_logvar_forward(const BernoulliLogvarArgs<T>& a, const Bern
   template cudaError_t bernoulli_logvar_forward<T>(const BernoulliLogvarArgs<T>&,                \
                                                    const BernoulliLogvarPlan&, acc_t<T>*, T*,    \
                                                    cudaStream_t);
-SK_INSTANTIATE(float)
-SK_INSTANTIATE(double)
-SK_INSTANTIATE(__half)
-SK_INSTANTIATE(__nv_bfloat16)
+SK_CUDA_FOR_EACH_TYPE(SK_INSTANTIATE)
 #undef SK_INSTANTIATE
 
 }  // namespace cuda

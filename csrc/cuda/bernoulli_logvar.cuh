@@ -59,87 +59,69 @@ struct TiltedContraction {
 
   static __device__ __forceinline__ void stage(Smem& sm, const RowLoader& rl, const ColLoader& ca,
                                                const ColLoader& ch) {
-#pragma unroll
-    for (int t = 0; t < RowLoader::PER; ++t) {
-      const int e = static_cast<int>(threadIdx.x) + t * Tl::THREADS;
-      if (RowLoader::N % Tl::THREADS == 0 || e < RowLoader::N) {
-        const int m = e / BK, kk = e % BK;  // RowLoader's (RED_CONTIG) element mapping
-        const Acc l = rl.reg[t];
-        sm.l[kk][m] = l;
-        sm.lp[kk][m] = log_sigmoid<Acc>(l);
-        sm.lq[kk][m] = log_sigmoid<Acc>(-l);
-        sm.sg[kk][m] = untilted<Acc>(l).mean;
-      }
-    }
+    rl.for_each([&](int m, int kk, Acc l) {
+      sm.l[kk][m] = l;
+      sm.lp[kk][m] = log_sigmoid<Acc>(l);
+      sm.lq[kk][m] = log_sigmoid<Acc>(-l);
+      sm.sg[kk][m] = untilted<Acc>(l).mean;
+    });
     ca.store(sm.a);
     ch.store(sm.h);
   }
 
-  // Outside the matrices every staged value is 0 (logit 0, a = h = 0): such a latent adds
-  // exactly 0 to each sum (K = log q + log1p(1) = -log 2 + log 2, the same two roundings).
-  static __device__ __forceinline__ void run(Smem& sm, const BernoulliLogvarArgs<T>& a,
-                                             int64_t n0, int64_t p0, Accum& acc) {
+  // The sums of this block's tile bt. Outside the matrices every staged value is 0 (logit 0,
+  // a = h = 0): such a latent adds exactly 0 to each sum (K = log q + log1p(1) = -log 2 + log 2,
+  // the same two roundings).
+  static __device__ __forceinline__ void run(const BernoulliLogvarArgs<T>& a, const BlockTile& bt,
+                                             Accum& acc) {
+    __shared__ Smem sm;
+    const int64_t n0 = bt.row0, p0 = bt.col0;
     const int lane = threadIdx.x & 31, wy = threadIdx.x >> 5;
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-      for (int j = 0; j < TN; ++j) acc.hm[i][j] = acc.S[i][j] = acc.T1[i][j] = acc.T2[i][j] = Acc(0);
+    zero_fill(acc.hm);
+    zero_fill(acc.S);
+    zero_fill(acc.T1);
+    zero_fill(acc.T2);
 
     RowLoader rl;
     ColLoader ca, ch;
-    const int64_t steps = ceil_div(a.d, BK);
-    if (steps > 0) {
-      rl.load(a.logits, a.d, n0, a.B, 0, a.d);
-      ca.load(a.weight, a.d, p0, a.k, 0, a.d);
-      ch.load(a.lweight, a.d, p0, a.k, 0, a.d);
-    }
-    for (int64_t s = 0; s < steps; ++s) {
-      stage(sm, rl, ca, ch);
-      __syncthreads();
-      if (s + 1 < steps) {  // next step's loads in flight during this step's arithmetic
-        const int64_t c0 = (s + 1) * BK;
-        rl.load(a.logits, a.d, n0, a.B, c0, a.d);
-        ca.load(a.weight, a.d, p0, a.k, c0, a.d);
-        ch.load(a.lweight, a.d, p0, a.k, c0, a.d);
-      }
+    single_buffered_steps<BK>(
+        0, ceil_div(a.d, BK),
+        [&](int64_t c0) {
+          rl.load(a.logits, a.d, n0, a.B, c0, a.d);
+          ca.load(a.weight, a.d, p0, a.k, c0, a.d);
+          ch.load(a.lweight, a.d, p0, a.k, c0, a.d);
+        },
+        [&](int64_t) { stage(sm, rl, ca, ch); },
+        [&] {
 #pragma unroll
-      for (int kk = 0; kk < BK; ++kk) {
-        Acc av[TN], hv[TN];
+          for (int kk = 0; kk < BK; ++kk) {
+            Acc av[TN], hv[TN];
 #pragma unroll
-        for (int j = 0; j < TN; ++j) {
-          av[j] = sm.a[kk][lane + 32 * j];
-          hv[j] = sm.h[kk][lane + 32 * j];
-        }
+            for (int j = 0; j < TN; ++j) {
+              av[j] = sm.a[kk][lane + 32 * j];
+              hv[j] = sm.h[kk][lane + 32 * j];
+            }
 #pragma unroll
-        for (int i = 0; i < TM; ++i) {
-          const int r = wy * TM + i;
-          const Acc l = sm.l[kk][r], lp = sm.lp[kk][r], lq = sm.lq[kk][r], sg = sm.sg[kk][r];
+            for (int i = 0; i < TM; ++i) {
+              const int r = wy * TM + i;
+              const Acc l = sm.l[kk][r], lp = sm.lp[kk][r], lq = sm.lq[kk][r], sg = sm.sg[kk][r];
 #pragma unroll
-          for (int j = 0; j < TN; ++j) {
-            const LatentTilt<Acc> t = bernoulli_tilt<Acc>(l, lp, lq, hv[j]);
-            acc.hm[i][j] += hv[j] * sg;
-            acc.S[i][j] += t.log_mgf;
-            acc.T1[i][j] += av[j] * t.mean;
-            acc.T2[i][j] += av[j] * av[j] * t.var;
+              for (int j = 0; j < TN; ++j) {
+                const LatentTilt<Acc> t = bernoulli_tilt<Acc>(l, lp, lq, hv[j]);
+                acc.hm[i][j] += hv[j] * sg;
+                acc.S[i][j] += t.log_mgf;
+                acc.T1[i][j] += av[j] * t.mean;
+                acc.T2[i][j] += av[j] * av[j] * t.var;
+              }
+            }
           }
-        }
-      }
-      __syncthreads();  // the next stage() overwrites the tiles
-    }
+        });
   }
 
   static __device__ __forceinline__ TiltedSums<Acc> sums(const Accum& acc, int i, int j) {
     return TiltedSums<Acc>{acc.hm[i][j], acc.S[i][j], acc.T1[i][j], acc.T2[i][j]};
   }
 };
-
-template <class Tl, typename T>
-cudaError_t sums_grid(const BernoulliLogvarArgs<T>& a, unsigned& blocks) {
-  const int64_t n = ceil_div(a.B, Tl::BM) * ceil_div(a.k, Tl::BN);
-  if (n > 0 && !grid_fits(n)) return cudaErrorInvalidConfiguration;
-  blocks = static_cast<unsigned>(n);
-  return cudaSuccess;
-}
 
 }  // namespace
 

@@ -44,12 +44,6 @@ constexpr int head_planes(int h) { return h == int(Head::kFixed) ? 2 : (h == int
 
 // ----------------------------------------------------------------- host side
 template <typename T>
-cudaError_t zero_out(T* p, int64_t n, cudaStream_t stream) {
-  if (p == nullptr || n == 0) return cudaSuccess;
-  return cudaMemsetAsync(p, 0, static_cast<size_t>(n) * sizeof(T), stream);  // 0.0 in every T
-}
-
-template <typename T>
 bool args_valid(const CategoricalArgs<T>& a) {
   if (!valid_head(a.head) || a.B < 0 || a.k < 0 || a.G < 0 || a.K < 0 || a.K > INT_MAX) return false;
   // (an empty tensor may have a null data pointer: only pointers that are read must be set)
@@ -100,10 +94,7 @@ cudaError_t launch_softmax(const CategoricalArgs<T>& a, acc_t<T>* out, cudaStrea
 }
 
 cudaError_t pair_grid(int64_t B, int64_t k, unsigned& blocks) {
-  const int64_t n = ceil_div(B, kPairWarps) * ceil_div(k, 32);
-  if (n > 0 && !grid_fits(n)) return cudaErrorInvalidConfiguration;
-  blocks = static_cast<unsigned>(n);
-  return cudaSuccess;
+  return tile_grid(ceil_div(B, kPairWarps), ceil_div(k, 32), blocks);
 }
 
 }  // namespace
@@ -139,19 +130,13 @@ CategoricalPlan plan_categorical_backward(int64_t B, int64_t k, int64_t G, int64
   const Split ws = choose_split(ceil_div(k * G, kGroupThreads), B, kSplitStep);
   p.w_split = ws.split;
   p.w_chunk = ws.chunk;
-  int64_t off = 0;
-  p.off_prob = off;
-  off += B * d;
-  p.off_partial = off;
-  p.off_planes = off;
-  off += p.planes ? p.nplanes * B * k : 0;
-  p.off_colsum = off;
-  off += p.ncolsums * p.row_tiles * k;
-  p.off_logits = off;
-  off += p.need_logits ? p.l_split * B * d : 0;
-  p.off_w = off;
-  off += p.nwout > 0 ? p.w_split * p.nwout * k * d : 0;
-  p.workspace = off;
+  ScratchLayout scratch;
+  p.off_prob = scratch.take(B * d);
+  p.off_partial = p.off_planes = scratch.take(p.planes ? p.nplanes * B * k : 0);
+  p.off_colsum = scratch.take(p.ncolsums * p.row_tiles * k);
+  p.off_logits = scratch.take(p.need_logits ? p.l_split * B * d : 0);
+  p.off_w = scratch.take(p.nwout > 0 ? p.w_split * p.nwout * k * d : 0);
+  p.workspace = scratch.end;
   return p;
 }
 
@@ -185,11 +170,11 @@ cudaError_t categorical_backward(const CategoricalArgs<T>& args, const Categoric
   const CategoricalArgs<T> a = normalised(args);
   const int64_t B = a.B, k = a.k, d = args.G * args.K;
   if (B == 0) {  // an empty batch: the loss is 0, so are the decoder gradients
-    SK_CUDA_TRY(zero_out(out.weight, k * d, stream));
-    SK_CUDA_TRY(zero_out(out.second_weight, k * d, stream));
-    SK_CUDA_TRY(zero_out(out.bias, k, stream));
-    SK_CUDA_TRY(zero_out(out.second_bias, k, stream));
-    return zero_out(out.sigma2, k, stream);
+    SK_CUDA_TRY(zero_async(out.weight, k * d, stream));
+    SK_CUDA_TRY(zero_async(out.second_weight, k * d, stream));
+    SK_CUDA_TRY(zero_async(out.bias, k, stream));
+    SK_CUDA_TRY(zero_async(out.second_bias, k, stream));
+    return zero_async(out.sigma2, k, stream);
   }
   if (!plan.run_coef && !plan.need_logits) return cudaSuccess;
   Acc* prob = ws + plan.off_prob;
@@ -208,40 +193,27 @@ cudaError_t categorical_backward(const CategoricalArgs<T>& args, const Categoric
       }
     }
     if (plan.need_logits && out.logits != nullptr && d > 0) {
-      const int64_t blocks = ceil_div(B * a.G, kGroupThreads);
-      if (!grid_fits(blocks) || plan.l_split < 1 || plan.l_split > 65535)
-        return cudaErrorInvalidConfiguration;
+      dim3 grid;
+      SK_CUDA_TRY(split_grid(ceil_div(B * a.G, kGroupThreads), plan.l_split, grid));
       Acc* part = ws + plan.off_logits;
-      const dim3 grid(static_cast<unsigned>(blocks), 1u, static_cast<unsigned>(plan.l_split));
       categorical_dlogits_kernel<HD, T><<<grid, kGroupThreads, 0, stream>>>(a, prob, planes, plan.l_chunk, part);
       SK_CUDA_TRY(last_error());
       SK_CUDA_TRY((launch_sum_rows<Acc, T>(part, plan.l_split, B * d, B * d, nullptr, out.logits, stream)));
     }
     if (plan.nwout > 0 && k > 0 && d > 0) {
-      const int64_t blocks = ceil_div(k * a.G, kGroupThreads);
-      if (!grid_fits(blocks) || plan.w_split < 1 || plan.w_split > 65535)
-        return cudaErrorInvalidConfiguration;
+      dim3 grid;
+      SK_CUDA_TRY(split_grid(ceil_div(k * a.G, kGroupThreads), plan.w_split, grid));
       Acc* part = ws + plan.off_w;
-      const dim3 grid(static_cast<unsigned>(blocks), 1u, static_cast<unsigned>(plan.w_split));
       categorical_dweight_kernel<HD, T><<<grid, kGroupThreads, 0, stream>>>(
           a, prob, planes, plan.need_a, plan.need_c, plan.w_chunk, part);
       SK_CUDA_TRY(last_error());
-      const int64_t per = k * d, ld = plan.nwout * per;
-      if (plan.need_a && out.weight != nullptr)
-        SK_CUDA_TRY((launch_sum_rows<Acc, T>(part, plan.w_split, per, ld, nullptr, out.weight, stream)));
-      if (plan.need_c && out.second_weight != nullptr)
-        SK_CUDA_TRY((launch_sum_rows<Acc, T>(part + int(plan.need_a) * per, plan.w_split, per, ld, nullptr,
-                                             out.second_weight, stream)));
+      SK_CUDA_TRY(finish_weight_splits<T>(part, plan.w_split, plan.need_a, plan.need_c, k * d,
+                                          out.weight, out.second_weight, stream));
     }
     const int64_t rt = plan.row_tiles;
     T* second_out = HD == Head::kFixed ? out.sigma2 : out.second_bias;
-    if (out.bias != nullptr && plan.colsums.slot[kCatColBias] >= 0)
-      SK_CUDA_TRY((launch_sum_rows<Acc, T>(colpart + plan.colsums.slot[kCatColBias] * rt * k, rt, k, k,
-                                           nullptr, out.bias, stream)));
-    if (second_out != nullptr && plan.colsums.slot[kCatColSecond] >= 0)
-      SK_CUDA_TRY((launch_sum_rows<Acc, T>(colpart + plan.colsums.slot[kCatColSecond] * rt * k, rt, k, k,
-                                           nullptr, second_out, stream)));
-    return cudaSuccess;
+    SK_CUDA_TRY(finish_colsum(colpart, plan.colsums.slot[kCatColBias], rt, k, out.bias, stream));
+    return finish_colsum(colpart, plan.colsums.slot[kCatColSecond], rt, k, second_out, stream);
   });
 }
 
@@ -250,10 +222,7 @@ cudaError_t categorical_backward(const CategoricalArgs<T>& args, const Categoric
                                               acc_t<T>*, T*, cudaStream_t);                      \
   template cudaError_t categorical_backward<T>(const CategoricalArgs<T>&, const CategoricalPlan&, \
                                                acc_t<T>*, const CategoricalGrads<T>&, cudaStream_t);
-SK_INSTANTIATE(float)
-SK_INSTANTIATE(double)
-SK_INSTANTIATE(__half)
-SK_INSTANTIATE(__nv_bfloat16)
+SK_CUDA_FOR_EACH_TYPE(SK_INSTANTIATE)
 #undef SK_INSTANTIATE
 
 }  // namespace cuda

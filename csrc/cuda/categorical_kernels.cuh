@@ -179,8 +179,7 @@ __global__ void __launch_bounds__(kPairThreads)
     }
     if (dx != nullptr) dx[off] = Cvt<T>::store(dxv);
   }
-  if (colsums.slot[0] >= 0 || colsums.slot[1] >= 0)  // block-uniform
-    write_colsums<PairTile>(cs, colsums, tc.row_tile, ceil_div(a.B, kPairWarps), p0, a.k, colpart);
+  write_colsums<PairTile>(cs, colsums, tc.row_tile, ceil_div(a.B, kPairWarps), p0, a.k, colpart);
 }
 
 // The coefficients of (n, p) from the planes.
@@ -237,14 +236,13 @@ __global__ void __launch_bounds__(kGroupThreads)
   const int64_t q = static_cast<int64_t>(blockIdx.x) * kGroupThreads + threadIdx.x;
   if (q >= a.B * a.G) return;  // no block-wide synchronisation below
   const int64_t n = q / a.G, g = q % a.G, d = a.G * a.K;
-  const int64_t split = blockIdx.z;
-  const int64_t p_begin = split * chunk, p_end = p_begin + chunk < a.k ? p_begin + chunk : a.k;
-  Acc* dst = partial + offset3d(split, n, g * a.K, a.B, d);
+  const ChunkRange pixels = chunk_range(chunk, a.k);
+  Acc* dst = partial + offset3d(pixels.split, n, g * a.K, a.B, d);
   const bool in_smem = a.K <= SC;
   Acc* out = in_smem ? &acc_s[threadIdx.x][0] : dst;
   for (int64_t j = 0; j < a.K; ++j) out[j] = Acc(0);
   const Acc* prob_g = prob + offset2d(n, g * a.K, d);
-  for (int64_t p = p_begin; p < p_end; ++p)
+  for (int64_t p = pixels.begin; p < pixels.end; ++p)
     triple_grad<HD, T>(a, prob_g, planes, n, p, g, out, nullptr, nullptr);
   if (in_smem)
     for (int64_t j = 0; j < a.K; ++j) dst[j] = out[j];
@@ -264,11 +262,10 @@ __global__ void __launch_bounds__(kGroupThreads)
   const int64_t q = static_cast<int64_t>(blockIdx.x) * kGroupThreads + threadIdx.x;
   if (q >= a.k * a.G) return;  // no block-wide synchronisation below
   const int64_t p = q / a.G, g = q % a.G, d = a.G * a.K;
-  const int64_t split = blockIdx.z;
-  const int64_t n_begin = split * chunk, n_end = n_begin + chunk < a.B ? n_begin + chunk : a.B;
+  const ChunkRange samples = chunk_range(chunk, a.B);
   const int nwout = int(need_a) + int(need_c);
-  Acc* dst_a = need_a ? partial + offset3d(split * nwout, p, g * a.K, a.k, d) : nullptr;
-  Acc* dst_c = need_c ? partial + offset3d(split * nwout + int(need_a), p, g * a.K, a.k, d) : nullptr;
+  Acc* dst_a = need_a ? partial + offset3d(samples.split * nwout, p, g * a.K, a.k, d) : nullptr;
+  Acc* dst_c = need_c ? partial + offset3d(samples.split * nwout + int(need_a), p, g * a.K, a.k, d) : nullptr;
   const bool in_smem = a.K <= SC;
   Acc* da = in_smem && need_a ? &acc_s[0][threadIdx.x][0] : dst_a;
   Acc* dc = in_smem && need_c ? &acc_s[1][threadIdx.x][0] : dst_c;
@@ -276,7 +273,7 @@ __global__ void __launch_bounds__(kGroupThreads)
     if (da != nullptr) da[j] = Acc(0);
     if (dc != nullptr) dc[j] = Acc(0);
   }
-  for (int64_t n = n_begin; n < n_end; ++n)
+  for (int64_t n = samples.begin; n < samples.end; ++n)
     triple_grad<HD, T>(a, prob + offset2d(n, g * a.K, d), planes, n, p, g, nullptr, da, dc);
   if (in_smem)
     for (int64_t j = 0; j < a.K; ++j) {

@@ -16,53 +16,30 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
                       acc_t<T>* __restrict__ planes, const ColSumSlots colsums,
                       acc_t<T>* __restrict__ colpart, T* __restrict__ dx) {
   using Acc = acc_t<T>;
-  using Set = ContractSet<false, false, false>;
-  using Ctr = Contractor<Tl, Set, T>;
-  __shared__ typename Ctr::Smem sm;
-
-  const TileCoord tc = tile_coord(blockIdx.x, pixel_tiles);
-  const int64_t n0 = tc.row_tile * Tl::BM, p0 = tc.col_tile * Tl::BN;
-  const T* mom[1] = {a.mean};
-  const T* w[1] = {a.weight};
+  using Ctr = FixedContractor<Tl, T>;
+  const BlockTile bt = block_tile<Tl>(pixel_tiles);
   typename Ctr::Accum acc;
-  Ctr::run(sm, mom, w, a.B, a.k, a.d, n0, p0, acc);
+  Ctr::run(a, bt, acc);
 
-  const int lane = threadIdx.x & 31, wy = threadIdx.x >> 5;
   const int s_ubar = slots.slot[kUbar];
-  const bool want_cs = colsums.slot[0] >= 0 || colsums.slot[1] >= 0;
-  Acc cs[kNumColSums][Tl::TN];
-#pragma unroll
-  for (int j = 0; j < Tl::TN; ++j) cs[kColUbar][j] = cs[kColDSigma2][j] = Acc(0);
-  Acc gs[Tl::TM];
-#pragma unroll
-  for (int i = 0; i < Tl::TM; ++i) {
-    const int64_t n = n0 + wy * Tl::TM + i;
-    gs[i] = n < a.B ? load_acc(a.grad, n) : Acc(0);
-  }
-#pragma unroll
-  for (int j = 0; j < Tl::TN; ++j) {
-    const int64_t p = p0 + lane + 32 * j;
-    if (p >= a.k) continue;
-    const Acc inv_s2 = Acc(1) / load_acc(a.sigma2, p);
-    const Acc bu = ld_or0(a.bias, p);
-#pragma unroll
-    for (int i = 0; i < Tl::TM; ++i) {
-      const int64_t n = n0 + wy * Tl::TM + i;
-      if (n >= a.B) continue;
-      const int64_t off = offset2d(n, p, a.k);
-      const Acc resid = load_acc(a.x, off) - (acc[Set::UB][i][j] + bu);
-      // d/d ubar of fixed_pixel_nll = -resid / sigma2 (the only resid-dependent term is
-      // 0.5 resid^2 / sigma2); d/dx is its negative.
-      const Acc g_ubar = -resid * inv_s2 * gs[i];
-      if (s_ubar >= 0) planes[offset3d(s_ubar, n, p, a.B, a.k)] = g_ubar;
-      if (dx != nullptr) dx[off] = Cvt<T>::store(-g_ubar);
-      cs[kColUbar][j] += g_ubar;
-      // The Saa part of d/d sigma2 is linear in Saa and added per pixel in O(kd) later
-      // (launch_sigma2_finish), so Saa is never formed here.
-      cs[kColDSigma2][j] += gs[i] * fixed_pixel_dsigma2<Acc>(resid, Acc(0), inv_s2);
-    }
-  }
-  if (want_cs) write_colsums<Tl>(cs, colsums, tc.row_tile, ceil_div(a.B, Tl::BM), p0, a.k, colpart);
+  struct PixelConsts {
+    Acc inv_s2, bu;
+  };
+  write_tile_coefs<Tl>(
+      bt, a.grad, a.B, a.k, colsums, colpart,
+      [&](int64_t p) { return PixelConsts{Acc(1) / load_acc(a.sigma2, p), ld_or0(a.bias, p)}; },
+      [&](int i, int j, int64_t n, int64_t p, const PixelConsts& c, Acc gn) {
+        const int64_t off = offset2d(n, p, a.k);
+        const Acc resid = load_acc(a.x, off) - (acc[Ctr::Set::UB][i][j] + c.bu);
+        // d/d ubar of fixed_pixel_nll = -resid / sigma2 (the only resid-dependent term is
+        // 0.5 resid^2 / sigma2); d/dx is its negative.
+        const Acc g_ubar = -resid * c.inv_s2 * gn;
+        if (s_ubar >= 0) planes[offset3d(s_ubar, n, p, a.B, a.k)] = g_ubar;
+        if (dx != nullptr) dx[off] = Cvt<T>::store(-g_ubar);
+        // Column sums kColUbar, kColDSigma2. The Saa part of d/d sigma2 is linear in Saa and
+        // added per pixel in O(kd) later (launch_sigma2_finish), so Saa is never formed here.
+        return PixelPair<Acc>{g_ubar, gn * fixed_pixel_dsigma2<Acc>(resid, Acc(0), c.inv_s2)};
+      });
 }
 
 // H: the per-pixel epilogue (epilogue.h Head); kExactLog and kLogVar only with K3 = K4 = false.
@@ -72,57 +49,32 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
                           acc_t<T>* __restrict__ planes, const ColSumSlots colsums,
                           acc_t<T>* __restrict__ colpart, T* __restrict__ dx) {
   using Acc = acc_t<T>;
-  using Set = ContractSet<true, K3, K4>;
-  using Ctr = Contractor<Tl, Set, T>;
+  using Ctr = PrecisionContractor<Tl, K3, K4, T>;
+  using Set = typename Ctr::Set;
   static_assert(H == Head::kTaylor || (!K3 && !K4), "exact heads need Gaussian latents");
-  __shared__ typename Ctr::Smem sm;
-
-  const TileCoord tc = tile_coord(blockIdx.x, pixel_tiles);
-  const int64_t n0 = tc.row_tile * Tl::BM, p0 = tc.col_tile * Tl::BN;
-  const T* mom[Set::NK];
-  precision_moments<Set>(a, mom);
-  const T* w[2] = {a.weight, a.pweight};
+  const BlockTile bt = block_tile<Tl>(pixel_tiles);
   typename Ctr::Accum acc;
-  Ctr::run(sm, mom, w, a.B, a.k, a.d, n0, p0, acc);
+  Ctr::run(a, bt, acc);
 
-  const int lane = threadIdx.x & 31, wy = threadIdx.x >> 5;
-  const bool want_cs = colsums.slot[0] >= 0 || colsums.slot[1] >= 0;
-  Acc cs[kNumColSums][Tl::TN];
+  write_tile_coefs<Tl>(
+      bt, a.grad, a.B, a.k, colsums, colpart,
+      [&](int64_t p) { return load_pixel_pair(a.bias, a.pbias, p); },
+      [&](int i, int j, int64_t n, int64_t p, const PixelPair<Acc>& b, Acc gn) {
+        const int64_t off = offset2d(n, p, a.k);
+        const PixelTerms<Acc> t = Ctr::terms(acc, i, j, b.first, b.second);
+        const PixelTerms<Acc> g = head_pixel_grad<H, Acc>(load_acc(a.x, off), t);
+        const Acc gv[kNumPlanes] = {g.ubar, g.vbar, g.Saa, g.Scc, g.Sac,
+                                    g.Tacc, g.Taac, g.C3,  g.Q,   g.C4};
 #pragma unroll
-  for (int j = 0; j < Tl::TN; ++j) cs[kColUbar][j] = cs[kColVbar][j] = Acc(0);
-  Acc gs[Tl::TM];
-#pragma unroll
-  for (int i = 0; i < Tl::TM; ++i) {
-    const int64_t n = n0 + wy * Tl::TM + i;
-    gs[i] = n < a.B ? load_acc(a.grad, n) : Acc(0);
-  }
-#pragma unroll
-  for (int j = 0; j < Tl::TN; ++j) {
-    const int64_t p = p0 + lane + 32 * j;
-    if (p >= a.k) continue;
-    const Acc bu = ld_or0(a.bias, p), bv = ld_or0(a.pbias, p);
-#pragma unroll
-    for (int i = 0; i < Tl::TM; ++i) {
-      const int64_t n = n0 + wy * Tl::TM + i;
-      if (n >= a.B) continue;
-      const int64_t off = offset2d(n, p, a.k);
-      const PixelTerms<Acc> t = Ctr::terms(acc, i, j, bu, bv);
-      const PixelTerms<Acc> g = head_pixel_grad<H, Acc>(load_acc(a.x, off), t);
-      const Acc gv[kNumPlanes] = {g.ubar, g.vbar, g.Saa, g.Scc, g.Sac,
-                                  g.Tacc, g.Taac, g.C3,  g.Q,   g.C4};
-#pragma unroll
-      for (int q = 0; q < kNumPlanes; ++q) {
-        const bool present = q < kTacc || (q < kQ ? Set::kK3 : Set::kK4);
-        const int s = slots.slot[q];
-        if (present && s >= 0) planes[offset3d(s, n, p, a.B, a.k)] = gs[i] * gv[q];
-      }
-      cs[kColUbar][j] += gs[i] * g.ubar;
-      cs[kColVbar][j] += gs[i] * g.vbar;
-      // d/dx = d/de = -d/d ubar
-      if (dx != nullptr) dx[off] = Cvt<T>::store(-gs[i] * g.ubar);
-    }
-  }
-  if (want_cs) write_colsums<Tl>(cs, colsums, tc.row_tile, ceil_div(a.B, Tl::BM), p0, a.k, colpart);
+        for (int q = 0; q < kNumPlanes; ++q) {
+          const bool present = q < kTacc || (q < kQ ? Set::kK3 : Set::kK4);
+          const int s = slots.slot[q];
+          if (present && s >= 0) planes[offset3d(s, n, p, a.B, a.k)] = gn * gv[q];
+        }
+        // d/dx = d/de = -d/d ubar
+        if (dx != nullptr) dx[off] = Cvt<T>::store(-gn * g.ubar);
+        return PixelPair<Acc>{gn * g.ubar, gn * g.vbar};  // column sums kColUbar, kColVbar
+      });
 }
 
 template <class Tl, typename T>
@@ -147,25 +99,11 @@ cudaError_t precision_coef_tiles(const PrecisionArgs<T>& a, const PlaneSlots& sl
   if (blocks == 0) return cudaSuccess;
   if (!grid_fits(blocks)) return cudaErrorInvalidConfiguration;
   const unsigned g = static_cast<unsigned>(blocks);
-  if (a.head == int(Head::kExactLog)) {
-    precision_coef_kernel<Tl, Head::kExactLog, false, false, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, slots, planes, colsums, colpart, dx);
-    return last_error();
-  }
-  if (a.head == int(Head::kLogVar)) {
-    precision_coef_kernel<Tl, Head::kLogVar, false, false, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, slots, planes, colsums, colpart, dx);
-    return last_error();
-  }
-  switch (latent_cfg(a.k3 != nullptr, a.k4 != nullptr)) {
-    case kGaussian:
-      precision_coef_kernel<Tl, Head::kTaylor, false, false, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, slots, planes, colsums, colpart, dx);
-      break;
-    case kK4Only:
-      precision_coef_kernel<Tl, Head::kTaylor, false, true, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, slots, planes, colsums, colpart, dx);
-      break;
-    default:
-      precision_coef_kernel<Tl, Head::kTaylor, true, true, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, slots, planes, colsums, colpart, dx);
-      break;
-  }
+  dispatch_precision(a, [&](auto head, auto with_k3, auto with_k4) {
+    precision_coef_kernel<Tl, decltype(head)::value, decltype(with_k3)::value,
+                          decltype(with_k4)::value, T><<<g, Tl::THREADS, 0, stream>>>(
+        a, pixel_tiles, slots, planes, colsums, colpart, dx);
+  });
   return last_error();
 }
 
@@ -211,10 +149,7 @@ int64_t coef_row_tiles(bool precision, bool is_double, int cfg, int64_t B) {
   template cudaError_t launch_precision_coef<T>(const PrecisionArgs<T>&, int, const PlaneSlots&, \
                                                 acc_t<T>*, const ColSumSlots&, acc_t<T>*, T*,  \
                                                 cudaStream_t);
-SK_INSTANTIATE(float)
-SK_INSTANTIATE(double)
-SK_INSTANTIATE(__half)
-SK_INSTANTIATE(__nv_bfloat16)
+SK_CUDA_FOR_EACH_TYPE(SK_INSTANTIATE)
 #undef SK_INSTANTIATE
 
 }  // namespace cuda

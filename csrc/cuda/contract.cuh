@@ -29,8 +29,19 @@ struct ContractSet {
   static constexpr int Q = 5 + 3 * int(kK3), C4 = 6 + 3 * int(kK3);
 };
 
-template <class Tl, class Set, typename T>
+// Moment pointers of a ContractSet from the precision inputs.
+template <class Set, typename T>
+__device__ __forceinline__ void precision_moments(const PrecisionArgs<T>& a,
+                                                  const T* (&mom)[Set::NK]) {
+  mom[0] = a.mean;
+  mom[1] = a.var;
+  if constexpr (Set::kK3) mom[Set::KI_K3] = a.k3;
+  if constexpr (Set::kK4) mom[Set::KI_K4] = a.k4;  // may be null (k3-only moments): zeros
+}
+
+template <class Tl, class Set_, typename T>
 struct Contractor {
+  using Set = Set_;
   using Acc = acc_t<T>;
   static constexpr int TM = Tl::TM, TN = Tl::TN, BK = Tl::BK, BM = Tl::BM, BN = Tl::BN;
   using RowLoader = TileLoader<T, Acc, BM, BK, Tl::THREADS, true>;
@@ -49,48 +60,43 @@ struct Contractor {
                                              const T* const (&w)[Set::NW], int64_t B, int64_t k,
                                              int64_t d, int64_t n0, int64_t p0, Accum& acc) {
     const int lane = threadIdx.x & 31, wy = threadIdx.x >> 5;
+    zero_fill(acc);
+    TileGroup<RowLoader, Set::NK> rows;
+    TileGroup<ColLoader, Set::NW> cols;
+    double_buffered_steps<BK>(
+        0, ceil_div(d, BK),
+        [&](int64_t c0) {
+          rows.load(mom, d, n0, B, c0, d);
+          cols.load(w, d, p0, k, c0, d);
+        },
+        [&](int buf) {
+          rows.store(sm.row[buf]);
+          cols.store(sm.col[buf]);
+        },
+        [&](int buf) {
 #pragma unroll
-    for (int q = 0; q < Set::NACC; ++q)
-#pragma unroll
-      for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[q][i][j] = Acc(0);
+          for (int kk = 0; kk < BK; ++kk) step(sm, buf, kk, lane, wy, acc);
+        });
+  }
 
-    RowLoader rl[Set::NK];
-    ColLoader cl[Set::NW];
-    const int64_t steps = ceil_div(d, BK);
-    if (steps > 0) {
-#pragma unroll
-      for (int q = 0; q < Set::NK; ++q) rl[q].load(mom[q], d, n0, B, 0, d);
-#pragma unroll
-      for (int q = 0; q < Set::NW; ++q) cl[q].load(w[q], d, p0, k, 0, d);
-#pragma unroll
-      for (int q = 0; q < Set::NK; ++q) rl[q].store(sm.row[0][q]);
-#pragma unroll
-      for (int q = 0; q < Set::NW; ++q) cl[q].store(sm.col[0][q]);
-    }
-    __syncthreads();
+  // The contractions of this block's tile bt of a fixed-head call (ubar only).
+  static __device__ __forceinline__ void run(const FixedArgs<T>& a, const BlockTile& bt, Accum& acc) {
+    static_assert(!Set::kPrec, "the fixed head has no precision weights");
+    __shared__ Smem sm;
+    const T* mom[1] = {a.mean};
+    const T* w[1] = {a.weight};
+    run(sm, mom, w, a.B, a.k, a.d, bt.row0, bt.col0, acc);
+  }
 
-    for (int64_t s = 0; s < steps; ++s) {
-      const int buf = static_cast<int>(s & 1);
-      const bool more = s + 1 < steps;
-      if (more) {
-        const int64_t c0 = (s + 1) * BK;
-#pragma unroll
-        for (int q = 0; q < Set::NK; ++q) rl[q].load(mom[q], d, n0, B, c0, d);
-#pragma unroll
-        for (int q = 0; q < Set::NW; ++q) cl[q].load(w[q], d, p0, k, c0, d);
-      }
-#pragma unroll
-      for (int kk = 0; kk < BK; ++kk) step(sm, buf, kk, lane, wy, acc);
-      if (more) {
-#pragma unroll
-        for (int q = 0; q < Set::NK; ++q) rl[q].store(sm.row[buf ^ 1][q]);
-#pragma unroll
-        for (int q = 0; q < Set::NW; ++q) cl[q].store(sm.col[buf ^ 1][q]);
-      }
-      __syncthreads();
-    }
+  // The contractions of this block's tile bt of a precision-family call.
+  static __device__ __forceinline__ void run(const PrecisionArgs<T>& a, const BlockTile& bt,
+                                             Accum& acc) {
+    static_assert(Set::kPrec, "precision calls contract with both weights");
+    __shared__ Smem sm;
+    const T* mom[Set::NK];
+    precision_moments<Set>(a, mom);
+    const T* w[2] = {a.weight, a.pweight};
+    run(sm, mom, w, a.B, a.k, a.d, bt.row0, bt.col0, acc);
   }
 
   static __device__ __forceinline__ void step(const Smem& sm, int buf, int kk, int lane, int wy,
@@ -181,15 +187,10 @@ struct Contractor {
   }
 };
 
-// Moment pointers of a ContractSet from the precision inputs.
-template <class Set, typename T>
-__device__ __forceinline__ void precision_moments(const PrecisionArgs<T>& a,
-                                                  const T* (&mom)[Set::NK]) {
-  mom[0] = a.mean;
-  mom[1] = a.var;
-  if constexpr (Set::kK3) mom[Set::KI_K3] = a.k3;
-  if constexpr (Set::kK4) mom[Set::KI_K4] = a.k4;  // may be null (k3-only moments): zeros
-}
+template <class Tl, typename T>
+using FixedContractor = Contractor<Tl, ContractSet<false, false, false>, T>;
+template <class Tl, bool K3, bool K4, typename T>
+using PrecisionContractor = Contractor<Tl, ContractSet<true, K3, K4>, T>;
 
 }  // namespace cuda
 }  // namespace silent_kernels

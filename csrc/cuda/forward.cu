@@ -24,43 +24,25 @@ template <class Tl, typename T>
 __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
     fixed_forward_kernel(const FixedArgs<T> a, int64_t pixel_tiles, acc_t<T>* __restrict__ partial) {
   using Acc = acc_t<T>;
-  using Set = ContractSet<false, false, false>;
-  using Ctr = Contractor<Tl, Set, T>;
-  __shared__ typename Ctr::Smem sm;
-
-  const TileCoord tc = tile_coord(blockIdx.x, pixel_tiles);
-  const int64_t n0 = tc.row_tile * Tl::BM, p0 = tc.col_tile * Tl::BN;
-  const T* mom[1] = {a.mean};
-  const T* w[1] = {a.weight};
+  using Ctr = FixedContractor<Tl, T>;
+  const BlockTile bt = block_tile<Tl>(pixel_tiles);
   typename Ctr::Accum acc;
-  Ctr::run(sm, mom, w, a.B, a.k, a.d, n0, p0, acc);
+  Ctr::run(a, bt, acc);
 
-  const int lane = threadIdx.x & 31, wy = threadIdx.x >> 5;
-  Acc rowsum[Tl::TM];
-#pragma unroll
-  for (int i = 0; i < Tl::TM; ++i) rowsum[i] = Acc(0);
-#pragma unroll
-  for (int j = 0; j < Tl::TN; ++j) {
-    const int64_t p = p0 + lane + 32 * j;
-    if (p >= a.k) continue;
-    const Acc s2 = load_acc(a.sigma2, p);
-    const Acc inv_s2 = Acc(1) / s2, log_s2 = log(s2);
-    const Acc bu = ld_or0(a.bias, p);
-#pragma unroll
-    for (int i = 0; i < Tl::TM; ++i) {
-      const int64_t n = n0 + wy * Tl::TM + i;
-      if (n < a.B) {
-        const Acc resid = load_acc(a.x, offset2d(n, p, a.k)) - (acc[Set::UB][i][j] + bu);
-        rowsum[i] += fixed_pixel_nll<Acc>(resid, Acc(0), inv_s2, log_s2);
-      }
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < Tl::TM; ++i) {
-    const Acc s = warp_sum(rowsum[i]);
-    const int64_t n = n0 + wy * Tl::TM + i;
-    if (lane == 0 && n < a.B) partial[offset2d(tc.col_tile, n, a.B)] = s;
-  }
+  struct PixelConsts {
+    Acc inv_s2, log_s2, bu;
+  };
+  write_tile_losses<Tl, Acc>(
+      bt, a.B, a.k,
+      [&](int64_t p) {
+        const Acc s2 = load_acc(a.sigma2, p);
+        return PixelConsts{Acc(1) / s2, log(s2), ld_or0(a.bias, p)};
+      },
+      [&](int i, int j, int64_t n, int64_t p, const PixelConsts& c) {
+        const Acc resid = load_acc(a.x, offset2d(n, p, a.k)) - (acc[Ctr::Set::UB][i][j] + c.bu);
+        return fixed_pixel_nll<Acc>(resid, Acc(0), c.inv_s2, c.log_s2);
+      },
+      partial);
 }
 
 // H: the per-pixel epilogue (epilogue.h Head); kExactLog and kLogVar only with K3 = K4 = false.
@@ -69,43 +51,19 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
     precision_forward_kernel(const PrecisionArgs<T> a, int64_t pixel_tiles,
                              acc_t<T>* __restrict__ partial) {
   using Acc = acc_t<T>;
-  using Set = ContractSet<true, K3, K4>;
-  using Ctr = Contractor<Tl, Set, T>;
+  using Ctr = PrecisionContractor<Tl, K3, K4, T>;
   static_assert(H == Head::kTaylor || (!K3 && !K4), "exact heads need Gaussian latents");
-  __shared__ typename Ctr::Smem sm;
-
-  const TileCoord tc = tile_coord(blockIdx.x, pixel_tiles);
-  const int64_t n0 = tc.row_tile * Tl::BM, p0 = tc.col_tile * Tl::BN;
-  const T* mom[Set::NK];
-  precision_moments<Set>(a, mom);
-  const T* w[2] = {a.weight, a.pweight};
+  const BlockTile bt = block_tile<Tl>(pixel_tiles);
   typename Ctr::Accum acc;
-  Ctr::run(sm, mom, w, a.B, a.k, a.d, n0, p0, acc);
+  Ctr::run(a, bt, acc);
 
-  const int lane = threadIdx.x & 31, wy = threadIdx.x >> 5;
-  Acc rowsum[Tl::TM];
-#pragma unroll
-  for (int i = 0; i < Tl::TM; ++i) rowsum[i] = Acc(0);
-#pragma unroll
-  for (int j = 0; j < Tl::TN; ++j) {
-    const int64_t p = p0 + lane + 32 * j;
-    if (p >= a.k) continue;
-    const Acc bu = ld_or0(a.bias, p), bv = ld_or0(a.pbias, p);
-#pragma unroll
-    for (int i = 0; i < Tl::TM; ++i) {
-      const int64_t n = n0 + wy * Tl::TM + i;
-      if (n < a.B) {
-        const PixelTerms<Acc> t = Ctr::terms(acc, i, j, bu, bv);
-        rowsum[i] += head_pixel_nll<H, Acc>(load_acc(a.x, offset2d(n, p, a.k)), t);
-      }
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < Tl::TM; ++i) {
-    const Acc s = warp_sum(rowsum[i]);
-    const int64_t n = n0 + wy * Tl::TM + i;
-    if (lane == 0 && n < a.B) partial[offset2d(tc.col_tile, n, a.B)] = s;
-  }
+  write_tile_losses<Tl, Acc>(
+      bt, a.B, a.k, [&](int64_t p) { return load_pixel_pair(a.bias, a.pbias, p); },
+      [&](int i, int j, int64_t n, int64_t p, const PixelPair<Acc>& b) {
+        const PixelTerms<Acc> t = Ctr::terms(acc, i, j, b.first, b.second);
+        return head_pixel_nll<H, Acc>(load_acc(a.x, offset2d(n, p, a.k)), t);
+      },
+      partial);
 }
 
 // ------------------------------------------------------------------------------ plans
@@ -130,15 +88,6 @@ int current_sm_count() {
 }
 
 namespace {
-
-// Large tiles unless they leave the device under-filled (fewer than two blocks per
-// multiprocessor), then small tiles: the reduction over d cannot be split (the epilogue
-// is non-linear), so parallelism has to come from the (B, k) tiling.
-template <class Large, class Small>
-int choose_cfg(int64_t B, int64_t k) {
-  const int64_t large = ceil_div(B, Large::BM) * ceil_div(k, Large::BN);
-  return large >= 2 * static_cast<int64_t>(current_sm_count()) ? 0 : 1;
-}
 
 template <class Large, class Small>
 int64_t pixel_tiles_of(int cfg, int64_t k) {
@@ -203,25 +152,11 @@ cudaError_t launch_precision_tiles(const PrecisionArgs<T>& a, int64_t pixel_tile
   const int64_t blocks = ceil_div(a.B, Tl::BM) * pixel_tiles;
   if (!grid_fits(blocks)) return cudaErrorInvalidConfiguration;
   const unsigned g = static_cast<unsigned>(blocks);
-  if (a.head == int(Head::kExactLog)) {
-    precision_forward_kernel<Tl, Head::kExactLog, false, false, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, partial);
-    return last_error();
-  }
-  if (a.head == int(Head::kLogVar)) {
-    precision_forward_kernel<Tl, Head::kLogVar, false, false, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, partial);
-    return last_error();
-  }
-  switch (latent_cfg(a.k3 != nullptr, a.k4 != nullptr)) {
-    case kGaussian:
-      precision_forward_kernel<Tl, Head::kTaylor, false, false, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, partial);
-      break;
-    case kK4Only:
-      precision_forward_kernel<Tl, Head::kTaylor, false, true, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, partial);
-      break;
-    default:
-      precision_forward_kernel<Tl, Head::kTaylor, true, true, T><<<g, Tl::THREADS, 0, stream>>>(a, pixel_tiles, partial);
-      break;
-  }
+  dispatch_precision(a, [&](auto head, auto with_k3, auto with_k4) {
+    precision_forward_kernel<Tl, decltype(head)::value, decltype(with_k3)::value,
+                             decltype(with_k4)::value, T><<<g, Tl::THREADS, 0, stream>>>(
+        a, pixel_tiles, partial);
+  });
   return last_error();
 }
 
@@ -266,10 +201,7 @@ cudaError_t precision_forward(const PrecisionArgs<T>& a, const ForwardPlan& plan
                                         cudaStream_t);                                         \
   template cudaError_t precision_forward<T>(const PrecisionArgs<T>&, const ForwardPlan&,        \
                                             acc_t<T>*, T*, cudaStream_t);
-SK_INSTANTIATE(float)
-SK_INSTANTIATE(double)
-SK_INSTANTIATE(__half)
-SK_INSTANTIATE(__nv_bfloat16)
+SK_CUDA_FOR_EACH_TYPE(SK_INSTANTIATE)
 #undef SK_INSTANTIATE
 
 }  // namespace cuda

@@ -23,6 +23,9 @@
 namespace silent_kernels {
 namespace cuda {
 
+// M(T) for every element type the launchers are instantiated for.
+#define SK_CUDA_FOR_EACH_TYPE(M) M(float) M(double) M(__half) M(__nv_bfloat16)
+
 template <typename T>
 struct AccOf {
   using type = float;
@@ -335,10 +338,7 @@ cudaError_t categorical_backward(const CategoricalArgs<T>& a, const CategoricalP
   extern template cudaError_t categorical_backward<T>(const CategoricalArgs<T>&,               \
                                                       const CategoricalPlan&, acc_t<T>*,       \
                                                       const CategoricalGrads<T>&, cudaStream_t);
-SK_CUDA_DECLARE_LAUNCHERS(float)
-SK_CUDA_DECLARE_LAUNCHERS(double)
-SK_CUDA_DECLARE_LAUNCHERS(__half)
-SK_CUDA_DECLARE_LAUNCHERS(__nv_bfloat16)
+SK_CUDA_FOR_EACH_TYPE(SK_CUDA_DECLARE_LAUNCHERS)
 #undef SK_CUDA_DECLARE_LAUNCHERS
 
 }  // namespace cuda

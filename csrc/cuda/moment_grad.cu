@@ -31,8 +31,8 @@ struct MomentGrad {
   template <int KIND>
   static __device__ __forceinline__ void run(Smem& sm, const Acc* planes, const PlaneSlots& slots,
                                              const T* A, const T* C, int64_t B, int64_t k,
-                                             int64_t d, int64_t n0, int64_t i0, int64_t p_begin,
-                                             int64_t p_end, Acc* __restrict__ out) {
+                                             int64_t d, const BlockTile& bt,
+                                             const ChunkRange& pixels, Acc* __restrict__ out) {
     constexpr int NP = KIND == 0 ? (PREC ? 2 : 1) : (KIND == 3 ? 2 : 3);
     constexpr int FIRST = KIND == 0 ? kUbar : KIND == 1 ? kSaa : KIND == 2 ? kTacc : kQ;
     using GLoader = TileLoader<Acc, Acc, BM, BK, Tl::THREADS, true>;
@@ -50,90 +50,60 @@ struct MomentGrad {
     if constexpr (PREC) w_src[1] = C;
 
     Acc acc[TM][TN];
+    zero_fill(acc);
+    TileGroup<GLoader, NP> gt;
+    TileGroup<WLoader, NW> wt;
+    double_buffered_steps<BK>(
+        pixels.begin, pixels.steps(BK),
+        [&](int64_t c0) {
+          gt.load(g_src, k, bt.row0, B, c0, pixels.end);
+          wt.load(w_src, d, bt.col0, d, c0, pixels.end);
+        },
+        [&](int buf) {
+          gt.store(sm.g[buf]);
+          wt.store(sm.w[buf]);
+        },
+        [&](int buf) {
 #pragma unroll
-    for (int i = 0; i < TM; ++i)
+          for (int kk = 0; kk < BK; ++kk) {
+            Acc wp[NP][TN];
 #pragma unroll
-      for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
-
-    GLoader gl[NP];
-    WLoader wl[NW];
-    const int64_t steps = p_end > p_begin ? ceil_div(p_end - p_begin, BK) : 0;
-    if (steps > 0) {
+            for (int j = 0; j < TN; ++j) {
+              const Acc a = sm.w[buf][0][kk][lane + 32 * j];
+              const Acc c = PREC ? sm.w[buf][NW - 1][kk][lane + 32 * j] : Acc(0);
+              if constexpr (KIND == 0) {
+                wp[0][j] = a;
+                if constexpr (PREC) wp[NP - 1][j] = c;
+              } else if constexpr (KIND == 1) {
+                wp[0][j] = a * a;
+                wp[1][j] = c * c;
+                wp[NP - 1][j] = a * c;
+              } else if constexpr (KIND == 2) {
+                const Acc c2 = c * c;
+                wp[0][j] = a * c2;
+                wp[1][j] = a * a * c;
+                wp[NP - 1][j] = c2 * c;
+              } else {
+                const Acc c2 = c * c;
+                wp[0][j] = a * a * c2;
+                wp[NP - 1][j] = c2 * c2;
+              }
+            }
 #pragma unroll
-      for (int q = 0; q < NP; ++q) gl[q].load(g_src[q], k, n0, B, p_begin, p_end);
+            for (int q = 0; q < NP; ++q) {
+              Acc g[TM];
+              lds_vec<Acc, TM>(&sm.g[buf][q][kk][wy * TM], g);
 #pragma unroll
-      for (int q = 0; q < NW; ++q) wl[q].load(w_src[q], d, i0, d, p_begin, p_end);
+              for (int i = 0; i < TM; ++i)
 #pragma unroll
-      for (int q = 0; q < NP; ++q) gl[q].store(sm.g[0][q]);
-#pragma unroll
-      for (int q = 0; q < NW; ++q) wl[q].store(sm.w[0][q]);
-    }
-    __syncthreads();
-
-    for (int64_t s = 0; s < steps; ++s) {
-      const int buf = static_cast<int>(s & 1);
-      const bool more = s + 1 < steps;
-      if (more) {
-        const int64_t c0 = p_begin + (s + 1) * BK;
-#pragma unroll
-        for (int q = 0; q < NP; ++q) gl[q].load(g_src[q], k, n0, B, c0, p_end);
-#pragma unroll
-        for (int q = 0; q < NW; ++q) wl[q].load(w_src[q], d, i0, d, c0, p_end);
-      }
-#pragma unroll
-      for (int kk = 0; kk < BK; ++kk) {
-        Acc wp[NP][TN];
-#pragma unroll
-        for (int j = 0; j < TN; ++j) {
-          const Acc a = sm.w[buf][0][kk][lane + 32 * j];
-          const Acc c = PREC ? sm.w[buf][NW - 1][kk][lane + 32 * j] : Acc(0);
-          if constexpr (KIND == 0) {
-            wp[0][j] = a;
-            if constexpr (PREC) wp[NP - 1][j] = c;
-          } else if constexpr (KIND == 1) {
-            wp[0][j] = a * a;
-            wp[1][j] = c * c;
-            wp[NP - 1][j] = a * c;
-          } else if constexpr (KIND == 2) {
-            const Acc c2 = c * c;
-            wp[0][j] = a * c2;
-            wp[1][j] = a * a * c;
-            wp[NP - 1][j] = c2 * c;
-          } else {
-            const Acc c2 = c * c;
-            wp[0][j] = a * a * c2;
-            wp[NP - 1][j] = c2 * c2;
+                for (int j = 0; j < TN; ++j) acc[i][j] += g[i] * wp[q][j];
+            }
           }
-        }
-#pragma unroll
-        for (int q = 0; q < NP; ++q) {
-          Acc g[TM];
-          lds_vec<Acc, TM>(&sm.g[buf][q][kk][wy * TM], g);
-#pragma unroll
-          for (int i = 0; i < TM; ++i)
-#pragma unroll
-            for (int j = 0; j < TN; ++j) acc[i][j] += g[i] * wp[q][j];
-        }
-      }
-      if (more) {
-#pragma unroll
-        for (int q = 0; q < NP; ++q) gl[q].store(sm.g[buf ^ 1][q]);
-#pragma unroll
-        for (int q = 0; q < NW; ++q) wl[q].store(sm.w[buf ^ 1][q]);
-      }
-      __syncthreads();
-    }
+        });
 
-#pragma unroll
-    for (int i = 0; i < TM; ++i) {
-      const int64_t n = n0 + wy * TM + i;
-      if (n >= B) continue;
-#pragma unroll
-      for (int j = 0; j < TN; ++j) {
-        const int64_t col = i0 + lane + 32 * j;
-        if (col < d) out[offset2d(n, col, d)] = acc[i][j];
-      }
-    }
+    for_each_register<Tl>(bt, [&](int i, int j, int64_t n, int64_t col) {
+      if (n < B && col < d) out[offset2d(n, col, d)] = acc[i][j];
+    });
   }
 };
 
@@ -145,25 +115,22 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
                        int64_t chunk, acc_t<T>* __restrict__ partial) {
   using MG = MomentGrad<Tl, PREC, K3, K4, T>;
   __shared__ typename MG::Smem sm;
-  const TileCoord tc = tile_coord(blockIdx.x, latent_tiles);
-  const int64_t n0 = tc.row_tile * Tl::BM, i0 = tc.col_tile * Tl::BN;
-  const int64_t split = blockIdx.z;
-  const int64_t p_begin = split * chunk;
-  const int64_t p_end = p_begin + chunk < k ? p_begin + chunk : k;
+  const BlockTile bt = block_tile<Tl>(latent_tiles);
+  const ChunkRange pixels = chunk_range(chunk, k);
   const int ks = blockIdx.y;
-  acc_t<T>* out = partial + offset3d(split * nkinds + ks, 0, 0, B, d);
+  acc_t<T>* out = partial + offset3d(pixels.split * nkinds + ks, 0, 0, B, d);
   switch ((kinds >> (4 * ks)) & 0xFu) {  // block-uniform; kinds packed 4 bits each
     case 0:
-      MG::template run<0>(sm, planes, slots, A, C, B, k, d, n0, i0, p_begin, p_end, out);
+      MG::template run<0>(sm, planes, slots, A, C, B, k, d, bt, pixels, out);
       break;
     case 1:
-      if constexpr (PREC) MG::template run<1>(sm, planes, slots, A, C, B, k, d, n0, i0, p_begin, p_end, out);
+      if constexpr (PREC) MG::template run<1>(sm, planes, slots, A, C, B, k, d, bt, pixels, out);
       break;
     case 2:
-      if constexpr (PREC && K3) MG::template run<2>(sm, planes, slots, A, C, B, k, d, n0, i0, p_begin, p_end, out);
+      if constexpr (PREC && K3) MG::template run<2>(sm, planes, slots, A, C, B, k, d, bt, pixels, out);
       break;
     case 3:
-      if constexpr (PREC && K4) MG::template run<3>(sm, planes, slots, A, C, B, k, d, n0, i0, p_begin, p_end, out);
+      if constexpr (PREC && K4) MG::template run<3>(sm, planes, slots, A, C, B, k, d, bt, pixels, out);
       break;
     default:
       break;
@@ -181,34 +148,19 @@ cudaError_t launch_moment_grad(bool precision, bool has_k3, bool has_k4, const a
   const int64_t latent_tiles = ceil_div(d, Tl::BN);
   const int64_t blocks = ceil_div(B, Tl::BM) * latent_tiles;
   if (blocks == 0 || nkinds == 0) return cudaSuccess;
-  if (!grid_fits(blocks) || nkinds > 4 || split < 1 || split > 65535)
-    return cudaErrorInvalidConfiguration;
+  if (nkinds > 4) return cudaErrorInvalidConfiguration;
+  dim3 grid;
+  SK_CUDA_TRY(split_grid(blocks, split, grid, static_cast<unsigned>(nkinds)));
   unsigned kl = 0;  // kind of grid.y slot q in bits [4q, 4q + 4)
   for (int q = 0; q < nkinds; ++q) {
     if (kinds[q] < 0 || kinds[q] > 3) return cudaErrorInvalidValue;
     kl |= static_cast<unsigned>(kinds[q]) << (4 * q);
   }
-  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(nkinds),
-                  static_cast<unsigned>(split));
-  if (!precision) {
-    moment_grad_kernel<Tl, false, false, false, T><<<grid, Tl::THREADS, 0, stream>>>(
+  dispatch_latents(precision, has_k3, has_k4, [&](auto prec, auto with_k3, auto with_k4) {
+    moment_grad_kernel<Tl, decltype(prec)::value, decltype(with_k3)::value,
+                       decltype(with_k4)::value, T><<<grid, Tl::THREADS, 0, stream>>>(
         planes, slots, A, C, B, k, d, kl, nkinds, latent_tiles, chunk, partial);
-  } else {
-    switch (latent_cfg(has_k3, has_k4)) {
-      case kGaussian:
-        moment_grad_kernel<Tl, true, false, false, T><<<grid, Tl::THREADS, 0, stream>>>(
-            planes, slots, A, C, B, k, d, kl, nkinds, latent_tiles, chunk, partial);
-        break;
-      case kK4Only:
-        moment_grad_kernel<Tl, true, false, true, T><<<grid, Tl::THREADS, 0, stream>>>(
-            planes, slots, A, C, B, k, d, kl, nkinds, latent_tiles, chunk, partial);
-        break;
-      default:
-        moment_grad_kernel<Tl, true, true, true, T><<<grid, Tl::THREADS, 0, stream>>>(
-            planes, slots, A, C, B, k, d, kl, nkinds, latent_tiles, chunk, partial);
-        break;
-    }
-  }
+  });
   return last_error();
 }
 
@@ -217,10 +169,7 @@ cudaError_t launch_moment_grad(bool precision, bool has_k3, bool has_k4, const a
                                              const PlaneSlots&, const T*, const T*, int64_t,     \
                                              int64_t, int64_t, const int*, int, int64_t, int64_t, \
                                              acc_t<T>*, cudaStream_t);
-SK_INSTANTIATE(float)
-SK_INSTANTIATE(double)
-SK_INSTANTIATE(__half)
-SK_INSTANTIATE(__nv_bfloat16)
+SK_CUDA_FOR_EACH_TYPE(SK_INSTANTIATE)
 #undef SK_INSTANTIATE
 
 }  // namespace cuda

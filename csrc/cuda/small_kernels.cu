@@ -14,32 +14,57 @@ constexpr int kColThreadsX = 32;  // columns per block
 constexpr int kColThreadsY = 8;   // row groups per block (summed in shared memory, in order)
 constexpr int kBlock = 256;
 
-// out[c] = sum_r src[r, c] * rowscale[r]: each thread sums rows y, y+8, ... of one column,
-// then thread y == 0 adds the eight partial sums in order.
+// Column c (blockIdx.x * 32 + tx) of a column reduction in a fixed order: each thread sums
+// term(r, c) over rows r = ty, ty + 8, ... < rows, then thread ty == 0 adds the eight partial
+// sums in order and calls write(c, sum).
+template <typename Acc, class Term, class Write>
+__device__ __forceinline__ void ordered_column_sum(int64_t rows, int64_t cols, Term&& term,
+                                                   Write&& write) {
+  __shared__ Acc part[kColThreadsY][kColThreadsX + 1];
+  const int tx = threadIdx.x % kColThreadsX, ty = threadIdx.x / kColThreadsX;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColThreadsX + tx;
+  Acc s = Acc(0);
+  if (c < cols) {
+    for (int64_t r = ty; r < rows; r += kColThreadsY) s += term(r, c);
+  }
+  part[ty][tx] = s;
+  __syncthreads();
+  if (ty == 0 && c < cols) {
+    Acc t = part[0][tx];
+#pragma unroll
+    for (int y = 1; y < kColThreadsY; ++y) t += part[y][tx];
+    write(c, t);
+  }
+}
+
+// Row r (one warp each, blockIdx.x * 8 + warp) of a row reduction: the lanes sum term(r, i) over
+// i = lane, lane + 32, ... < cols, a warp reduction adds them and lane 0 calls finish(r, sum).
+template <typename Acc, class Term, class Finish>
+__device__ __forceinline__ void warp_row_sum(int64_t rows, int64_t cols, Term&& term,
+                                             Finish&& finish) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (kBlock / 32) + (threadIdx.x >> 5);
+  if (r >= rows) return;  // warp-uniform
+  Acc s = Acc(0);
+  for (int64_t i = lane; i < cols; i += 32) s += term(r, i);
+  s = warp_sum(s);
+  if (lane == 0) finish(r, s);
+}
+
+// out[c] = sum_r src[r, c] * rowscale[r]
 template <typename S, typename O>
 __global__ void __launch_bounds__(kBlock)
     sum_rows_kernel(const S* __restrict__ src, int64_t R, int64_t C, int64_t ld,
                     const S* __restrict__ rowscale, O* __restrict__ out) {
   using Acc = acc_t<S>;
-  __shared__ Acc part[kColThreadsY][kColThreadsX + 1];
-  const int tx = threadIdx.x % kColThreadsX, ty = threadIdx.x / kColThreadsX;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColThreadsX + tx;
-  Acc s = Acc(0);
-  if (c < C) {
-    for (int64_t r = ty; r < R; r += kColThreadsY) {
-      Acc v = load_acc(src, offset2d(r, c, ld));
-      if (rowscale != nullptr) v *= load_acc(rowscale, r);
-      s += v;
-    }
-  }
-  part[ty][tx] = s;
-  __syncthreads();
-  if (ty == 0 && c < C) {
-    Acc t = part[0][tx];
-#pragma unroll
-    for (int y = 1; y < kColThreadsY; ++y) t += part[y][tx];
-    out[c] = Cvt<O>::store(t);
-  }
+  ordered_column_sum<Acc>(
+      R, C,
+      [&](int64_t r, int64_t c) {
+        Acc v = load_acc(src, offset2d(r, c, ld));
+        if (rowscale != nullptr) v *= load_acc(rowscale, r);
+        return v;
+      },
+      [&](int64_t c, Acc t) { out[c] = Cvt<O>::store(t); });
 }
 
 // w[i] = sum_p A[p, i]^2 / sigma2[p]
@@ -48,39 +73,24 @@ __global__ void __launch_bounds__(kBlock)
     colweight_kernel(const T* __restrict__ A, const T* __restrict__ sigma2, int64_t k, int64_t d,
                      acc_t<T>* __restrict__ w) {
   using Acc = acc_t<T>;
-  __shared__ Acc part[kColThreadsY][kColThreadsX + 1];
-  const int tx = threadIdx.x % kColThreadsX, ty = threadIdx.x / kColThreadsX;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kColThreadsX + tx;
-  Acc s = Acc(0);
-  if (i < d) {
-    for (int64_t p = ty; p < k; p += kColThreadsY) {
-      const Acc a = load_acc(A, offset2d(p, i, d));
-      s += a * a / load_acc(sigma2, p);
-    }
-  }
-  part[ty][tx] = s;
-  __syncthreads();
-  if (ty == 0 && i < d) {
-    Acc t = part[0][tx];
-#pragma unroll
-    for (int y = 1; y < kColThreadsY; ++y) t += part[y][tx];
-    w[i] = t;
-  }
+  ordered_column_sum<Acc>(
+      k, d,
+      [&](int64_t p, int64_t i) {
+        const Acc a = load_acc(A, offset2d(p, i, d));
+        return a * a / load_acc(sigma2, p);
+      },
+      [&](int64_t i, Acc t) { w[i] = t; });
 }
 
-// out[n] = scale * sum_i var[n, i] w[i]; one warp per row.
+// out[n] = scale * sum_i var[n, i] w[i]
 template <typename T>
 __global__ void __launch_bounds__(kBlock)
     rowdot_kernel(const T* __restrict__ var, const acc_t<T>* __restrict__ w, int64_t B, int64_t d,
                   acc_t<T> scale, acc_t<T>* __restrict__ out) {
   using Acc = acc_t<T>;
-  const int lane = threadIdx.x & 31;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * (kBlock / 32) + (threadIdx.x >> 5);
-  if (n >= B) return;  // warp-uniform
-  Acc s = Acc(0);
-  for (int64_t i = lane; i < d; i += 32) s += load_acc(var, offset2d(n, i, d)) * w[i];
-  s = warp_sum(s);
-  if (lane == 0) out[n] = scale * s;
+  warp_row_sum<Acc>(
+      B, d, [&](int64_t n, int64_t i) { return load_acc(var, offset2d(n, i, d)) * w[i]; },
+      [&](int64_t n, Acc s) { out[n] = scale * s; });
 }
 
 // out[n, i] = scale * grad[n] * w[i]
@@ -96,7 +106,7 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// out[p] = colsum[p] - 0.5 / sigma2_p^2 * sum_i A[p, i]^2 r[i]; one warp per pixel.
+// out[p] = colsum[p] - 0.5 / sigma2_p^2 * sum_i A[p, i]^2 r[i]
 // (d/d sigma2 of sum_n grad_n Saa_np / (2 sigma2_p), with sum_n grad_n Saa_np = A_p^2 . r.)
 template <typename T>
 __global__ void __launch_bounds__(kBlock)
@@ -104,19 +114,16 @@ __global__ void __launch_bounds__(kBlock)
                          const acc_t<T>* __restrict__ r, const acc_t<T>* __restrict__ colsum,
                          int64_t k, int64_t d, T* __restrict__ out) {
   using Acc = acc_t<T>;
-  const int lane = threadIdx.x & 31;
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * (kBlock / 32) + (threadIdx.x >> 5);
-  if (p >= k) return;  // warp-uniform
-  Acc s = Acc(0);
-  for (int64_t i = lane; i < d; i += 32) {
-    const Acc a = load_acc(A, offset2d(p, i, d));
-    s += a * a * r[i];
-  }
-  s = warp_sum(s);
-  if (lane == 0) {
-    const Acc inv = Acc(1) / load_acc(sigma2, p);
-    out[p] = Cvt<T>::store(colsum[p] - Acc(0.5) * inv * inv * s);
-  }
+  warp_row_sum<Acc>(
+      k, d,
+      [&](int64_t p, int64_t i) {
+        const Acc a = load_acc(A, offset2d(p, i, d));
+        return a * a * r[i];
+      },
+      [&](int64_t p, Acc s) {
+        const Acc inv = Acc(1) / load_acc(sigma2, p);
+        out[p] = Cvt<T>::store(colsum[p] - Acc(0.5) * inv * inv * s);
+      });
 }
 
 }  // namespace
@@ -190,10 +197,7 @@ template cudaError_t launch_sum_rows<__nv_bfloat16, float>(const __nv_bfloat16*,
                                        cudaStream_t);                                              \
   template cudaError_t launch_sigma2_finish<T>(const T*, const T*, const acc_t<T>*,                 \
                                                const acc_t<T>*, int64_t, int64_t, T*, cudaStream_t);
-SK_INSTANTIATE(float)
-SK_INSTANTIATE(double)
-SK_INSTANTIATE(__half)
-SK_INSTANTIATE(__nv_bfloat16)
+SK_CUDA_FOR_EACH_TYPE(SK_INSTANTIATE)
 #undef SK_INSTANTIATE
 
 }  // namespace cuda

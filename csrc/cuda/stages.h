@@ -15,12 +15,64 @@ struct Split {
   int64_t split, chunk;
 };
 Split choose_split(int64_t tiles, int64_t red, int bk);
+constexpr int64_t kMaxSplit = 65535;  // chunks are blockIdx.z
+
+// Consecutive regions of the scratch buffer: take(n) is the offset of the next n elements.
+struct ScratchLayout {
+  int64_t end = 0;
+  int64_t take(int64_t n) {
+    const int64_t off = end;
+    end += n;
+    return off;
+  }
+};
 
 // out[c] = sum_r src[r * ld + c] * (rowscale ? rowscale[r] : 1), c < C, summed in acc_t<S>
 // in a fixed order (deterministic). R may be 0 (writes zeros).
 template <typename S, typename O>
 cudaError_t launch_sum_rows(const S* src, int64_t R, int64_t C, int64_t ld, const S* rowscale,
                             O* out, cudaStream_t stream);
+
+// Zeros n elements of p (nothing when p is null).
+template <typename T>
+cudaError_t zero_async(T* p, int64_t n, cudaStream_t stream) {
+  if (p == nullptr || n == 0) return cudaSuccess;
+  return cudaMemsetAsync(p, 0, static_cast<size_t>(n) * sizeof(T), stream);  // 0.0 in every T
+}
+
+// out = the sum over the row tiles of column sum `slot` of colpart ((ncolsums, row_tiles, k));
+// nothing when out is null or slot < 0.
+template <typename Acc, typename O>
+cudaError_t finish_colsum(const Acc* colpart, int slot, int64_t row_tiles, int64_t k, O* out,
+                          cudaStream_t stream) {
+  if (out == nullptr || slot < 0) return cudaSuccess;
+  return launch_sum_rows<Acc, O>(colpart + slot * row_tiles * k, row_tiles, k, k, nullptr, out,
+                                 stream);
+}
+
+// out = sum over the splits of partial[s, q] ((split, count, per) partials); nothing when out is null.
+template <typename T>
+cudaError_t finish_split(const acc_t<T>* partial, int64_t split, int count, int q, int64_t per,
+                         T* out, cudaStream_t stream) {
+  if (out == nullptr) return cudaSuccess;
+  return launch_sum_rows<acc_t<T>, T>(partial + q * per, split, per, count * per, nullptr, out,
+                                      stream);
+}
+
+// The weight gradients of (split, nwout, k, d) partials: output 0 the first weight's (when
+// need_first), then the second's (when need_second); out pointers may be null.
+template <typename T>
+cudaError_t finish_weight_splits(const acc_t<T>* partial, int64_t split, bool need_first,
+                                 bool need_second, int64_t per, T* first, T* second,
+                                 cudaStream_t stream) {
+  const int nwout = int(need_first) + int(need_second);
+  if (need_first) {
+    const cudaError_t err = finish_split<T>(partial, split, nwout, 0, per, first, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return need_second ? finish_split<T>(partial, split, nwout, int(need_first), per, second, stream)
+                     : cudaSuccess;
+}
 
 // w[i] = sum_p A[p, i]^2 / sigma2[p]   (the fixed head's O(kd) column weights)
 template <typename T>

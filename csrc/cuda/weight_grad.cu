@@ -54,11 +54,10 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
   using MLoader = TileLoader<T, Acc, Tl::BN, BK, Tl::THREADS, false>;
   __shared__ typename WG::Smem sm;
 
-  const TileCoord tc = tile_coord(blockIdx.x, latent_tiles);
-  const int64_t p0 = tc.row_tile * Tl::BM, i0 = tc.col_tile * Tl::BN;
-  const int64_t split = blockIdx.z;
-  const int64_t n_begin = split * chunk;
-  const int64_t n_end = n_begin + chunk < B ? n_begin + chunk : B;
+  const BlockTile bt = block_tile<Tl>(latent_tiles);
+  const int64_t p0 = bt.row0, i0 = bt.col0;
+  const ChunkRange samples = chunk_range(chunk, B);
+  const int64_t split = samples.split;
   const int lane = threadIdx.x & 31, wy = threadIdx.x >> 5;
 
   const Acc* g_src[NS];
@@ -74,63 +73,38 @@ __global__ void __launch_bounds__(Tl::THREADS, Tl::MINB)
   if constexpr (Set::kK4) m_src[Set::KI_K4] = k4;  // null for k3-only moments: zeros
 
   Acc acc[NS][TM][TN];
+  zero_fill(acc);
+  TileGroup<GLoader, NS> gt;
+  TileGroup<MLoader, NK> mt;
+  double_buffered_steps<BK>(
+      samples.begin, samples.steps(BK),
+      [&](int64_t c0) {
+        gt.load(g_src, k, p0, k, c0, samples.end);
+        mt.load(m_src, d, i0, d, c0, samples.end);
+      },
+      [&](int buf) {
+        gt.store(sm.g[buf]);
+        mt.store(sm.m[buf]);
+      },
+      [&](int buf) {
 #pragma unroll
-  for (int q = 0; q < NS; ++q)
+        for (int kk = 0; kk < BK; ++kk) {
+          Acc mv[NK][TN];
 #pragma unroll
-    for (int i = 0; i < TM; ++i)
+          for (int q = 0; q < NK; ++q)
 #pragma unroll
-      for (int j = 0; j < TN; ++j) acc[q][i][j] = Acc(0);
-
-  GLoader gl[NS];
-  MLoader ml[NK];
-  const int64_t steps = n_end > n_begin ? ceil_div(n_end - n_begin, BK) : 0;
-  if (steps > 0) {
+            for (int j = 0; j < TN; ++j) mv[q][j] = sm.m[buf][q][kk][lane + 32 * j];
 #pragma unroll
-    for (int q = 0; q < NS; ++q) gl[q].load(g_src[q], k, p0, k, n_begin, n_end);
+          for (int q = 0; q < NS; ++q) {
+            Acc g[TM];
+            lds_vec<Acc, TM>(&sm.g[buf][q][kk][wy * TM], g);
 #pragma unroll
-    for (int q = 0; q < NK; ++q) ml[q].load(m_src[q], d, i0, d, n_begin, n_end);
+            for (int i = 0; i < TM; ++i)
 #pragma unroll
-    for (int q = 0; q < NS; ++q) gl[q].store(sm.g[0][q]);
-#pragma unroll
-    for (int q = 0; q < NK; ++q) ml[q].store(sm.m[0][q]);
-  }
-  __syncthreads();
-
-  for (int64_t s = 0; s < steps; ++s) {
-    const int buf = static_cast<int>(s & 1);
-    const bool more = s + 1 < steps;
-    if (more) {
-      const int64_t c0 = n_begin + (s + 1) * BK;
-#pragma unroll
-      for (int q = 0; q < NS; ++q) gl[q].load(g_src[q], k, p0, k, c0, n_end);
-#pragma unroll
-      for (int q = 0; q < NK; ++q) ml[q].load(m_src[q], d, i0, d, c0, n_end);
-    }
-#pragma unroll
-    for (int kk = 0; kk < BK; ++kk) {
-      Acc mv[NK][TN];
-#pragma unroll
-      for (int q = 0; q < NK; ++q)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) mv[q][j] = sm.m[buf][q][kk][lane + 32 * j];
-#pragma unroll
-      for (int q = 0; q < NS; ++q) {
-        Acc g[TM];
-        lds_vec<Acc, TM>(&sm.g[buf][q][kk][wy * TM], g);
-#pragma unroll
-        for (int i = 0; i < TM; ++i)
-#pragma unroll
-          for (int j = 0; j < TN; ++j) acc[q][i][j] += g[i] * mv[WG::kind_of(q)][j];
-      }
-    }
-    if (more) {
-#pragma unroll
-      for (int q = 0; q < NS; ++q) gl[q].store(sm.g[buf ^ 1][q]);
-#pragma unroll
-      for (int q = 0; q < NK; ++q) ml[q].store(sm.m[buf ^ 1][q]);
-    }
-    __syncthreads();
-  }
+              for (int j = 0; j < TN; ++j) acc[q][i][j] += g[i] * mv[WG::kind_of(q)][j];
+          }
+        }
+      });
 
   // epilogue: chain rule through the weight products
   const int nwout = int(need_a) + int(need_c);
@@ -184,22 +158,14 @@ cudaError_t launch_weight_grad(bool precision, bool has_k3, bool has_k4, const a
   const int64_t latent_tiles = ceil_div(d, Tl::BN);
   const int64_t blocks = ceil_div(k, Tl::BM) * latent_tiles;
   if (blocks == 0 || !(need_a || need_c)) return cudaSuccess;
-  if (!grid_fits(blocks) || split < 1 || split > 65535) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned>(blocks), 1u, static_cast<unsigned>(split));
-#define SK_LAUNCH(PREC, K3, K4)                                                              \
-  weight_grad_kernel<Tl, PREC, K3, K4, T><<<grid, Tl::THREADS, 0, stream>>>(                  \
-      planes, slots, mean, var, k3, k4, A, C, sigma2, r, B, k, d, need_a, need_c, latent_tiles, \
-      chunk, partial)
-  if (!precision) {
-    SK_LAUNCH(false, false, false);
-  } else {
-    switch (latent_cfg(has_k3, has_k4)) {
-      case kGaussian: SK_LAUNCH(true, false, false); break;
-      case kK4Only: SK_LAUNCH(true, false, true); break;
-      default: SK_LAUNCH(true, true, true); break;
-    }
-  }
-#undef SK_LAUNCH
+  dim3 grid;
+  SK_CUDA_TRY(split_grid(blocks, split, grid));
+  dispatch_latents(precision, has_k3, has_k4, [&](auto prec, auto with_k3, auto with_k4) {
+    weight_grad_kernel<Tl, decltype(prec)::value, decltype(with_k3)::value,
+                       decltype(with_k4)::value, T><<<grid, Tl::THREADS, 0, stream>>>(
+        planes, slots, mean, var, k3, k4, A, C, sigma2, r, B, k, d, need_a, need_c, latent_tiles,
+        chunk, partial);
+  });
   return last_error();
 }
 
@@ -209,10 +175,7 @@ cudaError_t launch_weight_grad(bool precision, bool has_k3, bool has_k4, const a
                                              const T*, const T*, const T*, const T*,              \
                                              const acc_t<T>*, int64_t, int64_t, int64_t, bool,    \
                                              bool, int64_t, int64_t, acc_t<T>*, cudaStream_t);
-SK_INSTANTIATE(float)
-SK_INSTANTIATE(double)
-SK_INSTANTIATE(__half)
-SK_INSTANTIATE(__nv_bfloat16)
+SK_CUDA_FOR_EACH_TYPE(SK_INSTANTIATE)
 #undef SK_INSTANTIATE
 
 }  // namespace cuda
