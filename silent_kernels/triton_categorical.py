@@ -46,7 +46,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import HALF_LOG_2PI, offsets, store_out, tile_index
+from .triton_common import (HALF_LOG_2PI, contraction_zeros, load_tile, load_vec, offsets, partial_row,
+                            store_x_and_bias_grads, tile_index)
 from .triton_heads import head_pixel_grad, head_pixel_loss, tilted_pixel_coef, tilted_pixel_loss
 
 __all__ = ["HEAD_FIXED", "HEAD_TAYLOR", "HEAD_LOGVAR"]
@@ -56,22 +57,30 @@ HEAD_TAYLOR, HEAD_LOGVAR, HEAD_FIXED = 0, 2, 3
 
 # ---------------------------------------------------------------------- per-group math
 @triton.jit
+def _mode_centred(p3, mode, w3):
+    """Mean and deviations of a weight over one group's law: p3 the probabilities, w3 the
+    weights (3-D, categories on axis 2), ``mode`` where one category holds more than half the
+    mass. Returns E[w] (2-D) and w - E[w] (3-D), both formed from w - w_mode, so that at
+    saturated logits the mode's deviation (~ the other categories' tiny mass) keeps its
+    relative accuracy."""
+    ref = tl.sum(tl.where(mode, w3, 0.0), axis=2)
+    dev = w3 - ref[:, :, None]
+    shift = tl.sum(p3 * dev, axis=2)
+    return ref + shift, dev - shift[:, :, None]
+
+
+@triton.jit
 def _central(p3, a3, c3, HAS_C: tl.constexpr, HIGHER: tl.constexpr):
     """Moments of one group per (sample, pixel): p3 (BB, 1, BC) the probabilities (0 on padded
     categories), a3 / c3 (1, BP, BC) the weights. Returns the means m10, m01, the deviations
     x = a - m10, y = c - m01 (3-D) and k20, k02, k11, k21, k12, k03, e22 = E[x^2 y^2],
     e04 = E[y^4] (zeros where HAS_C / HIGHER are off).
 
-    The deviations are taken through the weight of the group's mode when one category holds
-    more than half the mass: x_j = (a_j - a_mode) - E[a - a_mode], so that at saturated logits
-    the mode's deviation (~ the other categories' tiny mass) keeps its relative accuracy, and
-    so does the logits' gradient built from it."""
+    The deviations go through the weight of the group's mode (``_mode_centred``):
+    x_j = (a_j - a_mode) - E[a - a_mode], so that at saturated logits the logits' gradient built
+    from them keeps its relative accuracy."""
     mode = p3 > 0.5                     # at most one category per group
-    a_ref = tl.sum(tl.where(mode, a3, 0.0), axis=2)
-    ad = a3 - a_ref[:, :, None]
-    shift_a = tl.sum(p3 * ad, axis=2)
-    m10 = a_ref + shift_a
-    xd = ad - shift_a[:, :, None]
+    m10, xd = _mode_centred(p3, mode, a3)
     px = p3 * xd
     k20 = tl.sum(px * xd, axis=2)
     zero = tl.zeros_like(k20)
@@ -85,11 +94,7 @@ def _central(p3, a3, c3, HAS_C: tl.constexpr, HIGHER: tl.constexpr):
     e04 = zero
     yd = tl.zeros_like(xd)
     if HAS_C:
-        c_ref = tl.sum(tl.where(mode, c3, 0.0), axis=2)
-        cd = c3 - c_ref[:, :, None]
-        shift_c = tl.sum(p3 * cd, axis=2)
-        m01 = c_ref + shift_c
-        yd = cd - shift_c[:, :, None]
+        m01, yd = _mode_centred(p3, mode, c3)
         py = p3 * yd
         k02 = tl.sum(py * yd, axis=2)
         k11 = tl.sum(px * yd, axis=2)
@@ -172,6 +177,22 @@ def _tilt(lp3, p3, a3, h3, cmask3):
             hd - shift_h[:, :, None], diff)
 
 
+@triton.jit
+def _load_group(lp_ptr, a_ptr, c_ptr, g, rows, pix, cat, NCAT, D, l_mask, w_mask, sak, sad, sck, scd,
+                HAS_C: tl.constexpr, ACC: tl.constexpr):
+    """Group g of a (sample, pixel) tile: its weight columns g * NCAT + cat, (BC,); the
+    normalised log-probabilities lp (BB, BC) and probabilities p3 (BB, 1, BC), 0 on padded
+    categories; the weights a3 and c3 (1, BP, BC) (c3 = a3 when HAS_C is off)."""
+    cols = g * NCAT + cat
+    lp = tl.load(lp_ptr + offsets(rows, cols, D, 1), mask=l_mask, other=0.0)
+    p3 = tl.where(l_mask, tl.exp(lp), 0.0)[:, None, :]
+    a3 = load_tile(a_ptr, pix, cols, sak, sad, w_mask, ACC)[None, :, :]
+    c3 = a3
+    if HAS_C:
+        c3 = load_tile(c_ptr, pix, cols, sck, scd, w_mask, ACC)[None, :, :]
+    return cols, lp, p3, a3, c3
+
+
 # ---------------------------------------------------------------------------- kernel
 @triton.jit
 def _categorical_kernel(x_ptr, lp_ptr, a_ptr, b_ptr, c_ptr, c0_ptr, s2_ptr, go_ptr,
@@ -202,24 +223,10 @@ def _categorical_kernel(x_ptr, lp_ptr, a_ptr, b_ptr, c_ptr, c0_ptr, s2_ptr, go_p
     D = G * NCAT
 
     # ------------------------------------------------ pass 1: the sums over the groups
-    ubar = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
-    vbar = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
-    saa = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
-    scc = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
-    sac = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
-    tacc = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
-    taac = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
-    c3s = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
-    qs = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
-    c4s = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
+    ubar, vbar, saa, scc, sac, tacc, taac, c3s, qs, c4s = contraction_zeros(BLOCK_B, BLOCK_P, ACC)
     for g in range(0, G):
-        cols = g * NCAT + cat
-        lp = tl.load(lp_ptr + offsets(rows, cols, D, 1), mask=l_mask, other=0.0)
-        p3 = tl.where(l_mask, tl.exp(lp), 0.0)[:, None, :]
-        a3 = tl.load(a_ptr + offsets(pix, cols, sak, sad), mask=w_mask, other=0.0).to(ACC)[None, :, :]
-        c3 = a3
-        if HAS_C:
-            c3 = tl.load(c_ptr + offsets(pix, cols, sck, scd), mask=w_mask, other=0.0).to(ACC)[None, :, :]
+        _cols, lp, p3, a3, c3 = _load_group(lp_ptr, a_ptr, c_ptr, g, rows, pix, cat, NCAT, D, l_mask, w_mask,
+                                            sak, sad, sck, scd, HAS_C, ACC)
         if LOGVAR:
             hm, log_mgf, mean, var, _pt, _dev, _hd, _diff = _tilt(lp[:, None, :], p3, a3, c3, cmask3)
             vbar += hm        # hm = sum_g E[h.z_g]
@@ -242,16 +249,16 @@ def _categorical_kernel(x_ptr, lp_ptr, a_ptr, b_ptr, c_ptr, c0_ptr, s2_ptr, go_p
                     c4s += e04 - 3.0 * k02 * k02
 
     # ------------------------------------------------ epilogue
-    x = tl.load(x_ptr + offsets(rows, pix, sxb, sxp), mask=tile_mask, other=0.0).to(ACC)
+    x = load_tile(x_ptr, rows, pix, sxb, sxp, tile_mask, ACC)
     if HAS_BIAS:
-        x -= tl.load(b_ptr + pix * sb, mask=pmask, other=0.0).to(ACC)[None, :]
+        x -= load_vec(b_ptr, pix, sb, pmask, 0.0, ACC)[None, :]
     c0 = tl.zeros((BLOCK_P,), dtype=ACC)[None, :]
     if HAS_C0:
-        c0 = tl.load(c0_ptr + pix * sc0, mask=pmask, other=0.0).to(ACC)[None, :]
+        c0 = load_vec(c0_ptr, pix, sc0, pmask, 0.0, ACC)[None, :]
     e = x - ubar            # x - b - ubar (fixed, Taylor); x - b - T1 (log-variance)
     s2 = tl.zeros((BLOCK_P,), dtype=ACC)[None, :] + 1.0
     if HEAD == 3:
-        s2 = tl.load(s2_ptr + pix * ss2, mask=pmask, other=1.0).to(ACC)[None, :]
+        s2 = load_vec(s2_ptr, pix, ss2, pmask, 1.0, ACC)[None, :]
     if LOGVAR:
         scc = tl.where(tile_mask, scc, 0.0)    # keep exp(S - h0) finite on padded entries
     if not GRAD:
@@ -262,20 +269,11 @@ def _categorical_kernel(x_ptr, lp_ptr, a_ptr, b_ptr, c_ptr, c0_ptr, s2_ptr, go_p
         else:
             loss = head_pixel_loss(e, vbar + c0, saa, scc, sac, tacc, taac, c3s, qs, c4s, 0, True, True)
         loss = tl.where(tile_mask, loss, 0.0)
-        tl.store(loss_ptr + pid_p.to(tl.int64) * B + rows, tl.sum(loss, axis=1), mask=rmask)
+        tl.store(partial_row(loss_ptr, pid_p, B, rows), tl.sum(loss, axis=1), mask=rmask)
     else:
-        go = tl.load(go_ptr + rows * sgo, mask=rmask, other=0.0).to(ACC)[:, None]
+        go = load_vec(go_ptr, rows, sgo, rmask, 0.0, ACC)[:, None]
         zero = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC)
-        gu = zero
-        gv = zero
-        gsaa = zero
-        gscc = zero
-        gsac = zero
-        gtacc = zero
-        gtaac = zero
-        gc3 = zero
-        gq = zero
-        gc4 = zero
+        gu, gv, gsaa, gscc, gsac, gtacc, gtaac, gc3, gq, gc4 = contraction_zeros(BLOCK_B, BLOCK_P, ACC)
         gs2 = zero
         if HEAD == 3:
             inv = 1.0 / s2
@@ -300,11 +298,9 @@ def _categorical_kernel(x_ptr, lp_ptr, a_ptr, b_ptr, c_ptr, c0_ptr, s2_ptr, go_p
         gc3 = tl.where(tile_mask, go * gc3, 0.0)
         gq = tl.where(tile_mask, go * gq, 0.0)
         gc4 = tl.where(tile_mask, go * gc4, 0.0)
-        if NEED_X:
-            store_out(dx_ptr + offsets(rows, pix, P, 1), -gu, tile_mask)
+        # bias, second bias, sigma2: planes 0, 1, 2 of the (3, num_batch_tiles, P) partials
+        store_x_and_bias_grads(dx_ptr, dv_ptr, gu, pid_b, rows, pix, P, tile_mask, pmask, NEED_X, NEED_B)
         vec_base = dv_ptr + pid_b.to(tl.int64) * P + pix
-        if NEED_B:
-            tl.store(vec_base, tl.sum(gu, axis=0), mask=pmask)
         if NEED_C0:
             if LOGVAR:
                 tl.store(vec_base + vec_plane, tl.sum(gv - gscc, axis=0), mask=pmask)
@@ -319,13 +315,8 @@ def _categorical_kernel(x_ptr, lp_ptr, a_ptr, b_ptr, c_ptr, c0_ptr, s2_ptr, go_p
             dl_base = dl_ptr + pid_p.to(tl.int64) * B * D
             dw_base = pid_b.to(tl.int64) * P * D
             for g in range(0, G):
-                cols = g * NCAT + cat
-                lp = tl.load(lp_ptr + offsets(rows, cols, D, 1), mask=l_mask, other=0.0)
-                p3 = tl.where(l_mask, tl.exp(lp), 0.0)[:, None, :]
-                a3 = tl.load(a_ptr + offsets(pix, cols, sak, sad), mask=w_mask, other=0.0).to(ACC)[None, :, :]
-                c3 = a3
-                if HAS_C:
-                    c3 = tl.load(c_ptr + offsets(pix, cols, sck, scd), mask=w_mask, other=0.0).to(ACC)[None, :, :]
+                cols, lp, p3, a3, c3 = _load_group(lp_ptr, a_ptr, c_ptr, g, rows, pix, cat, NCAT, D, l_mask,
+                                                   w_mask, sak, sad, sck, scd, HAS_C, ACC)
                 if LOGVAR:
                     _hm, _lm, _mean, var, pt, dev, hd, diff = _tilt(lp[:, None, :], p3, a3, c3, cmask3)
                     g_s = gscc[:, :, None]

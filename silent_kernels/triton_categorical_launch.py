@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import triton
 from torch import Tensor
 
 from .triton_categorical import HEAD_FIXED, HEAD_LOGVAR, HEAD_TAYLOR, _categorical_kernel
-from .triton_common import (_sized_to_problem, acc_dtypes, cdiv, check_device, check_grad, grad_outputs, launch,
-                            opt, vec_stride)
+from .triton_common import (_pow2, _sized_to_problem, acc_dtypes, backward_outputs, cdiv, check_device, launch,
+                            mat_strides, opt, tile_grid, vec_stride, workspace)
 
 __all__ = ["categorical_forward", "categorical_backward"]
 
@@ -26,10 +25,6 @@ _GPU_TILE = {4: {"fwd": 2048, "bwd": 1024}, 8: {"fwd": 512, "bwd": 512}}
 _GPU_PAIRS = {4: 512, 8: 128}
 _INTERP_TILE = 16384
 _GPU_WARPS = 4
-
-
-def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
 def _config(B: int, P: int, ncat: int, dtype: torch.dtype, device: torch.device, kind: str = "fwd") -> dict:
@@ -98,13 +93,13 @@ def _launch(x, lp, weight, bias, second_weight, second_bias, sigma2, head, cfg, 
             G: int, ncat: int):
     B, P = x.shape
     need_x, need_l, need_a, need_b, need_c, need_c0, need_s2 = needs
-    launch(_categorical_kernel, (cdiv(B, cfg["BLOCK_B"]), cdiv(P, cfg["BLOCK_P"])), x.device,
+    n_b, n_p = tile_grid(cfg, B=B, P=P)
+    launch(_categorical_kernel, (n_b, n_p), x.device,
            x, lp, weight, opt(bias, x), opt(second_weight, x), opt(second_bias, x), opt(sigma2, x),
            opt(grad, x), opt(loss, lp), opt(dx, x), opt(dl, lp), opt(da, lp), opt(dc, lp), opt(dv, lp),
            B, P, G, ncat, *x.stride(), *weight.stride(), vec_stride(bias),
-           *(second_weight.stride() if second_weight is not None else (0, 0)), vec_stride(second_bias),
-           vec_stride(sigma2), grad.stride(0) if grad is not None else 0,
-           cdiv(B, cfg["BLOCK_B"]) * P,
+           *mat_strides(second_weight), vec_stride(second_bias), vec_stride(sigma2), vec_stride(grad),
+           n_b * P,
            HEAD=head, HAS_C=head != HEAD_FIXED, TAYLOR=head == HEAD_TAYLOR, LOGVAR=head == HEAD_LOGVAR,
            HAS_BIAS=bias is not None, HAS_C0=second_bias is not None, GRAD=grad is not None,
            NEED_X=need_x, NEED_L=need_l, NEED_A=need_a, NEED_C=need_c, NEED_B=need_b,
@@ -121,7 +116,7 @@ def categorical_forward(x: Tensor, logits: Tensor, weight: Tensor, bias: Optiona
     acc_tl, acc_torch = acc_dtypes(x.dtype)
     cfg = _config(B, P, ncat, x.dtype, x.device)
     lp = _log_probs(logits, acc_torch)
-    loss = torch.empty((cdiv(P, cfg["BLOCK_P"]), B), dtype=acc_torch, device=x.device)
+    loss = workspace((cdiv(P, cfg["BLOCK_P"]), B), acc_torch, x.device)
     _launch(x, lp, weight, bias, second_weight, second_bias, sigma2, head, cfg, acc_tl, loss=loss,
             G=G, ncat=ncat)
     return loss.sum(0).to(x.dtype)
@@ -133,11 +128,9 @@ def categorical_backward(grad: Tensor, x: Tensor, logits: Tensor, weight: Tensor
     """Gradients w.r.t. (x, logits, weight, bias, second_weight, second_bias, sigma2); empty (0,)
     tensors where not needed (or the input is None)."""
     B, P, G, ncat = _check(x, logits, weight, bias, second_weight, second_bias, sigma2, head)
-    check_grad(grad, B)
-    degenerate = B == 0 or P == 0
     inputs = (x, logits, weight, bias, second_weight, second_bias, sigma2)
-    need, outs = grad_outputs(grad, inputs, needs, degenerate)
-    if degenerate or not any(need):
+    need, outs = backward_outputs(grad, inputs, needs, B, P)
+    if need is None:
         return tuple(outs)
     need_x, need_l, need_a, need_b, need_c, need_c0, need_s2 = need
     D = G * ncat
@@ -145,13 +138,12 @@ def categorical_backward(grad: Tensor, x: Tensor, logits: Tensor, weight: Tensor
     acc_tl, acc_torch = acc_dtypes(x.dtype)
     dev = x.device
     cfg = _config(B, P, ncat, x.dtype, dev, "bwd")
-    n_b, n_p = cdiv(B, cfg["BLOCK_B"]), cdiv(P, cfg["BLOCK_P"])
+    n_b, n_p = tile_grid(cfg, B=B, P=P)
     lp = _log_probs(logits, acc_torch)
-    dl = torch.empty((n_p, B, D), dtype=acc_torch, device=dev) if need_l else None
-    da = torch.empty((n_b, P, D), dtype=acc_torch, device=dev) if need_a else None
-    dc = torch.empty((n_b, P, D), dtype=acc_torch, device=dev) if need_c else None
-    dv = (torch.empty((3, n_b, P), dtype=acc_torch, device=dev)
-          if (need_b or need_c0 or need_s2) else None)
+    dl = workspace((n_p, B, D), acc_torch, dev, need_l)
+    da = workspace((n_b, P, D), acc_torch, dev, need_a)
+    dc = workspace((n_b, P, D), acc_torch, dev, need_c)
+    dv = workspace((3, n_b, P), acc_torch, dev, need_b or need_c0 or need_s2)
     _launch(x, lp, weight, bias, second_weight, second_bias, sigma2, head, cfg, acc_tl, grad=grad,
             dx=outs[0] if need_x else None, dl=dl, da=da, dc=dc, dv=dv,
             needs=(need_x, need_l, need_a, need_b, need_c, need_c0, need_s2), G=G, ncat=ncat)

@@ -1,5 +1,5 @@
-"""What every Triton kernel of the package shares: int64 index arithmetic, output stores,
-block configurations, input checks and launching (no loss math here).
+"""What every Triton kernel of the package shares: int64 index arithmetic, tile loads and
+stores, block configurations, input checks, workspaces and launching (no loss math here).
 
 Numerics: fp16 / bf16 / fp32 inputs are loaded and accumulated in fp32, fp64 inputs in
 fp64 (``tl.dot`` on fp64 runs in the interpreter and compiles for sm_90); outputs are
@@ -30,8 +30,11 @@ from .moments import LOG_2PI
 
 __all__ = [
     "INTERPRET", "HALF_LOG_2PI", "tile_index", "offsets", "plane", "store_out",
+    "program_tile", "block_range", "load_tile", "load_vec", "partial_row", "load_plane",
+    "plane_dot", "contraction_zeros", "store_x_and_bias_grads",
     "block_config", "acc_dtypes", "check_device", "check_shapes", "check_needs", "check_grad",
-    "grad_outputs", "launch", "cdiv", "vec_stride", "opt",
+    "grad_outputs", "backward_outputs", "launch", "tile_grid", "cdiv", "vec_stride", "mat_strides",
+    "opt", "workspace", "reduce_partials",
 ]
 
 # Read once at import, like triton.jit itself does when it decorates the kernels.
@@ -73,6 +76,83 @@ def store_out(ptrs, val, mask):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
         val = tl.where(f != f, f, bits.to(tl.float32, bitcast=True))
     tl.store(ptrs, val, mask=mask)
+
+
+# ------------------------------------------------------------------ tiles and loads
+@triton.jit
+def program_tile(n0, n1, BLOCK_0: tl.constexpr, BLOCK_1: tl.constexpr):
+    """This program's tile of a 2-D grid over an (n0, n1) index space: the program ids
+    (pid0, pid1), the int64 indices of both axes, (BLOCK_0,) and (BLOCK_1,), and their
+    in-range masks."""
+    pid0 = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    idx0 = tile_index(pid0, BLOCK_0)
+    idx1 = tile_index(pid1, BLOCK_1)
+    return pid0, pid1, idx0, idx1, idx0 < n0, idx1 < n1
+
+
+@triton.jit
+def block_range(start, n, BLOCK: tl.constexpr):
+    """Indices start + [0, BLOCK) of one step of a loop over an axis of length n (int32, like
+    the loop counter; ``offsets`` widens them) and their in-range mask."""
+    idx = start + tl.arange(0, BLOCK)
+    return idx, idx < n
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, stride_r, stride_c, mask, ACC: tl.constexpr):
+    """The (len(rows), len(cols)) tile ptr[rows * stride_r + cols * stride_c] in ACC, 0 where
+    ``mask`` is off."""
+    return tl.load(ptr + offsets(rows, cols, stride_r, stride_c), mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def load_vec(ptr, idx, stride, mask, other, ACC: tl.constexpr):
+    """ptr[idx * stride] in ACC, ``other`` where ``mask`` is off."""
+    return tl.load(ptr + idx * stride, mask=mask, other=other).to(ACC)
+
+
+@triton.jit
+def partial_row(ptr, tile, n, idx):
+    """Pointers ptr + tile * n + idx (int64) into row ``tile`` of a (num_tiles, n) buffer of
+    per-tile partial sums."""
+    return ptr + tile.to(tl.int64) * n + idx
+
+
+@triton.jit
+def load_plane(base, J: tl.constexpr, plane_stride, mask):
+    """Plane J of a stacked (planes, B, k) buffer; ``base``: the tile's pointers into plane 0.
+    The buffer is in the accumulation dtype, so no cast."""
+    return tl.load(base + plane(J, plane_stride), mask=mask, other=0.0)
+
+
+@triton.jit
+def plane_dot(base, J: tl.constexpr, plane_stride, mask, rhs, acc):
+    """acc + (plane J tile) @ rhs, an ieee dot (TF32 would break the centred contractions).
+    ``rhs`` is evaluated before the load: pass a tensor already formed, not an expression, or the
+    kernel's instruction order (and its register allocation) changes."""
+    return tl.dot(load_plane(base, J, plane_stride, mask), rhs, acc, input_precision="ieee")
+
+
+@triton.jit
+def contraction_zeros(BLOCK_0: tl.constexpr, BLOCK_1: tl.constexpr, ACC: tl.constexpr):
+    """Ten (BLOCK_0, BLOCK_1) zero tiles in ACC: accumulators for the ten contractions of the
+    mean-field stage (ubar, vbar, Saa, Scc, Sac, Tacc, Taac, C3, Q, C4) or their gradients."""
+    z = tl.zeros((BLOCK_0, BLOCK_1), dtype=ACC)
+    return z, z, z, z, z, z, z, z, z, z
+
+
+@triton.jit
+def store_x_and_bias_grads(dx_ptr, db_ptr, g, tile, rows, cols, n_cols, tile_mask, col_mask,
+                           NEED_X: tl.constexpr, NEED_B: tl.constexpr):
+    """Gradients of x and of the bias from g = d loss / d(prediction) on a (rows, cols) tile,
+    where the loss depends on x - prediction and the bias adds to the prediction: dx = -g into a
+    contiguous (B, n_cols) output, and the bias's partial column sums over the tile's rows into
+    row ``tile`` of a (num_row_tiles, n_cols) buffer."""
+    if NEED_X:
+        store_out(dx_ptr + offsets(rows, cols, n_cols, 1), -g, tile_mask)
+    if NEED_B:
+        tl.store(partial_row(db_ptr, tile, n_cols, cols), tl.sum(g, axis=0), mask=col_mask)
 
 
 # ------------------------------------------------------------------- host side
@@ -159,6 +239,35 @@ def grad_outputs(grad: Tensor, inputs: Sequence[Optional[Tensor]], needs: Sequen
     return need, outs
 
 
+def backward_outputs(grad: Tensor, inputs: Sequence[Optional[Tensor]], needs: Sequence[bool],
+                     B: int, K: int) -> tuple[Optional[list[bool]], list[Tensor]]:
+    """``check_grad`` and ``grad_outputs`` for a backward over B samples and K pixels; ``need``
+    is None when no kernel has to run (B or K is 0, or no gradient is needed)."""
+    check_grad(grad, B)
+    degenerate = B == 0 or K == 0
+    need, outs = grad_outputs(grad, inputs, needs, degenerate)
+    return (None if degenerate or not any(need) else need), outs
+
+
+def workspace(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+              needed: bool = True) -> Optional[Tensor]:
+    """An uninitialised buffer the kernels fill (partial sums, coefficients), or None."""
+    return torch.empty(tuple(shape), dtype=dtype, device=device) if needed else None
+
+
+def reduce_partials(out: Tensor, part: Optional[Tensor]) -> None:
+    """out = the sum of a (num_tiles, ...) buffer of per-tile partial sums over its tiles; nothing
+    when the buffer was not allocated (``workspace`` gave None: the gradient is not needed)."""
+    if part is not None:
+        out.copy_(part.sum(0))
+
+
+def tile_grid(cfg: dict, **extents: int) -> tuple[int, ...]:
+    """Launch grid over the named axes, in order: ``tile_grid(cfg, B=B, K=K)`` is
+    (cdiv(B, cfg["BLOCK_B"]), cdiv(K, cfg["BLOCK_K"]))."""
+    return tuple(cdiv(n, cfg["BLOCK_" + axis]) for axis, n in extents.items())
+
+
 def launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
     if grid[0] == 0 or grid[1] == 0:
         return
@@ -175,6 +284,11 @@ def cdiv(a: int, b: int) -> int:
 
 def vec_stride(t: Optional[Tensor]) -> int:
     return t.stride(0) if t is not None else 0
+
+
+def mat_strides(t: Optional[Tensor]) -> tuple[int, int]:
+    """Both strides of an optional 2-D tensor ((0, 0) when absent)."""
+    return tuple(t.stride()) if t is not None else (0, 0)
 
 
 def opt(t: Optional[Tensor], dummy: Tensor) -> Tensor:

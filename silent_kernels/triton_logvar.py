@@ -38,13 +38,14 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import (acc_dtypes, block_config, cdiv, check_grad, check_shapes, grad_outputs,
-                            launch, offsets, opt, plane, store_out, tile_index, vec_stride)
+from .triton_common import (acc_dtypes, backward_outputs, block_config, block_range, cdiv, check_shapes,
+                            launch, load_plane, load_tile, load_vec, offsets, opt, partial_row, plane,
+                            program_tile, reduce_partials, store_out, store_x_and_bias_grads, tile_grid,
+                            vec_stride, workspace)
 from .triton_heads import (bernoulli_tilt, log1p_unit, tilted_mean_var, tilted_pixel_coef,
                            tilted_pixel_loss)
 
@@ -81,25 +82,17 @@ def _fwd_kernel(x_ptr, l_ptr, a_ptr, b_ptr, h_ptr, h0_ptr, go_ptr,
                 BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward (GRAD=False: per-tile partial losses) or backward coefficients (GRAD=True:
     (cS, c1, c2) times grad[n] into the (3, B, k) buffer, dx, bias partial sums)."""
-    pid_b = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = tile_index(pid_b, BLOCK_B)
-    pix = tile_index(pid_k, BLOCK_K)
-    rmask = rows < B
-    pmask = pix < K
-
+    pid_b, pid_k, rows, pix, rmask, pmask = program_tile(B, K, BLOCK_B, BLOCK_K)
     hm = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
     S = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
     T1 = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
     T2 = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
-        lat = d0 + tl.arange(0, BLOCK_D)
-        dmask = lat < D
+        lat, dmask = block_range(d0, D, BLOCK_D)
         w_mask = pmask[:, None] & dmask[None, :]
-        logit = tl.load(l_ptr + offsets(rows, lat, slb, sld), mask=rmask[:, None] & dmask[None, :],
-                        other=0.0).to(ACC)
-        h = tl.load(h_ptr + offsets(pix, lat, shk, shd), mask=w_mask, other=0.0).to(ACC)
-        a = tl.load(a_ptr + offsets(pix, lat, sak, sad), mask=w_mask, other=0.0).to(ACC)
+        logit = load_tile(l_ptr, rows, lat, slb, sld, rmask[:, None] & dmask[None, :], ACC)
+        h = load_tile(h_ptr, pix, lat, shk, shd, w_mask, ACC)
+        a = load_tile(a_ptr, pix, lat, sak, sad, w_mask, ACC)
         p, lp = _sigmoid_and_log1p(logit)
         a3 = a[None, :, :]
         # padded latents (l = h = a = 0) add exactly 0; padded pixels / rows are masked below
@@ -112,29 +105,26 @@ def _fwd_kernel(x_ptr, l_ptr, a_ptr, b_ptr, h_ptr, h0_ptr, go_ptr,
 
     tile_mask = rmask[:, None] & pmask[None, :]
     S = tl.where(tile_mask, S, 0.0)     # padded rows (l = 0) may have a large S: keep exp finite
-    x = tl.load(x_ptr + offsets(rows, pix, sxb, sxk), mask=tile_mask, other=0.0).to(ACC)
+    x = load_tile(x_ptr, rows, pix, sxb, sxk, tile_mask, ACC)
     if HAS_BIAS:
-        x -= tl.load(b_ptr + pix * sb, mask=pmask, other=0.0).to(ACC)[None, :]
+        x -= load_vec(b_ptr, pix, sb, pmask, 0.0, ACC)[None, :]
     resid = x - T1
     h0 = tl.zeros((BLOCK_K,), dtype=ACC)
     if HAS_H0:
-        h0 = tl.load(h0_ptr + pix * sh0, mask=pmask, other=0.0).to(ACC)
+        h0 = load_vec(h0_ptr, pix, sh0, pmask, 0.0, ACC)
     h0 = h0[None, :]
     if not GRAD:
         pixel = tl.where(tile_mask, tilted_pixel_loss(resid, h0, hm, S, T2), 0.0)
-        tl.store(part_ptr + pid_k.to(tl.int64) * B + rows, tl.sum(pixel, axis=1), mask=rmask)
+        tl.store(partial_row(part_ptr, pid_k, B, rows), tl.sum(pixel, axis=1), mask=rmask)
     else:
-        go = tl.load(go_ptr + rows * sgo, mask=rmask, other=0.0).to(ACC)[:, None]
+        go = load_vec(go_ptr, rows, sgo, rmask, 0.0, ACC)[:, None]
         c_s, c_1, c_2 = tilted_pixel_coef(resid, h0, S, T2)
         c_s = tl.where(tile_mask, go * c_s, 0.0)
         c_1 = tl.where(tile_mask, go * c_1, 0.0)
-        if NEED_X:
-            store_out(dx_ptr + offsets(rows, pix, K, 1), -c_1, tile_mask)
-        if NEED_B:
-            tl.store(db_ptr + pid_b.to(tl.int64) * K + pix, tl.sum(c_1, axis=0), mask=pmask)
+        store_x_and_bias_grads(dx_ptr, db_ptr, c_1, pid_b, rows, pix, K, tile_mask, pmask, NEED_X, NEED_B)
         if NEED_H0:
             dh0 = tl.where(tile_mask, 0.5 * go - c_s, 0.0)
-            tl.store(dh0_ptr + pid_b.to(tl.int64) * K + pix, tl.sum(dh0, axis=0), mask=pmask)
+            tl.store(partial_row(dh0_ptr, pid_b, K, pix), tl.sum(dh0, axis=0), mask=pmask)
         if STORE_G:
             g_offs = g_ptr + offsets(rows, pix, K, 1)
             tl.store(g_offs + plane(0, plane_stride), c_s, mask=tile_mask)
@@ -155,36 +145,30 @@ def _logits_grad_kernel(g_ptr, l_ptr, a_ptr, h_ptr, go_ptr, dl_ptr,
     """dlogits_i = sum_p [cS (mu' - p_i) + c1 a v' + c2 a^2 v' (1 - 2 mu')]
     + grad/2 p_i (1 - p_i) sum_p h_pi. cS (mu' - p_i) is formed per triple: summing cS mu' and
     p_i sum_p cS separately would cancel two sums much larger than their difference."""
-    pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = tile_index(pid_b, BLOCK_B)
-    lat = tile_index(pid_d, BLOCK_D)
-    rmask = rows < B
-    dmask = lat < D
+    _pid_b, _pid_d, rows, lat, rmask, dmask = program_tile(B, D, BLOCK_B, BLOCK_D)
     out_mask = rmask[:, None] & dmask[None, :]
-    logit = tl.load(l_ptr + offsets(rows, lat, slb, sld), mask=out_mask, other=0.0).to(ACC)
+    logit = load_tile(l_ptr, rows, lat, slb, sld, out_mask, ACC)
     p, _log1p_el = _sigmoid_and_log1p(logit)
     l3 = logit[:, None, :]
     p3 = p[:, None, :]
     acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC)
     h_sum = tl.zeros((BLOCK_D,), dtype=ACC)
     for p0 in range(0, K, BLOCK_K):
-        pix = p0 + tl.arange(0, BLOCK_K)
-        pmask = pix < K
+        pix, pmask = block_range(p0, K, BLOCK_K)
         w_mask = pmask[:, None] & dmask[None, :]
         g_mask = rmask[:, None] & pmask[None, :]
-        h = tl.load(h_ptr + offsets(pix, lat, shk, shd), mask=w_mask, other=0.0).to(ACC)
-        a = tl.load(a_ptr + offsets(pix, lat, sak, sad), mask=w_mask, other=0.0).to(ACC)
+        h = load_tile(h_ptr, pix, lat, shk, shd, w_mask, ACC)
+        a = load_tile(a_ptr, pix, lat, sak, sad, w_mask, ACC)
         g_offs = g_ptr + offsets(rows, pix, K, 1)
-        c_s = tl.load(g_offs + plane(0, plane_stride), mask=g_mask, other=0.0)
-        c_1 = tl.load(g_offs + plane(1, plane_stride), mask=g_mask, other=0.0)
-        c_2 = tl.load(g_offs + plane(2, plane_stride), mask=g_mask, other=0.0)
+        c_s = load_plane(g_offs, 0, plane_stride, g_mask)
+        c_1 = load_plane(g_offs, 1, plane_stride, g_mask)
+        c_2 = load_plane(g_offs, 2, plane_stride, g_mask)
         mean, var, one_m2, _es = tilted_mean_var(l3 - h[None, :, :])
         w = _tilted_w(c_s[:, :, None], c_1[:, :, None], c_2[:, :, None], a[None, :, :], mean - p3, var,
                       one_m2)
         acc += tl.sum(w, axis=1)
         h_sum += tl.sum(h, axis=0)
-    go = tl.load(go_ptr + rows * sgo, mask=rmask, other=0.0).to(ACC)
+    go = load_vec(go_ptr, rows, sgo, rmask, 0.0, ACC)
     acc += 0.5 * go[:, None] * p * (1.0 - p) * h_sum[None, :]
     store_out(dl_ptr + offsets(rows, lat, D, 1), acc, out_mask)
 
@@ -195,35 +179,28 @@ def _weight_grad_kernel(g_ptr, l_ptr, a_ptr, h_ptr, go_ptr, da_ptr, dh_ptr,
                         NEED_A: tl.constexpr, NEED_H: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """dH_pi = sum_n [-w + grad/2 p_i], dA_pi = sum_n [c1 mu' + 2 c2 a v']."""
-    pid_k = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pix = tile_index(pid_k, BLOCK_K)
-    lat = tile_index(pid_d, BLOCK_D)
-    pmask = pix < K
-    dmask = lat < D
+    _pid_k, _pid_d, pix, lat, pmask, dmask = program_tile(K, D, BLOCK_K, BLOCK_D)
     w_mask = pmask[:, None] & dmask[None, :]
-    h = tl.load(h_ptr + offsets(pix, lat, shk, shd), mask=w_mask, other=0.0).to(ACC)
-    a = tl.load(a_ptr + offsets(pix, lat, sak, sad), mask=w_mask, other=0.0).to(ACC)
+    h = load_tile(h_ptr, pix, lat, shk, shd, w_mask, ACC)
+    a = load_tile(a_ptr, pix, lat, sak, sad, w_mask, ACC)
     h3 = h[None, :, :]
     a3 = a[None, :, :]
     d_a = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
     d_h = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
     gp = tl.zeros((BLOCK_D,), dtype=ACC)
     for n0 in range(0, B, BLOCK_B):
-        rows = n0 + tl.arange(0, BLOCK_B)
-        rmask = rows < B
+        rows, rmask = block_range(n0, B, BLOCK_B)
         g_mask = rmask[:, None] & pmask[None, :]
-        logit = tl.load(l_ptr + offsets(rows, lat, slb, sld), mask=rmask[:, None] & dmask[None, :],
-                        other=0.0).to(ACC)
+        logit = load_tile(l_ptr, rows, lat, slb, sld, rmask[:, None] & dmask[None, :], ACC)
         g_offs = g_ptr + offsets(rows, pix, K, 1)
-        c_1 = tl.load(g_offs + plane(1, plane_stride), mask=g_mask, other=0.0)[:, :, None]
-        c_2 = tl.load(g_offs + plane(2, plane_stride), mask=g_mask, other=0.0)[:, :, None]
+        c_1 = load_plane(g_offs, 1, plane_stride, g_mask)[:, :, None]
+        c_2 = load_plane(g_offs, 2, plane_stride, g_mask)[:, :, None]
         mean, var, one_m2, _es = tilted_mean_var(logit[:, None, :] - h3)
         if NEED_H:
-            c_s = tl.load(g_offs + plane(0, plane_stride), mask=g_mask, other=0.0)[:, :, None]
+            c_s = load_plane(g_offs, 0, plane_stride, g_mask)[:, :, None]
             d_h -= tl.sum(_tilted_w(c_s, c_1, c_2, a3, mean, var, one_m2), axis=0)
             p, _log1p_el = _sigmoid_and_log1p(logit)
-            go = tl.load(go_ptr + rows * sgo, mask=rmask, other=0.0).to(ACC)
+            go = load_vec(go_ptr, rows, sgo, rmask, 0.0, ACC)
             gp += tl.sum(go[:, None] * p, axis=0)
         if NEED_A:
             d_a += tl.sum(c_1 * mean + 2.0 * c_2 * a3 * var, axis=0)
@@ -248,11 +225,11 @@ def _launch_fwd(x, logits, weight, bias, hw, hb, *, grad=None, part=None, g=None
                 db=None, dh0=None, cfg, acc_tl):
     B, K = x.shape
     D = weight.shape[1]
-    launch(_fwd_kernel, (cdiv(B, cfg["BLOCK_B"]), cdiv(K, cfg["BLOCK_K"])), x.device,
+    launch(_fwd_kernel, tile_grid(cfg, B=B, K=K), x.device,
            x, logits, weight, opt(bias, x), hw, opt(hb, x), opt(grad, x),
            opt(part, x), opt(g, x), opt(dx, x), opt(db, x), opt(dh0, x),
            B, K, D, *x.stride(), *logits.stride(), *weight.stride(), vec_stride(bias),
-           *hw.stride(), vec_stride(hb), grad.stride(0) if grad is not None else 0, B * K,
+           *hw.stride(), vec_stride(hb), vec_stride(grad), B * K,
            HAS_BIAS=bias is not None, HAS_H0=hb is not None, GRAD=grad is not None,
            STORE_G=g is not None, NEED_X=dx is not None, NEED_B=db is not None,
            NEED_H0=dh0 is not None, ACC=acc_tl, **cfg)
@@ -266,7 +243,7 @@ def bernoulli_logvar_forward(x: Tensor, logits: Tensor, weight: Tensor, bias: Op
         return x.new_zeros(B)
     acc_tl, acc_torch = acc_dtypes(x.dtype)
     cfg = _config("fwd", x, D)
-    part = torch.empty((cdiv(K, cfg["BLOCK_K"]), B), dtype=acc_torch, device=x.device)
+    part = workspace((cdiv(K, cfg["BLOCK_K"]), B), acc_torch, x.device)
     _launch_fwd(x, logits, weight, bias, logvar_weight, logvar_bias, part=part, cfg=cfg, acc_tl=acc_tl)
     return part.sum(0).to(x.dtype)
 
@@ -277,11 +254,8 @@ def bernoulli_logvar_backward(grad: Tensor, x: Tensor, logits: Tensor, weight: T
     """Gradients w.r.t. (x, logits, weight, bias, logvar_weight, logvar_bias); (0,) tensors
     where not needed."""
     B, K, D = _shapes(x, logits, weight, bias, logvar_weight, logvar_bias)
-    check_grad(grad, B)
-    degenerate = B == 0 or K == 0
-    need, outs = grad_outputs(grad, (x, logits, weight, bias, logvar_weight, logvar_bias), needs,
-                              degenerate)
-    if degenerate or not any(need):
+    need, outs = backward_outputs(grad, (x, logits, weight, bias, logvar_weight, logvar_bias), needs, B, K)
+    if need is None:
         return tuple(outs)
     need_x, need_l, need_a, need_b, need_h, need_h0 = need
     dx, dl, da, db, dh, dh0 = outs
@@ -290,24 +264,22 @@ def bernoulli_logvar_backward(grad: Tensor, x: Tensor, logits: Tensor, weight: T
     cfg = _config("fwd", x, D)
     n_b = cdiv(B, cfg["BLOCK_B"])
     store_g = (need_l or need_a or need_h) and D > 0
-    g = torch.empty((3, B, K), dtype=acc_torch, device=dev) if store_g else None
-    db_part = torch.empty((n_b, K), dtype=acc_torch, device=dev) if need_b else None
-    dh0_part = torch.empty((n_b, K), dtype=acc_torch, device=dev) if need_h0 else None
+    g = workspace((3, B, K), acc_torch, dev, store_g)
+    db_part = workspace((n_b, K), acc_torch, dev, need_b)
+    dh0_part = workspace((n_b, K), acc_torch, dev, need_h0)
     _launch_fwd(x, logits, weight, bias, logvar_weight, logvar_bias, grad=grad, g=g,
                 dx=dx if need_x else None, db=db_part, dh0=dh0_part, cfg=cfg, acc_tl=acc_tl)
     strides = (*logits.stride(), *weight.stride(), *logvar_weight.stride(), grad.stride(0), B * K)
     if need_l and D > 0:
         cfg_l = _config("logits", x, D)
-        launch(_logits_grad_kernel, (cdiv(B, cfg_l["BLOCK_B"]), cdiv(D, cfg_l["BLOCK_D"])), dev,
+        launch(_logits_grad_kernel, tile_grid(cfg_l, B=B, D=D), dev,
                g, logits, weight, logvar_weight, grad, dl, B, K, D, *strides, ACC=acc_tl, **cfg_l)
     if (need_a or need_h) and D > 0:
         cfg_w = _config("w", x, D)
-        launch(_weight_grad_kernel, (cdiv(K, cfg_w["BLOCK_K"]), cdiv(D, cfg_w["BLOCK_D"])), dev,
+        launch(_weight_grad_kernel, tile_grid(cfg_w, K=K, D=D), dev,
                g, logits, weight, logvar_weight, grad, opt(da if need_a else None, x),
                opt(dh if need_h else None, x), B, K, D, *strides,
                NEED_A=need_a, NEED_H=need_h, ACC=acc_tl, **cfg_w)
-    if need_b:
-        db.copy_(db_part.sum(0))
-    if need_h0:
-        dh0.copy_(dh0_part.sum(0))
+    reduce_partials(db, db_part)
+    reduce_partials(dh0, dh0_part)
     return tuple(outs)

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import (acc_dtypes, block_config, cdiv, check_grad, check_shapes, grad_outputs,
-                            launch, offsets, opt, plane, store_out, tile_index, vec_stride)
+from .triton_common import (acc_dtypes, backward_outputs, block_config, block_range, cdiv, check_shapes,
+                            contraction_zeros, launch, load_plane, load_tile, load_vec, mat_strides,
+                            offsets, opt, partial_row, plane, plane_dot, program_tile, reduce_partials,
+                            store_out, store_x_and_bias_grads, tile_grid, vec_stride, workspace)
 from .triton_heads import head_pixel_grad, head_pixel_loss
 
 __all__ = ["precision_forward", "precision_backward", "HEADS", "GPU_CONFIGS"]
@@ -74,34 +75,18 @@ def _precision_fwd_kernel(x_ptr, m_ptr, k2_ptr, k3_ptr, k4_ptr, a_ptr, b_ptr, c_
                           BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward (GRAD=False: per-tile partial losses) or backward coefficients (GRAD=True:
     g_j = grad[n] dl/dc_j into the (planes, B, k) buffer, dx, bias partial sums)."""
-    pid_b = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = tile_index(pid_b, BLOCK_B)
-    pix = tile_index(pid_k, BLOCK_K)
-    rmask = rows < B
-    pmask = pix < K
-
-    ubar = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
-    vbar = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
-    saa = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
-    scc = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
-    sac = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
-    tacc = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
-    taac = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
-    c3 = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
-    q = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
-    c4 = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
+    pid_b, pid_k, rows, pix, rmask, pmask = program_tile(B, K, BLOCK_B, BLOCK_K)
+    ubar, vbar, saa, scc, sac, tacc, taac, c3, q, c4 = contraction_zeros(BLOCK_B, BLOCK_K, ACC)
     for d0 in range(0, D, BLOCK_D):
-        lat = d0 + tl.arange(0, BLOCK_D)
-        dmask = lat < D
+        lat, dmask = block_range(d0, D, BLOCK_D)
         mom_mask = rmask[:, None] & dmask[None, :]
         w_mask = dmask[:, None] & pmask[None, :]
-        at = tl.load(a_ptr + offsets(lat, pix, sad, sak), mask=w_mask, other=0.0).to(ACC)
-        ct = tl.load(c_ptr + offsets(lat, pix, scd, sck), mask=w_mask, other=0.0).to(ACC)
-        m = tl.load(m_ptr + offsets(rows, lat, smb, smd), mask=mom_mask, other=0.0).to(ACC)
+        at = load_tile(a_ptr, lat, pix, sad, sak, w_mask, ACC)
+        ct = load_tile(c_ptr, lat, pix, scd, sck, w_mask, ACC)
+        m = load_tile(m_ptr, rows, lat, smb, smd, mom_mask, ACC)
         ubar = tl.dot(m, at, ubar, input_precision="ieee")
         vbar = tl.dot(m, ct, vbar, input_precision="ieee")
-        k2 = tl.load(k2_ptr + offsets(rows, lat, svb, svd), mask=mom_mask, other=0.0).to(ACC)
+        k2 = load_tile(k2_ptr, rows, lat, svb, svd, mom_mask, ACC)
         a2 = at * at
         c2 = ct * ct
         ac = at * ct
@@ -109,40 +94,37 @@ def _precision_fwd_kernel(x_ptr, m_ptr, k2_ptr, k3_ptr, k4_ptr, a_ptr, b_ptr, c_
         scc = tl.dot(k2, c2, scc, input_precision="ieee")
         sac = tl.dot(k2, ac, sac, input_precision="ieee")
         if HAS_K3:
-            k3 = tl.load(k3_ptr + offsets(rows, lat, s3b, s3d), mask=mom_mask, other=0.0).to(ACC)
+            k3 = load_tile(k3_ptr, rows, lat, s3b, s3d, mom_mask, ACC)
             tacc = tl.dot(k3, ac * ct, tacc, input_precision="ieee")
             taac = tl.dot(k3, a2 * ct, taac, input_precision="ieee")
             c3 = tl.dot(k3, c2 * ct, c3, input_precision="ieee")
         if HAS_K4:
-            k4 = tl.load(k4_ptr + offsets(rows, lat, s4b, s4d), mask=mom_mask, other=0.0).to(ACC)
+            k4 = load_tile(k4_ptr, rows, lat, s4b, s4d, mom_mask, ACC)
             q = tl.dot(k4, a2 * c2, q, input_precision="ieee")
             c4 = tl.dot(k4, c2 * c2, c4, input_precision="ieee")
 
     if HAS_BIAS:
-        ubar += tl.load(b_ptr + pix * sb, mask=pmask, other=0.0).to(ACC)[None, :]
+        ubar += load_vec(b_ptr, pix, sb, pmask, 0.0, ACC)[None, :]
     if HAS_PBIAS:
-        vbar += tl.load(bc_ptr + pix * sbc, mask=pmask, other=0.0).to(ACC)[None, :]
+        vbar += load_vec(bc_ptr, pix, sbc, pmask, 0.0, ACC)[None, :]
     tile_mask = rmask[:, None] & pmask[None, :]
-    x = tl.load(x_ptr + offsets(rows, pix, sxb, sxk), mask=tile_mask, other=0.0).to(ACC)
+    x = load_tile(x_ptr, rows, pix, sxb, sxk, tile_mask, ACC)
     e = x - ubar
 
     if not GRAD:
         pixel = head_pixel_loss(e, vbar, saa, scc, sac, tacc, taac, c3, q, c4, HEAD, HAS_K3, HAS_K4)
         pixel = tl.where(tile_mask, pixel, 0.0)
-        tl.store(part_ptr + pid_k.to(tl.int64) * B + rows, tl.sum(pixel, axis=1), mask=rmask)
+        tl.store(partial_row(part_ptr, pid_k, B, rows), tl.sum(pixel, axis=1), mask=rmask)
     else:
         # d(pixel loss)/d(contraction) times grad[n] (csrc/epilogue.h: head_pixel_grad).
-        go = tl.load(go_ptr + rows * sgo, mask=rmask, other=0.0).to(ACC)[:, None]
+        go = load_vec(go_ptr, rows, sgo, rmask, 0.0, ACC)[:, None]
         g_u, g_v, g_saa, g_scc, g_sac, g_tacc, g_taac, g_c3, g_c4 = head_pixel_grad(
             e, vbar, saa, scc, sac, tacc, taac, c3, c4, HEAD, HAS_K3, HAS_K4)
         g_u = tl.where(tile_mask, go * g_u, 0.0)
         g_v = tl.where(tile_mask, go * g_v, 0.0)
-        if NEED_X:
-            store_out(dx_ptr + offsets(rows, pix, K, 1), -g_u, tile_mask)
-        if NEED_B:
-            tl.store(db_ptr + pid_b.to(tl.int64) * K + pix, tl.sum(g_u, axis=0), mask=pmask)
+        store_x_and_bias_grads(dx_ptr, db_ptr, g_u, pid_b, rows, pix, K, tile_mask, pmask, NEED_X, NEED_B)
         if NEED_BC:
-            tl.store(dbc_ptr + pid_b.to(tl.int64) * K + pix, tl.sum(g_v, axis=0), mask=pmask)
+            tl.store(partial_row(dbc_ptr, pid_b, K, pix), tl.sum(g_v, axis=0), mask=pmask)
         if STORE_G:
             g_offs = g_ptr + offsets(rows, pix, K, 1)
             tl.store(g_offs + plane(0, plane_stride), g_u, mask=tile_mask)
@@ -169,47 +151,39 @@ def _precision_moment_grad_kernel(g_ptr, a_ptr, c_ptr, dm_ptr, dk2_ptr, dk3_ptr,
                                   BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """dm = g_u A + g_v C; dk2 = g_Saa A^2 + g_Scc C^2 + g_Sac AC;
     dk3 = g_Tacc AC^2 + g_Taac A^2C + g_C3 C^3; dk4 = g_Q A^2C^2 + g_C4 C^4."""
-    pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = tile_index(pid_b, BLOCK_B)
-    lat = tile_index(pid_d, BLOCK_D)
-    rmask = rows < B
-    dmask = lat < D
+    _pid_b, _pid_d, rows, lat, rmask, dmask = program_tile(B, D, BLOCK_B, BLOCK_D)
     dm = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC)
     dk2 = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC)
     dk3 = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC)
     dk4 = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC)
     for p0 in range(0, K, BLOCK_K):
-        pix = p0 + tl.arange(0, BLOCK_K)
-        pmask = pix < K
+        pix, pmask = block_range(p0, K, BLOCK_K)
         w_mask = pmask[:, None] & dmask[None, :]
         g_mask = rmask[:, None] & pmask[None, :]
-        a = tl.load(a_ptr + offsets(pix, lat, sak, sad), mask=w_mask, other=0.0).to(ACC)
-        c = tl.load(c_ptr + offsets(pix, lat, sck, scd), mask=w_mask, other=0.0).to(ACC)
+        a = load_tile(a_ptr, pix, lat, sak, sad, w_mask, ACC)
+        c = load_tile(c_ptr, pix, lat, sck, scd, w_mask, ACC)
         g_offs = g_ptr + offsets(rows, pix, K, 1)
         if NEED_M:
-            g = tl.load(g_offs + plane(0, plane_stride), mask=g_mask, other=0.0)
-            dm = tl.dot(g, a, dm, input_precision="ieee")
-            g = tl.load(g_offs + plane(1, plane_stride), mask=g_mask, other=0.0)
-            dm = tl.dot(g, c, dm, input_precision="ieee")
+            dm = plane_dot(g_offs, 0, plane_stride, g_mask, a, dm)
+            dm = plane_dot(g_offs, 1, plane_stride, g_mask, c, dm)
         if NEED_K2:
-            g = tl.load(g_offs + plane(2, plane_stride), mask=g_mask, other=0.0)
+            g = load_plane(g_offs, 2, plane_stride, g_mask)
             dk2 = tl.dot(g, a * a, dk2, input_precision="ieee")
-            g = tl.load(g_offs + plane(3, plane_stride), mask=g_mask, other=0.0)
+            g = load_plane(g_offs, 3, plane_stride, g_mask)
             dk2 = tl.dot(g, c * c, dk2, input_precision="ieee")
-            g = tl.load(g_offs + plane(4, plane_stride), mask=g_mask, other=0.0)
+            g = load_plane(g_offs, 4, plane_stride, g_mask)
             dk2 = tl.dot(g, a * c, dk2, input_precision="ieee")
         if NEED_K3:
-            g = tl.load(g_offs + plane(P_K3, plane_stride), mask=g_mask, other=0.0)
+            g = load_plane(g_offs, P_K3, plane_stride, g_mask)
             dk3 = tl.dot(g, a * c * c, dk3, input_precision="ieee")
-            g = tl.load(g_offs + plane(P_K3 + 1, plane_stride), mask=g_mask, other=0.0)
+            g = load_plane(g_offs, P_K3 + 1, plane_stride, g_mask)
             dk3 = tl.dot(g, a * a * c, dk3, input_precision="ieee")
-            g = tl.load(g_offs + plane(P_K3 + 2, plane_stride), mask=g_mask, other=0.0)
+            g = load_plane(g_offs, P_K3 + 2, plane_stride, g_mask)
             dk3 = tl.dot(g, c * c * c, dk3, input_precision="ieee")
         if NEED_K4:
-            g = tl.load(g_offs + plane(P_K4, plane_stride), mask=g_mask, other=0.0)
+            g = load_plane(g_offs, P_K4, plane_stride, g_mask)
             dk4 = tl.dot(g, a * a * c * c, dk4, input_precision="ieee")
-            g = tl.load(g_offs + plane(P_K4 + 1, plane_stride), mask=g_mask, other=0.0)
+            g = load_plane(g_offs, P_K4 + 1, plane_stride, g_mask)
             c2 = c * c
             dk4 = tl.dot(g, c2 * c2, dk4, input_precision="ieee")
     out_mask = rmask[:, None] & dmask[None, :]
@@ -235,62 +209,37 @@ def _precision_weight_grad_kernel(g_ptr, m_ptr, k2_ptr, k3_ptr, k4_ptr, a_ptr, c
     """X_j = g_j^T (moment of j) over the batch, then (MATH.md §5)
     dA = X_u + 2A X_Saa + C X_Sac + C^2 X_Tacc + 2AC X_Taac + 2AC^2 X_Q,
     dC = X_v + 2C X_Scc + A X_Sac + 2AC X_Tacc + A^2 X_Taac + 3C^2 X_C3 + 2A^2C X_Q + 4C^3 X_C4."""
-    pid_k = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pix = tile_index(pid_k, BLOCK_K)
-    lat = tile_index(pid_d, BLOCK_D)
-    pmask = pix < K
-    dmask = lat < D
-    x_u = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
-    x_v = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
-    x_saa = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
-    x_scc = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
-    x_sac = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
-    x_tacc = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
-    x_taac = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
-    x_c3 = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
-    x_q = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
-    x_c4 = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
+    _pid_k, _pid_d, pix, lat, pmask, dmask = program_tile(K, D, BLOCK_K, BLOCK_D)
+    x_u, x_v, x_saa, x_scc, x_sac, x_tacc, x_taac, x_c3, x_q, x_c4 = contraction_zeros(BLOCK_K, BLOCK_D, ACC)
     for n0 in range(0, B, BLOCK_B):
-        rows = n0 + tl.arange(0, BLOCK_B)
-        rmask = rows < B
+        rows, rmask = block_range(n0, B, BLOCK_B)
         mom_mask = rmask[:, None] & dmask[None, :]
         gt_mask = pmask[:, None] & rmask[None, :]
         gt_offs = g_ptr + offsets(pix, rows, 1, K)                      # g_j^T tiles (BLOCK_K, BLOCK_B)
-        m = tl.load(m_ptr + offsets(rows, lat, smb, smd), mask=mom_mask, other=0.0).to(ACC)
-        k2 = tl.load(k2_ptr + offsets(rows, lat, svb, svd), mask=mom_mask, other=0.0).to(ACC)
+        m = load_tile(m_ptr, rows, lat, smb, smd, mom_mask, ACC)
+        k2 = load_tile(k2_ptr, rows, lat, svb, svd, mom_mask, ACC)
         if NEED_A:
-            x_u = tl.dot(tl.load(gt_offs + plane(0, plane_stride), mask=gt_mask, other=0.0), m, x_u,
-                         input_precision="ieee")
-            x_saa = tl.dot(tl.load(gt_offs + plane(2, plane_stride), mask=gt_mask, other=0.0), k2, x_saa,
-                           input_precision="ieee")
+            x_u = plane_dot(gt_offs, 0, plane_stride, gt_mask, m, x_u)
+            x_saa = plane_dot(gt_offs, 2, plane_stride, gt_mask, k2, x_saa)
         if NEED_C:
-            x_v = tl.dot(tl.load(gt_offs + plane(1, plane_stride), mask=gt_mask, other=0.0), m, x_v,
-                         input_precision="ieee")
-            x_scc = tl.dot(tl.load(gt_offs + plane(3, plane_stride), mask=gt_mask, other=0.0), k2, x_scc,
-                           input_precision="ieee")
-        x_sac = tl.dot(tl.load(gt_offs + plane(4, plane_stride), mask=gt_mask, other=0.0), k2, x_sac,
-                       input_precision="ieee")
+            x_v = plane_dot(gt_offs, 1, plane_stride, gt_mask, m, x_v)
+            x_scc = plane_dot(gt_offs, 3, plane_stride, gt_mask, k2, x_scc)
+        x_sac = plane_dot(gt_offs, 4, plane_stride, gt_mask, k2, x_sac)
         if HAS_K3:
-            k3 = tl.load(k3_ptr + offsets(rows, lat, s3b, s3d), mask=mom_mask, other=0.0).to(ACC)
-            x_tacc = tl.dot(tl.load(gt_offs + plane(P_K3, plane_stride), mask=gt_mask, other=0.0), k3, x_tacc,
-                            input_precision="ieee")
-            x_taac = tl.dot(tl.load(gt_offs + plane(P_K3 + 1, plane_stride), mask=gt_mask, other=0.0), k3,
-                            x_taac, input_precision="ieee")
+            k3 = load_tile(k3_ptr, rows, lat, s3b, s3d, mom_mask, ACC)
+            x_tacc = plane_dot(gt_offs, P_K3, plane_stride, gt_mask, k3, x_tacc)
+            x_taac = plane_dot(gt_offs, P_K3 + 1, plane_stride, gt_mask, k3, x_taac)
             if NEED_C:
-                x_c3 = tl.dot(tl.load(gt_offs + plane(P_K3 + 2, plane_stride), mask=gt_mask, other=0.0), k3,
-                              x_c3, input_precision="ieee")
+                x_c3 = plane_dot(gt_offs, P_K3 + 2, plane_stride, gt_mask, k3, x_c3)
         if HAS_K4:
-            k4 = tl.load(k4_ptr + offsets(rows, lat, s4b, s4d), mask=mom_mask, other=0.0).to(ACC)
-            x_q = tl.dot(tl.load(gt_offs + plane(P_K4, plane_stride), mask=gt_mask, other=0.0), k4, x_q,
-                         input_precision="ieee")
+            k4 = load_tile(k4_ptr, rows, lat, s4b, s4d, mom_mask, ACC)
+            x_q = plane_dot(gt_offs, P_K4, plane_stride, gt_mask, k4, x_q)
             if NEED_C:
-                x_c4 = tl.dot(tl.load(gt_offs + plane(P_K4 + 1, plane_stride), mask=gt_mask, other=0.0), k4,
-                              x_c4, input_precision="ieee")
+                x_c4 = plane_dot(gt_offs, P_K4 + 1, plane_stride, gt_mask, k4, x_c4)
 
     w_mask = pmask[:, None] & dmask[None, :]
-    a = tl.load(a_ptr + offsets(pix, lat, sak, sad), mask=w_mask, other=0.0).to(ACC)
-    c = tl.load(c_ptr + offsets(pix, lat, sck, scd), mask=w_mask, other=0.0).to(ACC)
+    a = load_tile(a_ptr, pix, lat, sak, sad, w_mask, ACC)
+    c = load_tile(c_ptr, pix, lat, sck, scd, w_mask, ACC)
     out_offs = offsets(pix, lat, D, 1)
     if NEED_A:
         da = x_u + 2.0 * a * x_saa + c * x_sac
@@ -334,13 +283,11 @@ def _launch_coef(x, mean, var, k3, k4, weight, bias, pw, pb, head, *, grad=None,
     B, K = x.shape
     D = weight.shape[1]
     p_k3, p_k4, _ = _planes(k3 is not None, k4 is not None)
-    launch(_precision_fwd_kernel, (cdiv(B, cfg["BLOCK_B"]), cdiv(K, cfg["BLOCK_K"])), x.device,
+    launch(_precision_fwd_kernel, tile_grid(cfg, B=B, K=K), x.device,
            x, mean, var, opt(k3, x), opt(k4, x), weight, opt(bias, x), pw, opt(pb, x),
            opt(grad, x), opt(part, x), opt(g, x), opt(dx, x), opt(db, x), opt(dbc, x),
-           B, K, D, *x.stride(), *mean.stride(), *var.stride(),
-           *(k3.stride() if k3 is not None else (0, 0)), *(k4.stride() if k4 is not None else (0, 0)),
-           *weight.stride(), vec_stride(bias), *pw.stride(), vec_stride(pb),
-           grad.stride(0) if grad is not None else 0, B * K,
+           B, K, D, *x.stride(), *mean.stride(), *var.stride(), *mat_strides(k3), *mat_strides(k4),
+           *weight.stride(), vec_stride(bias), *pw.stride(), vec_stride(pb), vec_stride(grad), B * K,
            HAS_K3=k3 is not None, HAS_K4=k4 is not None, HAS_BIAS=bias is not None,
            HAS_PBIAS=pb is not None, GRAD=grad is not None, STORE_G=g is not None,
            NEED_X=dx is not None, NEED_B=db is not None, NEED_BC=dbc is not None,
@@ -358,7 +305,7 @@ def precision_forward(x: Tensor, mean: Tensor, var: Tensor, k3: Optional[Tensor]
         return x.new_zeros(B)
     acc_tl, acc_torch = acc_dtypes(x.dtype)
     cfg = _coef_config(x, D, k3, k4, head)
-    part = torch.empty((cdiv(K, cfg["BLOCK_K"]), B), dtype=acc_torch, device=x.device)
+    part = workspace((cdiv(K, cfg["BLOCK_K"]), B), acc_torch, x.device)
     _launch_coef(x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias, head,
                  part=part, cfg=cfg, acc_tl=acc_tl)
     return part.sum(0).to(x.dtype)
@@ -371,11 +318,9 @@ def precision_backward(grad: Tensor, x: Tensor, mean: Tensor, var: Tensor, k3: O
     """Gradients w.r.t. the 9 tensor inputs of ``precision_forward``; (0,) tensors where not needed."""
     _check_head(head, k3, k4)
     B, K, D = check_shapes(x, (mean, var, k3, k4), (weight, precision_weight), (bias, precision_bias))
-    check_grad(grad, B)
-    degenerate = B == 0 or K == 0
-    need, outs = grad_outputs(grad, (x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias),
-                              needs, degenerate)
-    if degenerate or not any(need):
+    inputs = (x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias)
+    need, outs = backward_outputs(grad, inputs, needs, B, K)
+    if need is None:
         return tuple(outs)
     need_x, need_m, need_v, need_k3, need_k4, need_a, need_b, need_c, need_bc = need
     dx, dm, dv, dk3, dk4, da, db, dc, dbc = outs
@@ -388,31 +333,28 @@ def precision_backward(grad: Tensor, x: Tensor, mean: Tensor, var: Tensor, k3: O
     n_b = cdiv(B, cfg["BLOCK_B"])
     p_k3, p_k4, n_planes = _planes(has_k3, has_k4)
     store_g = any((need_m, need_v, need_k3, need_k4, need_a, need_c)) and D > 0
-    g = torch.empty((n_planes, B, K), dtype=acc_torch, device=dev) if store_g else None
-    db_part = torch.empty((n_b, K), dtype=acc_torch, device=dev) if need_b else None
-    dbc_part = torch.empty((n_b, K), dtype=acc_torch, device=dev) if need_bc else None
+    g = workspace((n_planes, B, K), acc_torch, dev, store_g)
+    db_part = workspace((n_b, K), acc_torch, dev, need_b)
+    dbc_part = workspace((n_b, K), acc_torch, dev, need_bc)
     _launch_coef(x, mean, var, k3, k4, weight, bias, precision_weight, precision_bias, head,
                  grad=grad, g=g, dx=dx if need_x else None, db=db_part, dbc=dbc_part,
                  cfg=cfg, acc_tl=acc_tl)
     dummy = x  # stands in for pointers a kernel does not dereference (its flag is off)
     if any((need_m, need_v, need_k3, need_k4)) and D > 0:
-        launch(_precision_moment_grad_kernel, (cdiv(B, cfg_m["BLOCK_B"]), cdiv(D, cfg_m["BLOCK_D"])), dev,
+        launch(_precision_moment_grad_kernel, tile_grid(cfg_m, B=B, D=D), dev,
                g, weight, precision_weight, dm if need_m else dummy, dv if need_v else dummy,
                dk3 if need_k3 else dummy, dk4 if need_k4 else dummy,
                B, K, D, *weight.stride(), *precision_weight.stride(), B * K,
                NEED_M=need_m, NEED_K2=need_v, NEED_K3=need_k3, NEED_K4=need_k4,
                P_K3=p_k3, P_K4=p_k4, ACC=acc_tl, **cfg_m)
     if (need_a or need_c) and D > 0:
-        launch(_precision_weight_grad_kernel, (cdiv(K, cfg_w["BLOCK_K"]), cdiv(D, cfg_w["BLOCK_D"])), dev,
+        launch(_precision_weight_grad_kernel, tile_grid(cfg_w, K=K, D=D), dev,
                g, mean, var, opt(k3, dummy), opt(k4, dummy),
                weight, precision_weight, da if need_a else dummy, dc if need_c else dummy,
-               B, K, D, *mean.stride(), *var.stride(),
-               *(k3.stride() if has_k3 else (0, 0)), *(k4.stride() if has_k4 else (0, 0)),
+               B, K, D, *mean.stride(), *var.stride(), *mat_strides(k3), *mat_strides(k4),
                *weight.stride(), *precision_weight.stride(), B * K,
                HAS_K3=has_k3, HAS_K4=has_k4, NEED_A=need_a, NEED_C=need_c,
                P_K3=p_k3, P_K4=p_k4, ACC=acc_tl, **cfg_w)
-    if need_b:
-        db.copy_(db_part.sum(0))
-    if need_bc:
-        dbc.copy_(dbc_part.sum(0))
+    reduce_partials(db, db_part)
+    reduce_partials(dbc, dbc_part)
     return tuple(outs)
