@@ -32,6 +32,21 @@ using namespace meanfield;
 // The forwards' per-part partial sums (one row per parallel part, summed at the end so that the
 // result does not depend on the thread count): each sample's loss and, with k4, the column sums
 // of the Q products (their loss term is sum_p Q / 2 = 0.5 k4 . colsum, one GEMV at the end).
+// Raw pointers to a forward's inputs: x and the weights A, C in scalar_t, the biases in acc_t.
+template <typename scalar_t>
+struct ForwardPointers {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* X;
+  const scalar_t* A;
+  const scalar_t* C;
+  const acc_t* bias;
+  const acc_t* pbias;
+  explicit ForwardPointers(const Inputs<scalar_t>& in)
+      : X(in.x.template data_ptr<scalar_t>()), A(in.A.template data_ptr<scalar_t>()),
+        C(in.C.template data_ptr<scalar_t>()), bias(in.bias.template data_ptr<acc_t>()),
+        pbias(in.pbias.template data_ptr<acc_t>()) {}
+};
+
 template <typename acc_t, bool H4>
 struct LossParts {
   at::Tensor loss, qcol;
@@ -81,11 +96,7 @@ at::Tensor forward_impl(const Inputs<scalar_t>& in) {
   const TilePlan plan = make_plan(B, k, d, gr.total, gr.total);
   LossParts<acc_t, H4> parts(plan.nparts, B, d, acc_opts);
 
-  const scalar_t* X = in.x.template data_ptr<scalar_t>();
-  const scalar_t* A = in.A.template data_ptr<scalar_t>();
-  const scalar_t* C = in.C.template data_ptr<scalar_t>();
-  const acc_t* bias = in.bias.template data_ptr<acc_t>();
-  const acc_t* pbias = in.pbias.template data_ptr<acc_t>();
+  const ForwardPointers<scalar_t> ptr(in);
 
   at::parallel_for(0, plan.nparts, 1, [&](int64_t q_begin, int64_t q_end) {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -96,13 +107,13 @@ at::Tensor forward_impl(const Inputs<scalar_t>& in) {
       acc_t* qcol = parts.qcol_row(q);
       for (int64_t t = plan.tile_begin(q); t < plan.tile_begin(q + 1); ++t) {
         const int64_t p0 = plan.pixel_begin(t), np = plan.pixel_count(t);
-        form_products<scalar_t, acc_t, H3, H4>(A, C, p0, np, d, ws.P, qcol);
+        form_products<scalar_t, acc_t, H3, H4>(ptr.A, ptr.C, p0, np, d, ws.P, qcol);
         for (int64_t n0 = 0; n0 < B; n0 += plan.batch_chunk) {
           const int64_t nb = std::min(plan.batch_chunk, B - n0);
           contract(gr, in.mom, ws, n0, nb, np, d);
           for (int64_t r = 0; r < nb; ++r) {
             loss[n0 + r] += row_loss<HD, scalar_t, acc_t, H3, H4>(
-                ws.Y, r, np, X + linear_offset(n0 + r, p0, k), bias + p0, pbias + p0, mbuf.data());
+                ws.Y, r, np, ptr.X + linear_offset(n0 + r, p0, k), ptr.bias + p0, ptr.pbias + p0, mbuf.data());
           }
         }
       }
@@ -134,11 +145,7 @@ std::tuple<at::Tensor, at::Tensor> forward_train_impl(const Inputs<scalar_t>& in
   const auto roff = group_row_offsets(gr);
   LossParts<acc_t, H4> parts(plan.nparts, B, d, acc_opts);
 
-  const scalar_t* X = in.x.template data_ptr<scalar_t>();
-  const scalar_t* A = in.A.template data_ptr<scalar_t>();
-  const scalar_t* C = in.C.template data_ptr<scalar_t>();
-  const acc_t* bias = in.bias.template data_ptr<acc_t>();
-  const acc_t* pbias = in.pbias.template data_ptr<acc_t>();
+  const ForwardPointers<scalar_t> ptr(in);
   acc_t* coef_ptr = coef.template data_ptr<acc_t>();
 
   at::parallel_for(0, plan.nparts, 1, [&](int64_t q_begin, int64_t q_end) {
@@ -151,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> forward_train_impl(const Inputs<scalar_t>& in
       acc_t* qcol = parts.qcol_row(q);
       for (int64_t t = plan.tile_begin(q); t < plan.tile_begin(q + 1); ++t) {
         const int64_t p0 = plan.pixel_begin(t), np = plan.pixel_count(t);
-        form_products<scalar_t, acc_t, H3, H4>(A, C, p0, np, d, ws.P, qcol);
+        form_products<scalar_t, acc_t, H3, H4>(ptr.A, ptr.C, p0, np, d, ws.P, qcol);
         acc_t* tile_base = coef_ptr + B * gr.total * p0;
         for (int64_t n0 = 0; n0 < B; n0 += plan.batch_chunk) {
           const int64_t nb = std::min(plan.batch_chunk, B - n0);
@@ -159,10 +166,10 @@ std::tuple<at::Tensor, at::Tensor> forward_train_impl(const Inputs<scalar_t>& in
           for (int g = 0; g < kGroups; ++g)
             ws.Y[g] = tile_base + B * roff[g] * np + n0 * gr.rows[g] * np;
           contract(gr, in.mom, ws, n0, nb, np, d);
-          const acc_t* SK_RESTRICT bp = bias + p0;
-          const acc_t* SK_RESTRICT pbp = pbias + p0;
+          const acc_t* SK_RESTRICT bp = ptr.bias + p0;
+          const acc_t* SK_RESTRICT pbp = ptr.pbias + p0;
           for (int64_t r = 0; r < nb; ++r) {
-            const scalar_t* xr = X + linear_offset(n0 + r, p0, k);
+            const scalar_t* xr = ptr.X + linear_offset(n0 + r, p0, k);
             // Taylor: the (vectorised) loss first, as the coefficients overwrite the contractions
             // it reads; the other heads take both from one epilogue call per pixel below.
             if constexpr (HD == Head::kTaylor)
