@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .moments import LatentMoments, _values_checkable
+from .moments import LatentMoments, values_checkable
 
 REDUCTIONS = ("none", "sum", "mean")
 BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
@@ -53,7 +53,7 @@ def check_moments(q: LatentMoments, batch: int, latent_dim: int, dtype, device) 
     for name, t in zip(("mean", "var", "k3", "k4"), q.tensors()):
         if t is not None:
             check_tensor(f"q.{name}", t, (batch, latent_dim), dtype, device)
-    if _values_checkable(q.var) and not bool((q.var >= 0).all()):  # also rejects NaN
+    if values_checkable(q.var) and not bool((q.var >= 0).all()):  # also rejects NaN
         raise ValueError(f"q.var: variances must be >= 0, got minimum {float(q.var.min()):g}")
 
 
@@ -71,7 +71,7 @@ def check_sigma2(sigma2, k: int, dtype, device) -> Tensor:
         sigma2 = sigma2.expand(k)
     else:
         check_tensor("sigma2", sigma2, (k,), dtype, device)
-    if _values_checkable(sigma2) and not bool(((sigma2 > 0) & torch.isfinite(sigma2)).all()):  # and NaN
+    if values_checkable(sigma2) and not bool(((sigma2 > 0) & torch.isfinite(sigma2)).all()):  # and NaN
         raise ValueError(f"sigma2: variances must be positive and finite, got range "
                          f"[{float(sigma2.min()):g}, {float(sigma2.max()):g}]")
     return sigma2

@@ -61,7 +61,7 @@ _TENSOR_INPUTS = {"fixed": len(FIXED_INPUTS), "precision": len(PRECISION_INPUTS)
                   "bernoulli_logvar": len(BERNOULLI_LOGVAR_INPUTS), "categorical": len(CATEGORICAL_INPUTS)}
 
 # (kind, backend) -> (forward op, backward op)
-_OPS: dict[tuple[str, str], tuple[Callable, Callable]] = {}
+OPS: dict[tuple[str, str], tuple[Callable, Callable]] = {}
 
 
 def _reference_precision(x, mean, var, k3, k4, weight, bias, second_weight, second_bias, head):
@@ -154,7 +154,7 @@ def register_loss_ops(kind: str, backend: str, forward_op, backward_op) -> None:
     torch.library.register_fake(_qualname(backward_op), _fake_backward)
     setup_context, backward = _make_autograd(kind, backward_op)
     torch.library.register_autograd(_qualname(forward_op), backward, setup_context=setup_context)
-    _OPS[(kind, backend)] = (forward_op, backward_op)
+    OPS[(kind, backend)] = (forward_op, backward_op)
 
 
 # ----------------------------------------------- training ops that save their coefficients
@@ -217,9 +217,9 @@ def _qualname(op) -> str:
 
 def registered_ops(head: str, backend: str) -> tuple[Callable, Callable]:
     try:
-        return _OPS[(head, backend)]
+        return OPS[(head, backend)]
     except KeyError:
-        known = sorted({b for h, b in _OPS if h == head})
+        known = sorted({b for h, b in OPS if h == head})
         raise RuntimeError(f"no {head} ops registered for backend {backend!r}; registered: {known}") from None
 
 

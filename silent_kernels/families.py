@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .moments import LatentMoments, _values_checkable
+from .moments import LatentMoments, values_checkable
 
 __all__ = ["TILTABLE_FAMILIES", "tilt", "check_domain"]
 
@@ -113,7 +113,7 @@ def check_domain(q: LatentMoments, t: Tensor) -> None:
             f"q: the log-variance head needs the moment generating function of the latents, and "
             f"family {q.family!r} (given only by cumulants) has none; supported families: "
             f"{', '.join(TILTABLE_FAMILIES)}")
-    if not _values_checkable(t) or q.mean.numel() == 0:
+    if not values_checkable(t) or q.mean.numel() == 0:
         return
     if q.family == "gamma":
         shape, rate = q.params

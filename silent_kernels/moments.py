@@ -248,7 +248,7 @@ class LatentMoments:
 
 
 def _check_probs(probs: Tensor) -> None:
-    if _values_checkable(probs) and not bool(((probs >= 0) & (probs <= 1)).all()):
+    if values_checkable(probs) and not bool(((probs >= 0) & (probs <= 1)).all()):
         lo, hi = float(probs.min()), float(probs.max())
         raise ValueError(f"Bernoulli probs: expected values in [0, 1], got range [{lo:g}, {hi:g}]")
 
@@ -256,7 +256,7 @@ def _check_probs(probs: Tensor) -> None:
 def _check_categorical_probs(probs: Tensor) -> None:
     if not isinstance(probs, Tensor) or probs.dim() != 3:
         raise ValueError("LatentMoments.categorical: expected probs of shape (B, G, K)")
-    if _values_checkable(probs):
+    if values_checkable(probs):
         if not bool(((probs >= 0) & (probs <= 1)).all()):
             raise ValueError(f"categorical probs: expected values in [0, 1], got range "
                              f"[{float(probs.min()):g}, {float(probs.max()):g}]")
@@ -267,7 +267,7 @@ def _check_categorical_probs(probs: Tensor) -> None:
                              f"the largest deviation is {worst:g}")
 
 
-def _values_checkable(t: Tensor) -> bool:
+def values_checkable(t: Tensor) -> bool:
     """Value checks read data (a host sync); skip them while tracing for torch.compile."""
     return not torch.compiler.is_compiling() and t.device.type != "meta" and t.numel() > 0
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library; its static initialisers register the ops)
-from .autograd import _OPS, HEADS, register_loss_ops, register_saved_coefficient_ops
+from .autograd import OPS, HEADS, register_loss_ops, register_saved_coefficient_ops
 
 __all__ = [
     "cpp_ops_registered",
@@ -47,14 +47,14 @@ _KINDS = ("fixed", "precision", "bernoulli_logvar", "categorical")
 def _register_once() -> None:
     # register_fake / register_autograd may be called only once per op; both backend names
     # share the ops, so the second one is only recorded.
-    if ("fixed", "cpp") in _OPS:
+    if ("fixed", "cpp") in OPS:
         return
     for kind in _KINDS:
         # OpOverloads (``.default``): autograd's registration needs their qualified name.
         forward = getattr(_NS, f"{kind}_nll").default
         backward = getattr(_NS, f"{kind}_nll_backward").default
         register_loss_ops(kind, "cpp", forward, backward)
-        _OPS[(kind, "cuda")] = (forward, backward)
+        OPS[(kind, "cuda")] = (forward, backward)
 
 
 _register_once()
@@ -99,18 +99,18 @@ def _fake_fixed_backward(grad, coefficients, mean, var, weight, sigma2, needs):
 
 
 def _register_train_once() -> None:
-    if ("precision", "cpp-train") in _OPS:
+    if ("precision", "cpp-train") in OPS:
         return
     forward, backward = _NS.precision_nll_train.default, _NS.precision_nll_train_backward.default
     # The backward takes mean, var, k3, k4, weight, precision_weight after the coefficients.
     register_saved_coefficient_ops("precision", forward, backward, (1, 2, 3, 4, 5, 7),
                                    _fake_train_coefficients, _fake_train_backward)
-    _OPS[("precision", "cpp-train")] = (forward, backward)
+    OPS[("precision", "cpp-train")] = (forward, backward)
     forward, backward = _NS.fixed_nll_train.default, _NS.fixed_nll_train_backward.default
     # The backward takes mean, var, weight, sigma2 after the coefficients (x - ubar) / sigma2.
     register_saved_coefficient_ops("fixed", forward, backward, (1, 2, 3, 5),
                                    _fake_fixed_coefficients, _fake_fixed_backward)
-    _OPS[("fixed", "cpp-train")] = (forward, backward)
+    OPS[("fixed", "cpp-train")] = (forward, backward)
 
 
 _register_train_once()

@@ -34,8 +34,8 @@ __all__ = ["dawson", "dawson_integral", "expected_log_square", "SERIES_LIMIT",
 # Crossover between the convergent and the asymptotic series (x^2 = 36: the asymptotic
 # series' smallest term is ~sqrt(2) e^-36 / 36 ~ 1e-17 there).
 SERIES_LIMIT = 6.0
-_SERIES_TERMS = 110      # Poisson(36) mass beyond 110 terms is < 1e-20
-_ASYMPTOTIC_TERMS = 36   # terms of the asymptotic series used for x >= SERIES_LIMIT
+SERIES_TERMS = 110      # Poisson(36) mass beyond 110 terms is < 1e-20
+ASYMPTOTIC_TERMS = 36   # terms of the asymptotic series used for x >= SERIES_LIMIT
 EULER_GAMMA = 0.57721566490153286060651209008240243
 # s2 = Var(v) is clamped at this floor: E[log v^2] is -inf when v = 0 with no spread.
 EXACT_LOG_VAR_FLOOR = 1e-30
@@ -48,7 +48,7 @@ def _series(x: Tensor) -> tuple[Tensor, Tensor]:
     d_sum = weight.clone()                       # sum P_n / (2n+1)
     f_sum = torch.zeros_like(x)                  # sum P_n h_n
     h = 0.0
-    for n in range(1, _SERIES_TERMS):
+    for n in range(1, SERIES_TERMS):
         weight = weight * x2 / n
         h += 2.0 / (2 * n - 1)
         d_sum = d_sum + weight / (2 * n + 1)
@@ -61,7 +61,7 @@ def _asymptotic_dawson(x: Tensor) -> Tensor:
     r = 0.5 / (x * x)
     term = torch.ones_like(x)
     total = torch.ones_like(x)
-    for n in range(1, _ASYMPTOTIC_TERMS + 1):
+    for n in range(1, ASYMPTOTIC_TERMS + 1):
         term = term * (2 * n - 1) * r
         total = total + term
     return total / (2 * x)
@@ -94,7 +94,7 @@ def _asymptotic_log_tail(r: Tensor) -> Tensor:
     """sum_{n>=1} (2n-1)!!/n r^n (differentiable torch ops; r = s2/m^2 <= 1/(2 SERIES_LIMIT^2))."""
     term = torch.ones_like(r)
     total = torch.zeros_like(r)
-    for n in range(1, _ASYMPTOTIC_TERMS + 1):
+    for n in range(1, ASYMPTOTIC_TERMS + 1):
         term = term * (2 * n - 1) * r if n > 1 else r
         total = total + term / n
     return total

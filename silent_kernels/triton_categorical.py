@@ -195,7 +195,7 @@ def _load_group(lp_ptr, a_ptr, c_ptr, g, rows, pix, cat, NCAT, D, l_mask, w_mask
 
 # ---------------------------------------------------------------------------- kernel
 @triton.jit
-def _categorical_kernel(x_ptr, lp_ptr, a_ptr, b_ptr, c_ptr, c0_ptr, s2_ptr, go_ptr,
+def categorical_kernel(x_ptr, lp_ptr, a_ptr, b_ptr, c_ptr, c0_ptr, s2_ptr, go_ptr,
                         loss_ptr, dx_ptr, dl_ptr, da_ptr, dc_ptr, dv_ptr,
                         B, P, G, NCAT, sxb, sxp, sak, sad, sb, sck, scd, sc0, ss2, sgo, vec_plane,
                         HEAD: tl.constexpr, HAS_C: tl.constexpr, TAYLOR: tl.constexpr,

@@ -7,8 +7,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .triton_categorical import HEAD_FIXED, HEAD_LOGVAR, HEAD_TAYLOR, _categorical_kernel
-from .triton_common import (_pow2, _sized_to_problem, acc_dtypes, backward_outputs, cdiv, check_device, launch,
+from .triton_categorical import HEAD_FIXED, HEAD_LOGVAR, HEAD_TAYLOR, categorical_kernel
+from .triton_common import (pow2, sized_to_problem, acc_dtypes, backward_outputs, cdiv, check_device, launch,
                             mat_strides, opt, tile_grid, vec_stride, workspace)
 
 __all__ = ["categorical_forward", "categorical_backward"]
@@ -31,17 +31,17 @@ def _config(B: int, P: int, ncat: int, dtype: torch.dtype, device: torch.device,
     """Blocks: all categories of a group in one block; samples and pixels share the rest of the
     tile budget (``kind`` "fwd" or "bwd": the backward holds more tiles). Interpreter / CPU
     tensors: a large budget (fewer, larger programs)."""
-    interp = _sized_to_problem(device)
+    interp = sized_to_problem(device)
     width = 8 if dtype == torch.float64 else 4
     budget = _INTERP_TILE if interp else _GPU_TILE[width][kind]
     pairs = 1 << 30 if interp else _GPU_PAIRS[width]
-    bc = _pow2(ncat, 2, 1 << 20)
+    bc = pow2(ncat, 2, 1 << 20)
     rest = max(1, budget // bc)
     # samples and pixels about equal (a power of two each): the backward's dlogits partials
     # scale as B k d / BLOCK_P and its dweight partials as B k d / BLOCK_B
     half = 1 << max(0, (rest.bit_length() - 1) // 2)
-    bb = _pow2(B, 2, max(2, min(16, half)))
-    bp = _pow2(P, 2, max(2, min(64, rest // bb, pairs // bb)))
+    bb = pow2(B, 2, max(2, min(16, half)))
+    bp = pow2(P, 2, max(2, min(64, rest // bb, pairs // bb)))
     cfg = dict(BLOCK_B=bb, BLOCK_P=bp, BLOCK_C=bc)
     if not interp:
         cfg.update(num_warps=_GPU_WARPS, num_stages=1)
@@ -94,7 +94,7 @@ def _launch(x, lp, weight, bias, second_weight, second_bias, sigma2, head, cfg, 
     B, P = x.shape
     need_x, need_l, need_a, need_b, need_c, need_c0, need_s2 = needs
     n_b, n_p = tile_grid(cfg, B=B, P=P)
-    launch(_categorical_kernel, (n_b, n_p), x.device,
+    launch(categorical_kernel, (n_b, n_p), x.device,
            x, lp, weight, opt(bias, x), opt(second_weight, x), opt(second_bias, x), opt(sigma2, x),
            opt(grad, x), opt(loss, lp), opt(dx, x), opt(dl, lp), opt(da, lp), opt(dc, lp), opt(dv, lp),
            B, P, G, ncat, *x.stride(), *weight.stride(), vec_stride(bias),

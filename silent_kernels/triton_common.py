@@ -156,11 +156,11 @@ def store_x_and_bias_grads(dx_ptr, db_ptr, g, tile, rows, cols, n_cols, tile_mas
 
 
 # ------------------------------------------------------------------- host side
-def _pow2(n: int, lo: int, hi: int) -> int:
+def pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def _sized_to_problem(device: torch.device) -> bool:
+def sized_to_problem(device: torch.device) -> bool:
     """Interpreter-style blocks (sized to the problem) rather than the GPU table."""
     return INTERPRET or device.type != "cuda"
 
@@ -174,11 +174,11 @@ def block_config(table: dict, kernel: str, B: int, K: int, D: int, dtype: torch.
     kernels without dots may go lower). Interpreter: blocks sized to the problem, capped at
     ``interp_max``; GPU: the table's blocks, shrunk to the problem's size.
     """
-    if _sized_to_problem(device):
+    if sized_to_problem(device):
         bb, bk, bd = interp_max
-        return dict(BLOCK_B=_pow2(B, lo, bb), BLOCK_K=_pow2(K, lo, bk), BLOCK_D=_pow2(D, lo, bd))
+        return dict(BLOCK_B=pow2(B, lo, bb), BLOCK_K=pow2(K, lo, bk), BLOCK_D=pow2(D, lo, bd))
     bb, bk, bd, warps, stages = table[8 if dtype == torch.float64 else 4][kernel]
-    return dict(BLOCK_B=_pow2(B, lo, bb), BLOCK_K=_pow2(K, lo, bk), BLOCK_D=_pow2(D, lo, bd),
+    return dict(BLOCK_B=pow2(B, lo, bb), BLOCK_K=pow2(K, lo, bk), BLOCK_D=pow2(D, lo, bd),
                 num_warps=warps, num_stages=stages)
 
 

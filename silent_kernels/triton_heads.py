@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .reference import PRECISION_SQ_FLOOR
-from .special import _ASYMPTOTIC_TERMS, _SERIES_TERMS, EULER_GAMMA, EXACT_LOG_VAR_FLOOR, SERIES_LIMIT
+from .special import ASYMPTOTIC_TERMS, SERIES_TERMS, EULER_GAMMA, EXACT_LOG_VAR_FLOOR, SERIES_LIMIT
 from .triton_common import HALF_LOG_2PI
 
 __all__ = ["expected_log_square", "head_pixel_loss", "head_pixel_grad", "log1p_unit",
@@ -30,8 +30,8 @@ __all__ = ["expected_log_square", "head_pixel_loss", "head_pixel_grad", "log1p_u
 _FLOOR = tl.constexpr(PRECISION_SQ_FLOOR)
 _VAR_FLOOR = tl.constexpr(EXACT_LOG_VAR_FLOOR)
 _SERIES_X2 = tl.constexpr(2.0 * SERIES_LIMIT * SERIES_LIMIT)   # x < limit  <=>  m^2 < this * s2
-_N_SERIES = tl.constexpr(_SERIES_TERMS)
-_N_ASYMPTOTIC = tl.constexpr(_ASYMPTOTIC_TERMS)
+_N_SERIES = tl.constexpr(SERIES_TERMS)
+_N_ASYMPTOTIC = tl.constexpr(ASYMPTOTIC_TERMS)
 _LOG_CONST = tl.constexpr(EULER_GAMMA + 0.69314718055994530941723212145817657)  # gamma + log 2
 _TWO_SQRT2 = tl.constexpr(2.0 * 1.41421356237309504880)
 

@@ -83,7 +83,7 @@ def test_offsets_beyond_int32(pid, block, col, stride_r, stride_c, plane, plane_
 def test_gpu_block_table(monkeypatch, dtype, head, family):
     """The GPU block configurations (smaller tiles than the interpreter's), run here with
     several ragged tiles along every dimension of every kernel."""
-    monkeypatch.setattr(triton_common, "_sized_to_problem", lambda device: False)
+    monkeypatch.setattr(triton_common, "sized_to_problem", lambda device: False)
     case = Case(37, 35, 70, head=head, family=family, dtype=dtype, seed=41)
     assert_matches_reference(Problem(case), "triton", DEVICE)
 

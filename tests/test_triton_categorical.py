@@ -329,7 +329,7 @@ def test_multiple_tiles(monkeypatch, head, dtype):
 def test_gpu_block_configuration(monkeypatch):
     """The GPU blocks hold all categories of a group and respect the tile budget (a 2 x 2
     sample x pixel tile at least); then the GPU blocks run here on a ragged problem."""
-    monkeypatch.setattr(triton_categorical_launch, "_sized_to_problem", lambda device: False)
+    monkeypatch.setattr(triton_categorical_launch, "sized_to_problem", lambda device: False)
     for ncat, dtype, kind in itertools.product((1, 2, 3, 10, 100, 1000), DTYPES, ("fwd", "bwd")):
         width = 8 if dtype == F64 else 4
         budget = triton_categorical_launch._GPU_TILE[width][kind]
@@ -550,7 +550,7 @@ from triton.backends.compiler import GPUTarget
 from silent_kernels import triton_categorical as tc, triton_categorical_launch as tcl, triton_common as common
 assert not common.INTERPRET
 tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-kernel = tc._categorical_kernel
+kernel = tc.categorical_kernel
 acc_ptrs = {"lp_ptr", "loss_ptr", "dl_ptr", "da_ptr", "dc_ptr", "dv_ptr"}
 ptr = {"float32": "*fp32", "float64": "*fp64", "bfloat16": "*bf16"}
 out = {}

@@ -385,7 +385,7 @@ def test_exact_log_multiple_tiles():
 def test_gpu_block_table(monkeypatch, path, dtype):
     """The GPU block configurations (smaller tiles than the interpreter's), run here with
     ragged tiles along every dimension of every kernel."""
-    monkeypatch.setattr(triton_common, "_sized_to_problem", lambda device: False)
+    monkeypatch.setattr(triton_common, "sized_to_problem", lambda device: False)
     if path == "bernoulli_logvar":
         compare(path, bernoulli_case(19, 37, 21, seed=6), dtype)
     else:
