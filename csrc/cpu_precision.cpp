@@ -62,6 +62,36 @@ struct LossParts {
   }
 };
 
+// Per-thread scratch of the forwards: the floored M of a row for the Taylor head's log sum, and
+// the exact log term's row buffers (empty unless that head runs).
+template <typename acc_t>
+struct RowScratch {
+  std::vector<acc_t> mbuf;
+  ExactLogRow exact;
+  RowScratch(int64_t tile, bool exact_log) : mbuf(tile), exact(exact_log ? tile : 0) {}
+};
+
+// The forwards' loop over pixel tiles: parts of the tile range run in parallel, each thread with
+// its own workspace and scratch; per tile the weight products are formed in ws.P (adding the Q
+// column sums to the part's row), then body(part's loss row, p0, np, ws, scratch) runs.
+template <typename scalar_t, typename acc_t, bool H3, bool H4, typename Body>
+void for_each_product_tile(const TilePlan& plan, const Groups& gr, int64_t d, bool exact_log,
+                           const ForwardPointers<scalar_t>& ptr, LossParts<acc_t, H4>& parts, Body&& body) {
+  at::parallel_for(0, plan.nparts, 1, [&](int64_t q_begin, int64_t q_end) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    Workspace<acc_t> ws(gr, plan, d, /*with_h=*/false);
+    RowScratch<acc_t> scratch(plan.tile, exact_log);
+    for (int64_t q = q_begin; q < q_end; ++q) {
+      acc_t* loss = parts.loss_row(q);
+      for (int64_t t = plan.tile_begin(q); t < plan.tile_begin(q + 1); ++t) {
+        const int64_t p0 = plan.pixel_begin(t), np = plan.pixel_count(t);
+        form_products<scalar_t, acc_t, H3, H4>(ptr.A, ptr.C, p0, np, d, ws.P, parts.qcol_row(q));
+        body(loss, p0, np, ws, scratch);
+      }
+    }
+  });
+}
+
 // The per-pixel loss of one row of a tile, summed: the Taylor head keeps its log out of the
 // (vectorised) loop, the other heads call their epilogue per pixel (special functions).
 template <Head HD, typename scalar_t, typename acc_t, bool H3, bool H4>
@@ -98,24 +128,15 @@ at::Tensor forward_impl(const Inputs<scalar_t>& in) {
 
   const ForwardPointers<scalar_t> ptr(in);
 
-  at::parallel_for(0, plan.nparts, 1, [&](int64_t q_begin, int64_t q_end) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    Workspace<acc_t> ws(gr, plan, d, /*with_h=*/false);
-    std::vector<acc_t> mbuf(plan.tile);
-    for (int64_t q = q_begin; q < q_end; ++q) {
-      acc_t* loss = parts.loss_row(q);
-      acc_t* qcol = parts.qcol_row(q);
-      for (int64_t t = plan.tile_begin(q); t < plan.tile_begin(q + 1); ++t) {
-        const int64_t p0 = plan.pixel_begin(t), np = plan.pixel_count(t);
-        form_products<scalar_t, acc_t, H3, H4>(ptr.A, ptr.C, p0, np, d, ws.P, qcol);
-        for (int64_t n0 = 0; n0 < B; n0 += plan.batch_chunk) {
-          const int64_t nb = std::min(plan.batch_chunk, B - n0);
-          contract(gr, in.mom, ws, n0, nb, np, d);
-          for (int64_t r = 0; r < nb; ++r) {
-            loss[n0 + r] += row_loss<HD, scalar_t, acc_t, H3, H4>(
-                ws.Y, r, np, ptr.X + linear_offset(n0 + r, p0, k), ptr.bias + p0, ptr.pbias + p0, mbuf.data());
-          }
-        }
+  for_each_product_tile<scalar_t, acc_t, H3, H4>(plan, gr, d, /*exact_log=*/false, ptr, parts,
+                                                 [&](acc_t* loss, int64_t p0, int64_t np, Workspace<acc_t>& ws,
+                                                     RowScratch<acc_t>& scratch) {
+    for (int64_t n0 = 0; n0 < B; n0 += plan.batch_chunk) {
+      const int64_t nb = std::min(plan.batch_chunk, B - n0);
+      contract(gr, in.mom, ws, n0, nb, np, d);
+      for (int64_t r = 0; r < nb; ++r) {
+        loss[n0 + r] += row_loss<HD, scalar_t, acc_t, H3, H4>(
+            ws.Y, r, np, ptr.X + linear_offset(n0 + r, p0, k), ptr.bias + p0, ptr.pbias + p0, scratch.mbuf.data());
       }
     }
   });
@@ -148,70 +169,60 @@ std::tuple<at::Tensor, at::Tensor> forward_train_impl(const Inputs<scalar_t>& in
   const ForwardPointers<scalar_t> ptr(in);
   acc_t* coef_ptr = coef.template data_ptr<acc_t>();
 
-  at::parallel_for(0, plan.nparts, 1, [&](int64_t q_begin, int64_t q_end) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    Workspace<acc_t> ws(gr, plan, d, /*with_h=*/false);
-    std::vector<acc_t> mbuf(plan.tile);
-    ExactLogRow exact(HD == Head::kExactLog ? plan.tile : 0);
-    for (int64_t q = q_begin; q < q_end; ++q) {
-      acc_t* loss = parts.loss_row(q);
-      acc_t* qcol = parts.qcol_row(q);
-      for (int64_t t = plan.tile_begin(q); t < plan.tile_begin(q + 1); ++t) {
-        const int64_t p0 = plan.pixel_begin(t), np = plan.pixel_count(t);
-        form_products<scalar_t, acc_t, H3, H4>(ptr.A, ptr.C, p0, np, d, ws.P, qcol);
-        acc_t* tile_base = coef_ptr + B * gr.total * p0;
-        for (int64_t n0 = 0; n0 < B; n0 += plan.batch_chunk) {
-          const int64_t nb = std::min(plan.batch_chunk, B - n0);
-          // Contract straight into the saved buffer, then overwrite with the coefficients.
-          for (int g = 0; g < kGroups; ++g)
-            ws.Y[g] = tile_base + B * roff[g] * np + n0 * gr.rows[g] * np;
-          contract(gr, in.mom, ws, n0, nb, np, d);
-          const acc_t* SK_RESTRICT bp = ptr.bias + p0;
-          const acc_t* SK_RESTRICT pbp = ptr.pbias + p0;
-          for (int64_t r = 0; r < nb; ++r) {
-            const scalar_t* xr = ptr.X + linear_offset(n0 + r, p0, k);
-            // Taylor: the (vectorised) loss first, as the coefficients overwrite the contractions
-            // it reads; the other heads take both from one epilogue call per pixel below.
-            if constexpr (HD == Head::kTaylor)
-              loss[n0 + r] += row_loss<HD, scalar_t, acc_t, H3, H4>(ws.Y, r, np, xr, bp, pbp, mbuf.data());
-            if constexpr (HD == Head::kExactLog)  // the special function in its own loops
-              exact_log_terms<acc_t, H3, H4>(ws.Y, r, np, bp, pbp, exact);
-            acc_t row_sum = 0;
-            acc_t* y0 = ws.Y[0] + linear_offset(r, 0, 2 * np);
-            acc_t* y1 = ws.Y[1] + linear_offset(r, 0, 3 * np);
-            acc_t* y2 = H3 ? ws.Y[2] + linear_offset(r, 0, 3 * np) : nullptr;
-            acc_t* y3 = H4 ? ws.Y[3] + linear_offset(r, 0, np) : nullptr;
+  for_each_product_tile<scalar_t, acc_t, H3, H4>(plan, gr, d, HD == Head::kExactLog, ptr, parts,
+                                                 [&](acc_t* loss, int64_t p0, int64_t np, Workspace<acc_t>& ws,
+                                                     RowScratch<acc_t>& scratch) {
+    acc_t* tile_base = coef_ptr + B * gr.total * p0;
+    for (int64_t n0 = 0; n0 < B; n0 += plan.batch_chunk) {
+      const int64_t nb = std::min(plan.batch_chunk, B - n0);
+      // Contract straight into the saved buffer, then overwrite with the coefficients.
+      for (int g = 0; g < kGroups; ++g)
+        ws.Y[g] = tile_base + B * roff[g] * np + n0 * gr.rows[g] * np;
+      contract(gr, in.mom, ws, n0, nb, np, d);
+      const acc_t* SK_RESTRICT bp = ptr.bias + p0;
+      const acc_t* SK_RESTRICT pbp = ptr.pbias + p0;
+      for (int64_t r = 0; r < nb; ++r) {
+        const scalar_t* xr = ptr.X + linear_offset(n0 + r, p0, k);
+        // Taylor: the (vectorised) loss first, as the coefficients overwrite the contractions
+        // it reads; the other heads take both from one epilogue call per pixel below.
+        if constexpr (HD == Head::kTaylor)
+          loss[n0 + r] += row_loss<HD, scalar_t, acc_t, H3, H4>(ws.Y, r, np, xr, bp, pbp, scratch.mbuf.data());
+        if constexpr (HD == Head::kExactLog)  // the special function in its own loops
+          exact_log_terms<acc_t, H3, H4>(ws.Y, r, np, bp, pbp, scratch.exact);
+        acc_t row_sum = 0;
+        acc_t* y0 = ws.Y[0] + linear_offset(r, 0, 2 * np);
+        acc_t* y1 = ws.Y[1] + linear_offset(r, 0, 3 * np);
+        acc_t* y2 = H3 ? ws.Y[2] + linear_offset(r, 0, 3 * np) : nullptr;
+        acc_t* y3 = H4 ? ws.Y[3] + linear_offset(r, 0, np) : nullptr;
 #pragma omp simd reduction(+ : row_sum)
-            for (int64_t p = 0; p < np; ++p) {
-              const PixelTerms<acc_t> c = load_terms<acc_t, H3, H4>(ws.Y, r, p, np, bp[p], pbp[p]);
-              const acc_t xv = static_cast<acc_t>(xr[p]);
-              PixelTerms<acc_t> g;
-              if constexpr (HD == Head::kTaylor) {
-                g = precision_pixel_grad<acc_t>(xv, c);
-              } else if constexpr (HD == Head::kExactLog) {
-                acc_t pixel_loss;
-                g = exact_log_pixel_grad_and_nll<acc_t>(xv, c, exact.ls[p], pixel_loss);
-                row_sum += pixel_loss;
-              } else {
-                acc_t pixel_loss;
-                g = head_pixel_grad_and_nll<HD, acc_t>(xv, c, pixel_loss);
-                row_sum += pixel_loss;
-              }
-              y0[p] = g.ubar;
-              y0[np + p] = g.vbar;
-              y1[p] = g.Saa;
-              y1[np + p] = g.Sac;
-              y1[2 * np + p] = g.Scc;
-              if constexpr (H3) {
-                y2[p] = g.Tacc;
-                y2[np + p] = g.Taac;
-                y2[2 * np + p] = g.C3;
-              }
-              if constexpr (H4) y3[p] = g.C4;
-            }
-            if constexpr (HD != Head::kTaylor) loss[n0 + r] += row_sum;
+        for (int64_t p = 0; p < np; ++p) {
+          const PixelTerms<acc_t> c = load_terms<acc_t, H3, H4>(ws.Y, r, p, np, bp[p], pbp[p]);
+          const acc_t xv = static_cast<acc_t>(xr[p]);
+          PixelTerms<acc_t> g;
+          if constexpr (HD == Head::kTaylor) {
+            g = precision_pixel_grad<acc_t>(xv, c);
+          } else if constexpr (HD == Head::kExactLog) {
+            acc_t pixel_loss;
+            g = exact_log_pixel_grad_and_nll<acc_t>(xv, c, scratch.exact.ls[p], pixel_loss);
+            row_sum += pixel_loss;
+          } else {
+            acc_t pixel_loss;
+            g = head_pixel_grad_and_nll<HD, acc_t>(xv, c, pixel_loss);
+            row_sum += pixel_loss;
           }
+          y0[p] = g.ubar;
+          y0[np + p] = g.vbar;
+          y1[p] = g.Saa;
+          y1[np + p] = g.Sac;
+          y1[2 * np + p] = g.Scc;
+          if constexpr (H3) {
+            y2[p] = g.Tacc;
+            y2[np + p] = g.Taac;
+            y2[2 * np + p] = g.C3;
+          }
+          if constexpr (H4) y3[p] = g.C4;
         }
+        if constexpr (HD != Head::kTaylor) loss[n0 + r] += row_sum;
       }
     }
   });
