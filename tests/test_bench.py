@@ -55,3 +55,16 @@ def test_paired_timing_prints_a_ratio(capsys):
     assert "fixed (gemm-limit) / fixed (reference-eager) = " in capsys.readouterr().out
     with pytest.raises(SystemExit):
         paired.main(["--a", "fixed", "--b", "fixed", "--shape", "4x6x10"])
+
+
+def test_overhead_splits_the_fixed_head_time(capsys):
+    from silent_kernels.backends import available
+    if not available("cpp"):
+        pytest.skip("the cpp backend is not built")
+    from bench import overhead
+    assert overhead.main(["--shape", "4x6x10", "--reps", "2", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = ["gemm floor", "GEMMs via autograd", "kernels, no autograd", "op via autograd", "analytic_nll"]
+    lines = [line for line in out.splitlines() if "x the GEMM floor" in line]
+    assert [line.split("  ")[1].strip() for line in lines] == rows
+    assert "1.00x the GEMM floor" in lines[0]

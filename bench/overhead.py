@@ -1,0 +1,101 @@
+"""Where the time of one fixed-variance loss call goes on the CPU: the cpp backend's GEMM-floor
+ratio split into the kernels' own work, autograd's per-call cost and the public API's.
+
+``python -m bench.overhead [--shape 64x200x784] [--reps 200] [--threads 2]``
+
+Rows (Gaussian latents, float32, forward+backward), timed interleaved: every round runs each row
+once, so machine drift moves all rows alike; the printout gives medians and each row's ratio
+to the first.
+
+    gemm floor          the three B x d x k GEMMs alone (bench.providers' gemm-limit)
+    GEMMs via autograd  the same three GEMMs as F.linear(mean, weight) and its backward on leaf
+                        tensors: what autograd adds to any op, before any loss math
+    kernels, no autograd  the training op and its backward op called directly (torch.ops),
+                        gradients of mean, var, weight and bias: the kernels' own work
+    op via autograd     the training op on leaf tensors, then .sum().backward()
+    analytic_nll        the public call as bench.run times it: moments from (mu, logvar),
+                        argument checks, the mean reduction, and their backward
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from silent_kernels.backends import available
+
+from .problems import SIGMA2, Problem, make_inputs
+from .providers import prepare
+
+
+def _rows(B: int, d: int, k: int) -> dict[str, tuple[Callable[[], None], list]]:
+    p = Problem(B, d, k, head="fixed", latent="gaussian")
+    inp = make_inputs(p)
+    floor, _ = prepare("gemm-limit", p, inp)
+    public, _ = prepare("cpp", p, inp)
+    ops = torch.ops.silent_kernels
+    with torch.no_grad():
+        mu, logvar = (t.detach() for t in inp.encoder_out)
+        mean, var = mu.clone(), logvar.exp()
+        weight, bias = inp.weight.detach(), inp.bias.detach()
+        sigma2 = torch.full((k,), SIGMA2)
+        upstream = torch.randn(B, k)
+    ones = torch.ones(B)
+    leaves = [t.clone().requires_grad_(True) for t in (mean, var, weight, bias)]
+    mean_l, var_l, weight_l, bias_l = leaves
+    linear_leaves = [t.clone().requires_grad_(True) for t in (mean, weight)]
+    needs = [False, True, True, True, True, False]   # x, mean, var, weight, bias, sigma2
+
+    def kernels() -> None:
+        _, coefficients = ops.fixed_nll_train.default(inp.x, mean, var, weight, bias, sigma2)
+        ops.fixed_nll_train_backward.default(ones, coefficients, mean, var, weight, sigma2, needs)
+
+    def op_autograd() -> None:
+        ops.fixed_nll_train.default(inp.x, mean_l, var_l, weight_l, bias_l, sigma2)[0].sum().backward()
+
+    return {
+        "gemm floor": (lambda: floor.backward(floor.forward()), []),
+        "GEMMs via autograd": (lambda: F.linear(*linear_leaves).backward(upstream), linear_leaves),
+        "kernels, no autograd": (kernels, []),
+        "op via autograd": (op_autograd, leaves),
+        "analytic_nll": (lambda: public.backward(public.forward()), inp.leaves("fixed")),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="64x200x784", help="BxDxK")
+    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if not available("cpp"):
+        parser.error("the cpp backend is not available (the extension is not built)")
+    torch.set_num_threads(args.threads)
+    B, d, k = (int(v) for v in args.shape.split("x"))
+    rows = _rows(B, d, k)
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for rep in range(args.reps + 10):
+        for name, (run, leaves) in rows.items():
+            for leaf in leaves:
+                leaf.grad = None
+            start = time.perf_counter()
+            run()
+            if rep >= 10:   # the first ten rounds are warm-up
+                times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+    floor = med["gemm floor"]
+    print(f"fixed head, Gaussian latents, B x d x k = {args.shape}, float32, {args.threads} threads, "
+          f"{args.reps} interleaved rounds")
+    for name, ms in med.items():
+        print(f"  {name:22s} {ms:8.3f} ms  {ms / floor:5.2f}x the GEMM floor")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
