@@ -310,3 +310,26 @@ def test_report_flags_results_made_under_an_earlier_plan():
     stale = " ".join(_stale_fields([old], p))
     for field in ("epochs: plan 15, result 12", "lr: plan grid", "keep_best", "test checkpoint", "IWAE samples"):
         assert field in stale
+
+
+def test_paired_spread_credits_pairing_by_seed():
+    from silent_kernels.api.reproduce.markdown import Section
+    from silent_kernels.api.reproduce.table34 import paired_spread
+
+    def arm(values):
+        return [{"seed": s, "test": {"bpd": v}} for s, v in enumerate(values)]
+    base = [3.0, 3.4, 3.1, 3.6]
+    live = {"reparam": arm(base), "sg-gaussian": arm([v + 0.5 + e for v, e in zip(base, (0.01, -0.01, 0.02, 0.0))]),
+            "gumbel": arm([4.0, 4.1])}          # two seeds: no row
+    s = Section()
+    paired_spread(s, live)
+    rows = [line for line in s.lines if line.startswith("| None + SG")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[:3] == ["None + SG (continuous)", "Reparameterization", "4"]
+    paired, unpaired = float(cells[3]), float(cells[4])
+    assert paired == pytest.approx(0.0126, abs=5e-4) and unpaired > 10 * paired
+    assert cells[5] == "3" and int(cells[6]) > 10   # n = 2: (12.71 + 0.84) 0.0126 / sqrt(2) > 0.11
+    s = Section()
+    paired_spread(s, {"reparam": arm(base)})
+    assert s.lines == []

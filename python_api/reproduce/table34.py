@@ -4,7 +4,10 @@ runs, the power of the runs and the paper's claims."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
+import statistics
 
 from .diagnosis import POWER_HEADER, POWER_RULE, power_row
 from .markdown import Section, figure_link, format_mean_ci
@@ -12,9 +15,9 @@ from .ours import best_val_bpd, chosen_rows, dead_seeds, leave_out_dead, our_res
 from .paper import LABELS, PAPER
 from .plans import DATASETS, TABLE34_ARMS, TABLE34_EXTRA_ARMS
 from .results import per_seed, run_health
-from .statistics import pooled_sd, verdict_better
+from .statistics import pooled_sd, seeds_needed, verdict_better
 
-__all__ = ["section_table34"]
+__all__ = ["section_table34", "paired_spread"]
 
 
 def _describe_protocol(s: Section, cells: list) -> None:
@@ -46,6 +49,34 @@ def _table34_power(s: Section, live: dict) -> None:
         s.add(f"Power of these runs: their seed spread pooled over the arms (live runs only) and the seeds per "
               f"arm each Table 3 difference would need ({POWER_RULE}):", "")
         s.table(POWER_HEADER, rows)
+
+
+PAIRED_EFFECT = 0.11   # bits: the paper's reparam vs reparam+SG and Gumbel vs Gumbel+SG differences
+
+
+def paired_spread(s: Section, live: dict) -> None:
+    """How much of the seed spread pairing by seed removes: the standard deviation of per-seed test
+    BPD differences of every two arms with at least three common seeds, beside the unpaired
+    sqrt(sd_a^2 + sd_b^2) of the same seeds."""
+    bpd = {arm: per_seed(live[arm], lambda r: r["test"]["bpd"])
+           for arm in TABLE34_ARMS + TABLE34_EXTRA_ARMS if arm in live}
+    rows = []
+    for a, b in itertools.combinations(bpd, 2):
+        common = sorted(set(bpd[a]) & set(bpd[b]))
+        if len(common) < 3:
+            continue
+        xa, xb = [bpd[a][i] for i in common], [bpd[b][i] for i in common]
+        paired = statistics.stdev([u - v for u, v in zip(xa, xb)])
+        unpaired = math.sqrt(statistics.variance(xa) + statistics.variance(xb))
+        rows.append((LABELS[a], LABELS[b], len(common), f"{paired:.3g}", f"{unpaired:.3g}",
+                     seeds_needed(paired, PAIRED_EFFECT), seeds_needed(unpaired, PAIRED_EFFECT)))
+    if rows:
+        s.add("Pairing: the claims compare arms seed by seed (same seed = same data order, and the same "
+              "initialisation where the architectures agree). The spread of the per-seed test BPD differences "
+              "of the arms that have run so far, against the spread the same seeds would have unpaired, and "
+              f"the seeds a {PAIRED_EFFECT}-bit difference would need with each (two-sided 5% level, 80% power):", "")
+        s.table(["arm A", "arm B", "common seeds", "sd of A - B (bits)", "unpaired sd (bits)",
+                 f"seeds for {PAIRED_EFFECT} bits, paired", "unpaired"], rows)
 
 
 def _sg_alone_linear_heads(s: Section, per: dict) -> None:
@@ -97,6 +128,7 @@ def section_table34(results_dir, preset, scale, out_path, figures: bool) -> Sect
     _sg_alone_linear_heads(s, per)
     live = leave_out_dead(s, per)
     _table34_power(s, live)
+    paired_spread(s, live)
     for est in ("reparam", "gumbel", "reinforce"):
         if est in live and est + "+sg" in live:
             s.claim(f"{LABELS[est]}: with SG has a lower BPD than without (paper: "
