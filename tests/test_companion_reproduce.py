@@ -333,3 +333,29 @@ def test_paired_spread_credits_pairing_by_seed():
     s = Section()
     paired_spread(s, {"reparam": arm(base)})
     assert s.lines == []
+
+
+def test_table34_claims_are_all_listed_and_inconclusive_ones_carry_their_power():
+    from silent_kernels.api.reproduce.markdown import Section
+    from silent_kernels.api.reproduce.table34 import _claims
+
+    def arm(bpd, kld):
+        return [{"seed": s, "test": {"bpd": b, "kld": k}} for s, (b, k) in enumerate(zip(bpd, kld))]
+    live = {"reparam": arm([3.0, 3.4, 3.1, 3.6], [150.0] * 4),
+            "reparam+sg": arm([3.1, 3.3, 3.2, 3.5], [160.0, 170.0, 165.0, 161.0]),
+            "sg-bernoulli": arm([4.0, 4.1, 4.0], [120.0] * 3),
+            "reinforce": arm([5.0, 5.3, 5.1], [100.0] * 3)}
+    per = {**live, "gumbel": arm([9.0], [1.0])}          # in the runs, but dead: not live
+    s = Section()
+    _claims(s, per, live, "mnist")
+    claims = dict(s.claims)
+    assert len(claims) == 7
+    by_start = {text.split(" (paper")[0]: v for text, v in claims.items()}
+    bpd = by_start["Reparameterization: with SG has a lower BPD than without"]
+    assert bpd["verdict"] == "inconclusive"
+    assert "power: the paired sd" in bpd["reason"] and "0.11 bits" in bpd["reason"]
+    assert by_start["Reparameterization: with SG has a higher KLD than without"]["verdict"] == "reproduced"
+    gumbel = by_start["Gumbel-Softmax: with SG has a lower BPD than without"]
+    assert gumbel["verdict"] == "inconclusive" and "Gumbel-Softmax has only dead runs" in gumbel["reason"]
+    assert "Gumbel-Softmax + SG has no complete result yet" in gumbel["reason"]
+    assert by_start["SG alone (discrete) has a lower BPD than REINFORCE without SG"]["verdict"] == "reproduced"

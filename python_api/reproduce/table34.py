@@ -103,6 +103,48 @@ def _sg_alone_linear_heads(s: Section, per: dict) -> None:
                 rows)
 
 
+def _with_power(v: dict, a: dict, b: dict, effect: float, unit: str) -> dict:
+    """An inconclusive verdict gets the power analysis that says why: the seeds the observed paired
+    spread would need to detect the paper's difference ``effect`` (two-sided 5% level, 80% power)."""
+    if v["verdict"] != "inconclusive":
+        return v
+    d = [a[i] - b[i] for i in sorted(set(a) & set(b))]
+    if len(d) < 3:   # fewer than 2 already says "no interval"
+        return v if len(d) < 2 else {**v, "reason": v["reason"] + "; 2 paired seeds are too few for a power analysis"}
+    sd = statistics.stdev(d)
+    return {**v, "reason": v["reason"] + (
+        f"; power: the paired sd {sd:.3g} {unit} over {len(d)} seeds needs {seeds_needed(sd, effect)} paired "
+        f"seeds to detect the paper's difference of {effect:.3g} {unit} (two-sided 5%, 80% power)")}
+
+
+def _claim_better(s: Section, text: str, per: dict, live: dict, arm_a: str, arm_b: str, metric: str,
+                  paper: dict, lower_is_better: bool = True) -> None:
+    """Claim "arm_a is better than arm_b in ``metric``" on the live runs, paired by seed, with its
+    power where inconclusive; an arm without a live result makes the claim inconclusive and says why."""
+    missing = [f"{LABELS[arm]} has {'only dead runs' if arm in per else 'no complete result yet'}"
+               for arm in (arm_a, arm_b) if arm not in live]
+    if missing:
+        s.claim(text, {"verdict": "inconclusive", "reason": "; ".join(missing)})
+        return
+    a = per_seed(live[arm_a], lambda r: r["test"][metric])
+    b = per_seed(live[arm_b], lambda r: r["test"][metric])
+    v = verdict_better(a, b, lower_is_better=lower_is_better, what=metric.upper())
+    unit = "bits" if metric == "bpd" else "nats"
+    s.claim(text, _with_power(v, a, b, abs(paper[arm_a] - paper[arm_b]), unit))
+
+
+def _claims(s: Section, per: dict, live: dict, dataset: str) -> None:
+    """The paper's Tables 3-4 claims, every one listed whether or not its arms have run."""
+    bpd, kld = PAPER["table3"][dataset], PAPER["table4"][dataset]
+    for est in ("reparam", "gumbel", "reinforce"):
+        _claim_better(s, f"{LABELS[est]}: with SG has a lower BPD than without (paper: {bpd[est + '+sg']} vs "
+                      f"{bpd[est]})", per, live, est + "+sg", est, "bpd", bpd)
+        _claim_better(s, f"{LABELS[est]}: with SG has a higher KLD than without (paper: {kld[est + '+sg']} vs "
+                      f"{kld[est]})", per, live, est + "+sg", est, "kld", kld, lower_is_better=False)
+    _claim_better(s, f"SG alone (discrete) has a lower BPD than REINFORCE without SG (paper: {bpd['sg-bernoulli']} "
+                  f"vs {bpd['reinforce']})", per, live, "sg-bernoulli", "reinforce", "bpd", bpd)
+
+
 def section_table34(results_dir, preset, scale, out_path, figures: bool) -> Section:
     dataset = DATASETS[preset]
     s = Section(f"Paper ({dataset}, learnable variance; BPD = Table 3, KLD = Table 4):", "")
@@ -129,22 +171,7 @@ def section_table34(results_dir, preset, scale, out_path, figures: bool) -> Sect
     live = leave_out_dead(s, per)
     _table34_power(s, live)
     paired_spread(s, live)
-    for est in ("reparam", "gumbel", "reinforce"):
-        if est in live and est + "+sg" in live:
-            s.claim(f"{LABELS[est]}: with SG has a lower BPD than without (paper: "
-                    f"{PAPER['table3'][dataset][est + '+sg']} vs {PAPER['table3'][dataset][est]})",
-                    verdict_better(per_seed(live[est + "+sg"], lambda r: r["test"]["bpd"]),
-                                   per_seed(live[est], lambda r: r["test"]["bpd"]), what="BPD"))
-            s.claim(f"{LABELS[est]}: with SG has a higher KLD than without (paper: "
-                    f"{PAPER['table4'][dataset][est + '+sg']} vs {PAPER['table4'][dataset][est]})",
-                    verdict_better(per_seed(live[est + "+sg"], lambda r: r["test"]["kld"]),
-                                   per_seed(live[est], lambda r: r["test"]["kld"]),
-                                   lower_is_better=False, what="KLD"))
-    if "sg-bernoulli" in live and "reinforce" in live:
-        s.claim(f"SG alone (discrete) has a lower BPD than REINFORCE without SG (paper: "
-                f"{PAPER['table3'][dataset]['sg-bernoulli']} vs {PAPER['table3'][dataset]['reinforce']})",
-                verdict_better(per_seed(live["sg-bernoulli"], lambda r: r["test"]["bpd"]),
-                               per_seed(live["reinforce"], lambda r: r["test"]["bpd"]), what="BPD"))
+    _claims(s, per, live, dataset)
     if figures and per:
         s.curves(per, ("val_bpd", "val_kld"), folder, out_path, "Tables 3-4 (seed means)",
                  "Tables 3-4 validation curves")
