@@ -25,6 +25,56 @@ namespace {
 constexpr int64_t kRowGrain = 8;
 constexpr int64_t kPixelGrain = 256;
 
+// The per-pixel loops are functions of their own taking restrict pointers by value: inside a
+// parallel_for lambda a pointer captured by reference is re-read after every store (the store
+// might have changed it), which keeps GCC from vectorising the loop.
+
+// One row of the forward epilogue: returns the row's loss at Saa = 0 and overwrites r (ubar on
+// entry) with the coefficients (x - ubar) / sigma2.
+template <typename scalar_t, typename acc_t>
+acc_t forward_row(const scalar_t* SK_RESTRICT x, acc_t* SK_RESTRICT r, const acc_t* SK_RESTRICT inv_s2,
+                  const acc_t* SK_RESTRICT log_s2, int64_t k) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t p = 0; p < k; ++p) {
+    const acc_t resid = static_cast<acc_t>(x[p]) - r[p];
+    sum += fixed_pixel_nll<acc_t>(resid, acc_t(0), inv_s2[p], log_s2[p]);
+    r[p] = resid * inv_s2[p];
+  }
+  return sum;
+}
+
+// w += s a^2, elementwise over n
+template <typename acc_t>
+void add_scaled_squares(acc_t* SK_RESTRICT w, const acc_t* SK_RESTRICT a, acc_t s, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) w[i] += a[i] * a[i] * s;
+}
+
+// o = s a g, elementwise over n
+template <typename acc_t>
+void scaled_product(acc_t* SK_RESTRICT o, const acc_t* SK_RESTRICT a, acc_t s, const acc_t* SK_RESTRICT g, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) o[i] = a[i] * s * g[i];
+}
+
+// sum_i a_i^2 g_i
+template <typename acc_t>
+acc_t weighted_squares(const acc_t* SK_RESTRICT a, const acc_t* SK_RESTRICT g, int64_t n) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * a[i] * g[i];
+  return sum;
+}
+
+// o_p += g d(pixel nll)/d(sigma2_p) at Saa = 0 over pixels [p0, p1), from the coefficients r.
+template <typename acc_t>
+void add_residual_dsigma2(acc_t* SK_RESTRICT o, acc_t g, const acc_t* SK_RESTRICT r, const acc_t* SK_RESTRICT s2,
+                          const acc_t* SK_RESTRICT inv_s2, int64_t p0, int64_t p1) {
+#pragma omp simd
+  for (int64_t p = p0; p < p1; ++p) o[p] += g * fixed_pixel_dsigma2<acc_t>(r[p] * s2[p], acc_t(0), inv_s2[p]);
+}
+
 // The inputs in the accumulation dtype (x keeps its own: it is read once).
 struct Inputs {
   at::Tensor x, A, mean, var, bias;   // bias undefined when absent
@@ -58,13 +108,9 @@ struct Inputs {
     const acc_t* I = inv_s2.template data_ptr<acc_t>();
     at::parallel_for(0, nparts, 1, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
-        acc_t* SK_RESTRICT w = parts.template data_ptr<acc_t>() + linear_offset(q, 0, d);
-        for (int64_t p = q * k / nparts; p < (q + 1) * k / nparts; ++p) {
-          const acc_t* SK_RESTRICT a = Ap + linear_offset(p, 0, d);
-          const acc_t s = I[p];
-#pragma omp simd
-          for (int64_t i = 0; i < d; ++i) w[i] += a[i] * a[i] * s;
-        }
+        acc_t* w = parts.template data_ptr<acc_t>() + linear_offset(q, 0, d);
+        for (int64_t p = q * k / nparts; p < (q + 1) * k / nparts; ++p)
+          add_scaled_squares<acc_t>(w, Ap + linear_offset(p, 0, d), I[p], d);
       }
     });
     return sum_parts(parts);
@@ -82,21 +128,11 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Inputs& in) {
   const scalar_t* X = in.x.template data_ptr<scalar_t>();
   acc_t* Rp = R.template data_ptr<acc_t>();
   acc_t* L = loss.template data_ptr<acc_t>();
-  const acc_t* SK_RESTRICT ip = in.inv_s2.template data_ptr<acc_t>();
-  const acc_t* SK_RESTRICT lp = in.log_s2.template data_ptr<acc_t>();
+  const acc_t* ip = in.inv_s2.template data_ptr<acc_t>();
+  const acc_t* lp = in.log_s2.template data_ptr<acc_t>();
   at::parallel_for(0, in.B, kRowGrain, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const scalar_t* SK_RESTRICT xr = X + linear_offset(n, 0, k);
-      acc_t* SK_RESTRICT rr = Rp + linear_offset(n, 0, k);
-      acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t p = 0; p < k; ++p) {
-        const acc_t resid = static_cast<acc_t>(xr[p]) - rr[p];
-        sum += fixed_pixel_nll<acc_t>(resid, acc_t(0), ip[p], lp[p]);
-        rr[p] = resid * ip[p];
-      }
-      L[n] = sum;
-    }
+    for (int64_t n = n0; n < n1; ++n)
+      L[n] = forward_row<scalar_t, acc_t>(X + linear_offset(n, 0, k), Rp + linear_offset(n, 0, k), ip, lp, k);
   });
   loss.add_(at::mv(in.var, in.template column_weights<acc_t>()), 0.5);  // + sum_p Saa_p / (2 sigma2_p)
   return {loss.to(in.dtype), R};
@@ -116,13 +152,7 @@ at::Tensor residual_dsigma2(const at::Tensor& grad, const at::Tensor& R, const I
   acc_t* O = out.template data_ptr<acc_t>();
   at::parallel_for(0, k, kPixelGrain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) O[p] = acc_t(0);
-    for (int64_t n = 0; n < B; ++n) {
-      const acc_t g = G[n];
-      const acc_t* SK_RESTRICT rr = Rp + linear_offset(n, 0, k);
-      acc_t* SK_RESTRICT o = O;
-#pragma omp simd
-      for (int64_t p = p0; p < p1; ++p) o[p] += g * fixed_pixel_dsigma2<acc_t>(rr[p] * S[p], acc_t(0), I[p]);
-    }
+    for (int64_t n = 0; n < B; ++n) add_residual_dsigma2<acc_t>(O, G[n], Rp + linear_offset(n, 0, k), S, I, p0, p1);
   });
   return out;
 }
@@ -134,22 +164,12 @@ void variance_rows(const Inputs& in, const at::Tensor& gv, acc_t* dA, acc_t* saa
   const int64_t d = in.d;
   const acc_t* Ap = in.A.template data_ptr<acc_t>();
   const acc_t* I = in.inv_s2.template data_ptr<acc_t>();
-  const acc_t* SK_RESTRICT g = gv.template data_ptr<acc_t>();
+  const acc_t* g = gv.template data_ptr<acc_t>();
   at::parallel_for(0, in.k, kPixelGrain / 4, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      const acc_t* SK_RESTRICT a = Ap + linear_offset(p, 0, d);
-      if (dA != nullptr) {
-        acc_t* SK_RESTRICT o = dA + linear_offset(p, 0, d);
-        const acc_t s = I[p];
-#pragma omp simd
-        for (int64_t i = 0; i < d; ++i) o[i] = a[i] * s * g[i];
-      }
-      if (saa != nullptr) {
-        acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < d; ++i) sum += a[i] * a[i] * g[i];
-        saa[p] = sum;
-      }
+      const acc_t* a = Ap + linear_offset(p, 0, d);
+      if (dA != nullptr) scaled_product<acc_t>(dA + linear_offset(p, 0, d), a, I[p], g, d);
+      if (saa != nullptr) saa[p] = weighted_squares<acc_t>(a, g, d);
     }
   });
 }
