@@ -46,11 +46,22 @@ def _one(runner: Runner, mode: str, leaves, device: str) -> float:
     return time.perf_counter() - start
 
 
-def time_runner(runner: Runner, mode: str, leaves, device: str, reps: int, warmup: int) -> dict:
-    """Timing samples in seconds (CPU: wall clock; CUDA: CUDA events)."""
+def time_interleaved(runners: dict, mode: str, device: str, reps: int, warmup: int) -> dict:
+    """Timing samples in seconds of several Runners of one problem, taken round-robin (every
+    repetition runs each runner once, in turn), so that drift of the machine during the run
+    moves all of them alike and their ratios stay fair. ``runners``: name -> (Runner, leaves).
+    Returns name -> {median_s, q1_s, q3_s, samples_s} (CPU: wall clock; CUDA: CUDA events)."""
     for _ in range(warmup):
-        _one(runner, mode, leaves, device)
-    samples = [_one(runner, mode, leaves, device) for _ in range(reps)]
+        for runner, leaves in runners.values():
+            _one(runner, mode, leaves, device)
+    samples: dict = {name: [] for name in runners}
+    for _ in range(reps):
+        for name, (runner, leaves) in runners.items():
+            samples[name].append(_one(runner, mode, leaves, device))
+    return {name: _summary(s) for name, s in samples.items()}
+
+
+def _summary(samples: list) -> dict:
     q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
     return {"median_s": statistics.median(samples), "q1_s": q[0], "q3_s": q[2], "samples_s": samples}
 

@@ -4,6 +4,8 @@
     python -m bench.run --shapes mnist,cifar --providers cpp,reference-eager --modes forward+backward
     python -m bench.run --device cuda --shapes mnist,cifar,large --dtypes float32,bfloat16
 
+The providers of one problem are timed round-robin (each repetition runs every provider once),
+so the drift of a shared machine moves them alike and the ratios in a row stay comparable.
 Results (machine, versions, threads, git commit, every timing sample) go to
 bench/results/<name>.json; `--markdown FILE` also writes the table.
 """
@@ -22,7 +24,7 @@ import torch
 
 from silent_kernels import info
 
-from .measure import MODES, peak_extra_bytes, time_runner
+from .measure import MODES, peak_extra_bytes, time_interleaved
 from .problems import CATEGORIES, HEADS, LATENTS, Problem, make_inputs
 from .providers import PROVIDERS, prepare
 
@@ -93,18 +95,23 @@ def run(args: argparse.Namespace, on_problem_done=None) -> dict:
     problems = [p for p in problems if p.valid and (p.latent != "categorical" or p.d % CATEGORIES == 0)]
     records, skipped = [], []
     for p in problems:
+        runners, memory = {}, {}
         for name in args.providers:
             inp = make_inputs(p)
             runner, reason = prepare(name, p, inp)
             if runner is None:
                 skipped.append({"problem": p.label, "provider": name, "reason": reason})
                 continue
-            leaves = inp.leaves(p.head)
-            mem = None if args.no_memory else peak_extra_bytes(runner, "forward+backward", leaves, p.device)
+            runners[name] = (runner, inp.leaves(p.head))
+            memory[name] = None if args.no_memory else peak_extra_bytes(runner, "forward+backward",
+                                                                        runners[name][1], p.device)
+        # the providers of one problem are timed round-robin: their ratios are what the table is for
+        timings = {mode: time_interleaved(runners, mode, p.device, args.reps, args.warmup) for mode in args.modes}
+        for name in runners:
             for mode in args.modes:
-                t = time_runner(runner, mode, leaves, p.device, args.reps, args.warmup)
+                t = timings[mode][name]
                 records.append({"problem": p.as_dict(), "label": p.label, "provider": name, "mode": mode,
-                                "flops": p.flops(mode), "peak_extra_bytes_fwd_bwd": mem, **t})
+                                "flops": p.flops(mode), "peak_extra_bytes_fwd_bwd": memory[name], **t})
                 print(f"  {p.label:<42} {name:<19} {mode:<17} {1e3 * t['median_s']:9.3f} ms",
                       file=sys.stderr, flush=True)
         if on_problem_done is not None:

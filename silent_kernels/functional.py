@@ -166,10 +166,11 @@ def _logvar(x, q: LatentMoments, weight, bias, logvar_weight, logvar_bias, backe
                                                 logvar_bias)
     impl = backends.resolve(backend, device, "tilted_logvar", what)
     return impl.kernels["tilted_logvar"](x, q, weight, bias, logvar_weight, logvar_bias)
+
+
 def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return per_sample
-    total = per_sample.sum()
-    if reduction == "sum" or per_sample.shape[0] == 0:
-        return total  # an empty batch gives 0 rather than nan for "mean"
-    return total / per_sample.shape[0]
+    if reduction == "mean" and per_sample.shape[0] > 0:
+        return per_sample.mean()   # one autograd node, not a sum and a division
+    return per_sample.sum()   # an empty batch gives 0 rather than nan for "mean"

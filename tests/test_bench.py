@@ -70,3 +70,17 @@ def test_overhead_splits_the_fixed_head_time(capsys):
     assert "1.00x the GEMM floor" in lines[0]
     assert overhead.main(["--head", "precision", "--shape", "4x6x10", "--reps", "2", "--threads", "1"]) == 0
     assert "precision head, Gaussian latents" in capsys.readouterr().out
+
+
+def test_providers_of_a_problem_are_timed_round_robin():
+    from bench.measure import time_interleaved
+    from bench.providers import Runner
+
+    calls = []
+
+    def runner(name):
+        return Runner(forward=lambda: calls.append(name), backward=lambda out: None), []
+
+    out = time_interleaved({"a": runner("a"), "b": runner("b")}, "forward+backward", "cpu", reps=3, warmup=1)
+    assert calls == ["a", "b"] * 4   # one warm-up round, then three timed rounds, each a then b
+    assert all(len(t["samples_s"]) == 3 and t["q1_s"] <= t["median_s"] <= t["q3_s"] for t in out.values())
