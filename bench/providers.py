@@ -124,7 +124,6 @@ def _gemm_limit(p: Problem, inp: Inputs) -> Runner:
     return Runner(forward, backward)
 
 
-
 def prepare(name: str, p: Problem, inp: Inputs) -> tuple[Optional[Runner], str]:
     """A Runner for provider `name`, or (None, reason) when it cannot run here."""
     if name == "reference-eager":

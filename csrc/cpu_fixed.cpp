@@ -99,20 +99,40 @@ struct Inputs {
     d = A.size(1);
   }
 
-  // w_i = sum_p A_pi^2 / sigma2_p  (d,), without a (k, d) temporary
+  // The pixels are cut into this many parts (one per thread) for the passes over the rows of A.
+  int64_t pixel_parts() const {
+    return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), k / kPixelGrain));
+  }
+
+  // One pass over the rows of A, each output skipped when null: the variance part of dA,
+  // dA_p = A_p * (1/sigma2_p) * gv; saa_p = sum_i A_pi^2 gv_i (sum_n grad_n Saa_np, for dsigma2);
+  // and per part the column weights' partial sums w_i = sum_p A_pi^2 / sigma2_p into
+  // w_parts (pixel_parts() rows of d, zeroed by the caller).
   template <typename acc_t>
-  at::Tensor column_weights() const {
-    const int64_t nparts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), k / kPixelGrain));
-    at::Tensor parts = at::zeros({nparts, d}, A.options());
+  void row_pass(const acc_t* gv, acc_t* dA, acc_t* saa, acc_t* w_parts) const {
+    const int64_t nparts = pixel_parts();
     const acc_t* Ap = A.template data_ptr<acc_t>();
     const acc_t* I = inv_s2.template data_ptr<acc_t>();
     at::parallel_for(0, nparts, 1, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
-        acc_t* w = parts.template data_ptr<acc_t>() + linear_offset(q, 0, d);
-        for (int64_t p = q * k / nparts; p < (q + 1) * k / nparts; ++p)
-          add_scaled_squares<acc_t>(w, Ap + linear_offset(p, 0, d), I[p], d);
+        acc_t* w = w_parts != nullptr ? w_parts + linear_offset(q, 0, d) : nullptr;
+        for (int64_t p = q * k / nparts; p < (q + 1) * k / nparts; ++p) {
+          const acc_t* a = Ap + linear_offset(p, 0, d);
+          if (dA != nullptr) scaled_product<acc_t>(dA + linear_offset(p, 0, d), a, I[p], gv, d);
+          if (saa != nullptr) saa[p] = weighted_squares<acc_t>(a, gv, d);
+          if (w != nullptr) add_scaled_squares<acc_t>(w, a, I[p], d);
+        }
       }
     });
+  }
+
+  at::Tensor column_weight_parts() const { return at::zeros({pixel_parts(), d}, A.options()); }
+
+  // w_i = sum_p A_pi^2 / sigma2_p  (d,), without a (k, d) temporary
+  template <typename acc_t>
+  at::Tensor column_weights() const {
+    at::Tensor parts = column_weight_parts();
+    row_pass<acc_t>(nullptr, nullptr, nullptr, parts.template data_ptr<acc_t>());
     return sum_parts(parts);
   }
 };
@@ -157,23 +177,6 @@ at::Tensor residual_dsigma2(const at::Tensor& grad, const at::Tensor& R, const I
   return out;
 }
 
-// Per pixel p: dA_p = A_p * (1/sigma2_p) * gv (the variance part, into `dA`), and when `saa`
-// is given, saa_p = sum_i A_pi^2 gv_i (sum_n grad_n Saa_np, for dsigma2).
-template <typename acc_t>
-void variance_rows(const Inputs& in, const at::Tensor& gv, acc_t* dA, acc_t* saa) {
-  const int64_t d = in.d;
-  const acc_t* Ap = in.A.template data_ptr<acc_t>();
-  const acc_t* I = in.inv_s2.template data_ptr<acc_t>();
-  const acc_t* g = gv.template data_ptr<acc_t>();
-  at::parallel_for(0, in.k, kPixelGrain / 4, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const acc_t* a = Ap + linear_offset(p, 0, d);
-      if (dA != nullptr) scaled_product<acc_t>(dA + linear_offset(p, 0, d), a, I[p], g, d);
-      if (saa != nullptr) saa[p] = weighted_squares<acc_t>(a, g, d);
-    }
-  });
-}
-
 // The gradients from the saved R = (x - ubar) / sigma2. With G = -diag(grad) R the mean and
 // weight gradients are G @ A = -diag(grad) (R @ A) and G^T @ mean = R^T @ (-diag(grad) mean):
 // the (B, k) matrix G is never formed.
@@ -188,16 +191,18 @@ std::array<at::Tensor, kNumInputs> backward_impl(const at::Tensor& grad_in, cons
   const at::Tensor gv = (need[kA] || need[kSigma2]) ? at::mv(in.var.t(), grad) : at::Tensor();
   if (need[kX]) out[kX] = (R * grad.unsqueeze(1)).to(in.dtype);
   if (need[kMean]) out[kMean] = at::mm(R, in.A).mul_(neg_grad).to(in.dtype);
+  // the variance parts of dA, dsigma2 and dvar in one pass over A
+  at::Tensor dA = need[kA] ? at::empty({in.k, in.d}, R.options()) : at::Tensor();
   at::Tensor saa = need[kSigma2] ? at::empty({in.k}, R.options()) : at::Tensor();
-  if (need[kA]) {
-    at::Tensor dA = at::empty({in.k, in.d}, R.options());
-    variance_rows<acc_t>(in, gv, dA.template data_ptr<acc_t>(), need[kSigma2] ? saa.template data_ptr<acc_t>() : nullptr);
-    out[kA] = dA.addmm_(R.t(), in.mean * neg_grad).to(in.dtype);
-  } else if (need[kSigma2]) {
-    variance_rows<acc_t>(in, gv, nullptr, saa.template data_ptr<acc_t>());
-  }
+  at::Tensor w_parts = need[kVar] ? in.column_weight_parts() : at::Tensor();
+  if (need[kA] || need[kSigma2] || need[kVar])
+    in.template row_pass<acc_t>(gv.defined() ? gv.template data_ptr<acc_t>() : nullptr,
+                                need[kA] ? dA.template data_ptr<acc_t>() : nullptr,
+                                need[kSigma2] ? saa.template data_ptr<acc_t>() : nullptr,
+                                need[kVar] ? w_parts.template data_ptr<acc_t>() : nullptr);
+  if (need[kA]) out[kA] = dA.addmm_(R.t(), in.mean * neg_grad).to(in.dtype);
   if (need[kBias]) out[kBias] = at::mv(R.t(), grad).neg_().to(in.dtype);
-  if (need[kVar]) out[kVar] = at::outer(grad, in.template column_weights<acc_t>()).mul_(0.5).to(in.dtype);
+  if (need[kVar]) out[kVar] = at::outer(grad, sum_parts(w_parts)).mul_(0.5).to(in.dtype);
   if (need[kSigma2])
     out[kSigma2] = residual_dsigma2<acc_t>(grad, R, in).sub_(saa.mul_(in.inv_s2.square()), 0.5).to(in.dtype);
   return out;

@@ -53,8 +53,10 @@ def check_moments(q: LatentMoments, batch: int, latent_dim: int, dtype, device) 
     for name, t in zip(("mean", "var", "k3", "k4"), q.tensors()):
         if t is not None:
             check_tensor(f"q.{name}", t, (batch, latent_dim), dtype, device)
-    if values_checkable(q.var) and not bool((q.var >= 0).all()):  # also rejects NaN
-        raise ValueError(f"q.var: variances must be >= 0, got minimum {float(q.var.min()):g}")
+    if values_checkable(q.var):
+        lowest = float(q.var.min())   # min propagates NaN, which the comparison then rejects
+        if not lowest >= 0:
+            raise ValueError(f"q.var: variances must be >= 0, got minimum {lowest:g}")
 
 
 def check_sigma2(sigma2, k: int, dtype, device) -> Tensor:
@@ -71,9 +73,10 @@ def check_sigma2(sigma2, k: int, dtype, device) -> Tensor:
         sigma2 = sigma2.expand(k)
     else:
         check_tensor("sigma2", sigma2, (k,), dtype, device)
-    if values_checkable(sigma2) and not bool(((sigma2 > 0) & torch.isfinite(sigma2)).all()):  # and NaN
-        raise ValueError(f"sigma2: variances must be positive and finite, got range "
-                         f"[{float(sigma2.min()):g}, {float(sigma2.max()):g}]")
+    if values_checkable(sigma2):
+        lowest, highest = (float(v) for v in torch.aminmax(sigma2))   # NaN propagates into both
+        if not 0 < lowest <= highest < float("inf"):
+            raise ValueError(f"sigma2: variances must be positive and finite, got range [{lowest:g}, {highest:g}]")
     return sigma2
 
 

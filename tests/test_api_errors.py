@@ -106,7 +106,7 @@ def test_sigma2_float_not_positive(bad):
         call(x, q, W, sigma2=bad)
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.5, float("inf")])
+@pytest.mark.parametrize("bad", [0.0, -0.5, float("inf"), float("nan")])
 def test_sigma2_tensor_not_positive(bad):
     x, q, W = inputs()
     with pytest.raises(ValueError, match=r"sigma2: variances must be positive and finite, got range"):
@@ -140,6 +140,9 @@ def test_negative_variance():
     for head in ({"sigma2": 1.0}, {"precision_weight": W}):
         with pytest.raises(ValueError, match=r"q.var: variances must be >= 0, got minimum -0.25"):
             call(x, bad, W, **head)
+    var[1, 2] = float("nan")   # NaN is never a variance, wherever it sits
+    with pytest.raises(ValueError, match=r"q.var: variances must be >= 0, got minimum nan"):
+        call(x, LatentMoments(q.mean, var), W, sigma2=1.0)
     # a distribution whose parameters give a negative variance (no validation)
     with pytest.raises(ValueError, match=r"q.var: variances must be >= 0"):
         call(x, D.Poisson(torch.full((B, d), -1.0), validate_args=False), W, sigma2=1.0)
