@@ -54,7 +54,7 @@ def check_moments(q: LatentMoments, batch: int, latent_dim: int, dtype, device) 
         if t is not None:
             check_tensor(f"q.{name}", t, (batch, latent_dim), dtype, device)
     if values_checkable(q.var):
-        lowest = float(q.var.min())   # min propagates NaN, which the comparison then rejects
+        lowest = float(q.var.detach().min())   # min propagates NaN, which the comparison then rejects
         if not lowest >= 0:
             raise ValueError(f"q.var: variances must be >= 0, got minimum {lowest:g}")
 
@@ -74,7 +74,7 @@ def check_sigma2(sigma2, k: int, dtype, device) -> Tensor:
     else:
         check_tensor("sigma2", sigma2, (k,), dtype, device)
     if values_checkable(sigma2):
-        lowest, highest = (float(v) for v in torch.aminmax(sigma2))   # NaN propagates into both
+        lowest, highest = (float(v) for v in torch.aminmax(sigma2.detach()))   # NaN propagates into both
         if not 0 < lowest <= highest < float("inf"):
             raise ValueError(f"sigma2: variances must be positive and finite, got range [{lowest:g}, {highest:g}]")
     return sigma2

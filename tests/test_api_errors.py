@@ -148,6 +148,28 @@ def test_negative_variance():
         call(x, D.Poisson(torch.full((B, d), -1.0), validate_args=False), W, sigma2=1.0)
 
 
+def test_value_checks_of_trainable_inputs_warn_nothing():
+    """The value checks read q.var and a tensor sigma2 while they require grad: no warning. In a
+    fresh interpreter, as torch warns of a grad-requiring tensor's conversion only once per process."""
+    import subprocess
+    import sys
+
+    program = """
+import torch
+from silent_kernels import LatentMoments, analytic_nll
+from silent_kernels.backends import available
+for backend in [b for b in ("torch", "cpp") if available(b)]:
+    logvar = torch.zeros(3, 4, requires_grad=True)
+    sigma2 = torch.ones(5, requires_grad=True)
+    loss = analytic_nll(torch.randn(3, 5), LatentMoments.gaussian(torch.randn(3, 4), logvar=logvar),
+                        torch.randn(5, 4), sigma2=sigma2, backend=backend)
+    loss.backward()
+    assert logvar.grad is not None and sigma2.grad is not None
+"""
+    done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", program], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("bad", [1.2, -0.1])
 def test_bernoulli_probs_out_of_range(bad):
     x, q, W = inputs()
