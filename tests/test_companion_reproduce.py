@@ -359,3 +359,20 @@ def test_table34_claims_are_all_listed_and_inconclusive_ones_carry_their_power()
     assert gumbel["verdict"] == "inconclusive" and "Gumbel-Softmax has only dead runs" in gumbel["reason"]
     assert "Gumbel-Softmax + SG has no complete result yet" in gumbel["reason"]
     assert by_start["SG alone (discrete) has a lower BPD than REINFORCE without SG"]["verdict"] == "reproduced"
+
+
+def test_sg_alone_exact_training_is_compared_with_taylor_training_by_seed():
+    from silent_kernels.api.reproduce.markdown import Section
+    from silent_kernels.api.reproduce.table34 import _exact_vs_taylor_training
+
+    def arm(bpd, linear):
+        return [{"seed": s, "test": {"bpd": b, "bpd_linear": c}} for s, (b, c) in enumerate(zip(bpd, linear))]
+    per = {"sg-gaussian": arm([4.0, 3.9, 4.1], [5.9, 5.8, 6.0]),
+           "sg-gaussian-exact": arm([4.05, 3.96, 4.14], [5.9, 5.8, 6.0])}
+    s = Section()
+    _exact_vs_taylor_training(s, per)
+    text = " ".join(s.lines)
+    assert "test BPD 0.050 [" in text and "exact bound 0 [0, 0] bits (n = 3)" in text
+    s = Section()
+    _exact_vs_taylor_training(s, {**per, "sg-gaussian-exact": arm([4.0], [5.9])})   # one common seed: no line
+    assert s.lines == []

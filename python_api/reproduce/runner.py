@@ -322,8 +322,9 @@ def _run_ppca(p: Plan, out_dir: str, seeds: list, log: Callable, t_start: float)
 
 
 def _reconstruction_figures(p: Plan, folder: str, runs_dir: str, log: Callable) -> None:
-    """Reconstructions (and the learned std row) of the chosen point's first seed per arm,
-    from the run folders' checkpoints, into ``<folder>/figures/reconstructions.png``."""
+    """Reconstructions (and the learned std row) of the chosen point's first seed per arm, from
+    the checkpoint its test metrics were measured on (the best-validation one where the result
+    names a test epoch, else the last), into ``<folder>/figures/reconstructions.png``."""
     import torch
 
     from .. import plots
@@ -336,7 +337,8 @@ def _reconstruction_figures(p: Plan, folder: str, runs_dir: str, log: Callable) 
         if c is None:
             continue
         name = cell_name(a.key, c["point"], rs[0]["seed"])
-        ckpt = os.path.join(runs_dir, p.cells_preset, p.scale, name, "checkpoints", "last.pt")
+        which = "best.pt" if rs[0].get("test_epoch") is not None else "last.pt"
+        ckpt = os.path.join(runs_dir, p.cells_preset, p.scale, name, "checkpoints", which)
         if not os.path.isfile(ckpt):
             continue
         cfg, model, data, _ = load_run(os.path.dirname(os.path.dirname(ckpt)), ckpt, "cpu")
