@@ -315,19 +315,23 @@ def test_fixed_train_pair_gradcheck_and_opcheck(bias):
              [torch.ones(3, dtype=torch.float64), coef, mean, var, weight, sigma2, [True, True, False, True, bias, True]])
 
 
-def test_fixed_backward_row_pass_split_over_threads_matches_the_reference():
-    """k = 777 cuts the pixels into several parts (one per thread) for the backward's single pass
-    over A's rows (variance part of dA, dsigma2 sums, column weights for dvar): every gradient,
-    each need alone and all together, against the reference."""
+@pytest.mark.parametrize("d,k", [(7, 777), (64, 4000)])
+def test_fixed_pixel_tiles_over_two_threads_match_the_reference(d, k):
+    """The cpp fixed head cuts the pixels into tiles spread over one part per thread. (7, 777):
+    one tile per part; (64, 4000): several per part in the forward and the backward (the tile
+    budget is 128 Ki floats of A, R and dA rows), so the per-part R @ A partial accumulates over
+    tiles. The loss and every gradient, each need alone and all together, against the reference."""
     from silent_kernels import reference
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        args = _fixed_args(B=5, d=7, k=777, seed=4)
+        args = _fixed_args(B=5, d=d, k=k, seed=4)
         grad = torch.tensor([1.0, -2.0, 0.5, 3.0, -0.25], dtype=torch.float64)
         leaves = [a.detach().clone().requires_grad_() for a in args]
-        want = torch.autograd.grad(reference.fixed_nll(*leaves), leaves, grad)
-        _, coef = OPS.fixed_nll_train(*args)
+        loss = reference.fixed_nll(*leaves)
+        want = torch.autograd.grad(loss, leaves, grad)
+        got_loss, coef = OPS.fixed_nll_train(*args)
+        torch.testing.assert_close(got_loss, loss.detach(), rtol=1e-12, atol=1e-12)
         x, mean, var, weight, b, sigma2 = args
         for needs in ([True] * 6, *([j == i for j in range(6)] for i in range(6))):
             got = OPS.fixed_nll_train_backward(grad, coef, mean, var, weight, sigma2, needs)
