@@ -17,6 +17,11 @@ drift moves all rows alike; the printout gives medians and each row's ratio to t
     op via autograd       the training op on leaf tensors, then .sum().backward()
     analytic_nll          the public call as bench.run times it: moments from (mu, logvar),
                           argument checks, the mean reduction, and their backward
+
+A last line times three tiny ATen calls (what an autograd node or an argument check costs at
+least) twice per round: right after the kernels row and again right after that. On a machine
+whose caches the kernels' data evicts, the first is several times the second: that is why the
+per-call cost of autograd and of the Python layer grows with the problem size.
 """
 
 from __future__ import annotations
@@ -93,6 +98,18 @@ def _rows(head: str, B: int, d: int, k: int) -> dict[str, tuple[Callable[[], Non
     }
 
 
+def _tiny_aten_calls() -> None:
+    t = torch.empty(3)
+    t.fill_(1.0)
+    t.add_(1.0)
+
+
+def _timed(run: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,20 +125,28 @@ def main(argv=None) -> int:
     B, d, k = (int(v) for v in args.shape.split("x"))
     rows = _rows(args.head, B, d, k)
     times: dict[str, list[float]] = {name: [] for name in rows}
+    tiny = {"after the kernels": [], "warm": []}
     for rep in range(args.reps + 10):
         for name, (run, leaves) in rows.items():
             for leaf in leaves:
                 leaf.grad = None
-            start = time.perf_counter()
-            run()
+            elapsed = _timed(run)
+            after_kernels = _timed(_tiny_aten_calls) if name == "kernels, no autograd" else None
+            warm = _timed(_tiny_aten_calls) if name == "kernels, no autograd" else None
             if rep >= 10:   # the first ten rounds are warm-up
-                times[name].append(time.perf_counter() - start)
+                times[name].append(elapsed)
+                if after_kernels is not None:
+                    tiny["after the kernels"].append(after_kernels)
+                    tiny["warm"].append(warm)
     med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
     floor = med["gemm floor"]
     print(f"{args.head} head, Gaussian latents, B x d x k = {args.shape}, float32, {args.threads} threads, "
           f"{args.reps} interleaved rounds")
     for name, ms in med.items():
         print(f"  {name:22s} {ms:8.3f} ms  {ms / floor:5.2f}x the GEMM floor")
+    cold_us, warm_us = (statistics.median(tiny[when]) * 1e6 for when in ("after the kernels", "warm"))
+    print(f"  three tiny ATen calls: {cold_us:.1f} us right after the kernels, {warm_us:.1f} us warm "
+          f"({cold_us / warm_us:.1f}x)")
     return 0
 
 

@@ -61,37 +61,33 @@ SK_HOST_DEVICE void add_group(PixelTerms<T>& t, const GroupStats<T>& s) {
 // (Phi collects every central term, with the products k20 k02, k11^2, k02^2 linearised into the
 // coefficients), d f/d pi_j = Phi_j - a_j E[Phi_a] - c_j E[Phi_c] + g_ubar a_j + g_vbar c_j and
 // d f/d a_j = pi_j (g_ubar + Phi_a(j) - E[Phi_a]) (likewise c); the logits' gradient is the
-// softmax projection pi_j (d f/d pi_j - E[d f/d pi]). Accumulates into dlogit, da, dc (dc may be
-// null with c).
+// softmax projection pi_j (d f/d pi_j - E[d f/d pi]). E[Phi], E[Phi_a], E[Phi_c] are polynomials
+// in a', c' whose expectations are the group's central moments in s (E a' = E c' = 0), so one
+// pass over the K categories suffices. Accumulates into dlogit, da, dc (dc may be null with c).
 template <typename T, typename W>
 SK_HOST_DEVICE void group_grad(const W* a, const W* c, const T* prob, int K, const GroupStats<T>& s,
                                const PixelTerms<T>& g, T* dlogit, T* da, T* dc) {
   const T g20 = g.Saa - g.Q * s.k02;
   const T g02 = g.Scc - g.Q * s.k20 - T(6) * g.C4 * s.k02;
   const T g11 = g.Sac - T(4) * g.Q * s.k11;
-  T e_phi = 0, e_pa = 0, e_pc = 0;
-  for (int pass = 0; pass < 2; ++pass) {
-    const T mean_dpi = e_phi - s.m10 * e_pa - s.m01 * e_pc + g.ubar * s.m10 + g.vbar * s.m01;
-    for (int j = 0; j < K; ++j) {
-      const T p = prob[j], av = T(a[j]), x = av - s.m10;
-      const T cv = c != nullptr ? T(c[j]) : T(0), y = c != nullptr ? cv - s.m01 : T(0);
-      const T phi = g20 * x * x + g02 * y * y + g11 * x * y + g.Tacc * x * y * y + g.Taac * x * x * y +
-                    g.C3 * y * y * y + g.Q * x * x * y * y + g.C4 * y * y * y * y;
-      const T phi_a = T(2) * g20 * x + g11 * y + g.Tacc * y * y + T(2) * g.Taac * x * y +
-                      T(2) * g.Q * x * y * y;
-      const T phi_c = T(2) * g02 * y + g11 * x + T(2) * g.Tacc * x * y + g.Taac * x * x +
-                      T(3) * g.C3 * y * y + T(2) * g.Q * x * x * y + T(4) * g.C4 * y * y * y;
-      if (pass == 0) {
-        e_phi += p * phi;
-        e_pa += p * phi_a;
-        e_pc += p * phi_c;
-        continue;
-      }
-      const T dpi = phi - av * e_pa - cv * e_pc + g.ubar * av + g.vbar * cv;
-      if (dlogit != nullptr) dlogit[j] += p * (dpi - mean_dpi);
-      if (da != nullptr) da[j] += p * (g.ubar + phi_a - e_pa);
-      if (dc != nullptr) dc[j] += p * (g.vbar + phi_c - e_pc);
-    }
+  const T e_phi = g20 * s.k20 + g02 * s.k02 + g11 * s.k11 + g.Tacc * s.k12 + g.Taac * s.k21 + g.C3 * s.k03 +
+                  g.Q * s.e22 + g.C4 * s.e04;
+  const T e_pa = g.Tacc * s.k02 + T(2) * g.Taac * s.k11 + T(2) * g.Q * s.k12;
+  const T e_pc = T(2) * g.Tacc * s.k11 + g.Taac * s.k20 + T(3) * g.C3 * s.k02 + T(2) * g.Q * s.k21 +
+                 T(4) * g.C4 * s.k03;
+  const T mean_dpi = e_phi - s.m10 * e_pa - s.m01 * e_pc + g.ubar * s.m10 + g.vbar * s.m01;
+  for (int j = 0; j < K; ++j) {
+    const T p = prob[j], av = T(a[j]), x = av - s.m10;
+    const T cv = c != nullptr ? T(c[j]) : T(0), y = c != nullptr ? cv - s.m01 : T(0);
+    const T phi = g20 * x * x + g02 * y * y + g11 * x * y + g.Tacc * x * y * y + g.Taac * x * x * y +
+                  g.C3 * y * y * y + g.Q * x * x * y * y + g.C4 * y * y * y * y;
+    const T phi_a = T(2) * g20 * x + g11 * y + g.Tacc * y * y + T(2) * g.Taac * x * y + T(2) * g.Q * x * y * y;
+    const T phi_c = T(2) * g02 * y + g11 * x + T(2) * g.Tacc * x * y + g.Taac * x * x + T(3) * g.C3 * y * y +
+                    T(2) * g.Q * x * x * y + T(4) * g.C4 * y * y * y;
+    const T dpi = phi - av * e_pa - cv * e_pc + g.ubar * av + g.vbar * cv;
+    if (dlogit != nullptr) dlogit[j] += p * (dpi - mean_dpi);
+    if (da != nullptr) da[j] += p * (g.ubar + phi_a - e_pa);
+    if (dc != nullptr) dc[j] += p * (g.vbar + phi_c - e_pc);
   }
 }
 

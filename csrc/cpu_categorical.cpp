@@ -4,9 +4,9 @@
 //
 // Each thread owns a range of pixels; per (sample, pixel) it walks the G groups of the sample's
 // probabilities and the pixel's weight rows, so the (B, k, G) per-group moments are never stored.
-// The backward recomputes a (sample, pixel)'s sums, takes the head's coefficients, and makes a
-// second pass over the groups for the gradients of the logits (per-thread (B, G K) partials summed
-// at the end) and of the pixel's weight rows (owned by the thread).
+// The backward recomputes a (sample, pixel)'s sums (keeping each group's stats), takes the head's
+// coefficients, and makes a second pass over the groups for the gradients of the logits (per-thread
+// (B, G K) partials summed at the end) and of the pixel's weight rows (owned by the thread).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -134,6 +134,7 @@ struct PixelWork {
   int64_t G, K;
   acc_t x, b, b2;
   TiltedGroups<acc_t> tilted;  // the log-variance head's per-thread scratch
+  GroupStats<acc_t>* stats;    // the precision head's per-thread scratch (G): the backward's group stats
 
   acc_t loss() const {
     if constexpr (HD == Head::kLogVar) {
@@ -143,9 +144,14 @@ struct PixelWork {
     }
   }
 
-  PixelTerms<acc_t> terms() const {
+  // The pixel's contractions; with `keep`, each group's stats are also written to keep[g].
+  PixelTerms<acc_t> terms(GroupStats<acc_t>* keep = nullptr) const {
     PixelTerms<acc_t> t{b, b2, acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-    for (int64_t g = 0; g < G; ++g) add_group(t, group_stats<acc_t, acc_t>(a + g * K, w2 + g * K, prob + g * K, int(K), true));
+    for (int64_t g = 0; g < G; ++g) {
+      const GroupStats<acc_t> st = group_stats<acc_t, acc_t>(a + g * K, w2 + g * K, prob + g * K, int(K), true);
+      if (keep != nullptr) keep[g] = st;
+      add_group(t, st);
+    }
     return t;
   }
 
@@ -162,12 +168,10 @@ struct PixelWork {
       db[1] += c.hm - c.S;
       return -c.T1;
     } else {
-      const PixelTerms<acc_t> c = scaled(precision_pixel_grad(x, terms()), gn);
-      for (int64_t g = 0; g < G; ++g) {
-        const GroupStats<acc_t> st = group_stats<acc_t, acc_t>(a + g * K, w2 + g * K, prob + g * K, int(K), true);
-        group_grad(a + g * K, w2 + g * K, prob + g * K, int(K), st, c, dlogit == nullptr ? nullptr : dlogit + g * K,
+      const PixelTerms<acc_t> c = scaled(precision_pixel_grad(x, terms(stats)), gn);
+      for (int64_t g = 0; g < G; ++g)
+        group_grad(a + g * K, w2 + g * K, prob + g * K, int(K), stats[g], c, dlogit == nullptr ? nullptr : dlogit + g * K,
                    da + g * K, dw2 + g * K);
-      }
       db[0] += c.ubar;
       db[1] += c.vbar;
       return -c.ubar;
@@ -196,6 +200,7 @@ std::array<at::Tensor, kNumInputs> run(const CategoricalInputs<scalar_t>& in, co
 
   at::parallel_for(0, nparts, 1, [&](int64_t part_begin, int64_t part_end) {
     std::vector<acc_t> a(d), w2(in.W2.defined() ? d : 0), scratch(d + 5 * in.G);
+    std::vector<GroupStats<acc_t>> stats(in.G);
     acc_t* sp = scratch.data();
     const TiltedGroups<acc_t> tilted{sp, sp + d, sp + d + in.G, sp + d + 2 * in.G, sp + d + 3 * in.G,
                                      sp + d + 4 * in.G};
@@ -211,7 +216,7 @@ std::array<at::Tensor, kNumInputs> run(const CategoricalInputs<scalar_t>& in, co
                                        in.prob.template data_ptr<acc_t>() + row, in.G, in.K,
                                        static_cast<acc_t>(in.x.template data_ptr<scalar_t>()[linear_offset(n, p, k)]),
                                        in.bias.template data_ptr<acc_t>()[p], in.bias2.template data_ptr<acc_t>()[p],
-                                       tilted};
+                                       tilted, stats.data()};
           if (!backward) {
             loss_parts.template data_ptr<acc_t>()[linear_offset(part, n, B)] += w.loss();
             continue;

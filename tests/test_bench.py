@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 
@@ -68,6 +69,7 @@ def test_overhead_splits_the_fixed_head_time(capsys):
     lines = [line for line in out.splitlines() if "x the GEMM floor" in line]
     assert [line.split("  ")[1].strip() for line in lines] == rows
     assert "1.00x the GEMM floor" in lines[0]
+    assert re.search(r"three tiny ATen calls: [0-9.]+ us right after the kernels, [0-9.]+ us warm \([0-9.]+x\)", out)
     assert overhead.main(["--head", "precision", "--shape", "4x6x10", "--reps", "2", "--threads", "1"]) == 0
     assert "precision head, Gaussian latents" in capsys.readouterr().out
 
