@@ -64,6 +64,8 @@ SK_HOST_DEVICE void add_group(PixelTerms<T>& t, const GroupStats<T>& s) {
 // softmax projection pi_j (d f/d pi_j - E[d f/d pi]). E[Phi], E[Phi_a], E[Phi_c] are polynomials
 // in a', c' whose expectations are the group's central moments in s (E a' = E c' = 0), so one
 // pass over the K categories suffices. Accumulates into dlogit, da, dc (dc may be null with c).
+// s must carry the higher moments (group_stats with higher = true) whenever g has a non-zero
+// Taac, Tacc, C3, Q or C4 (every head but the fixed one, whose c is null).
 template <typename T, typename W>
 SK_HOST_DEVICE void group_grad(const W* a, const W* c, const T* prob, int K, const GroupStats<T>& s,
                                const PixelTerms<T>& g, T* dlogit, T* da, T* dc) {

@@ -202,8 +202,10 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Inputs& in) {
       acc_t* L = P + linear_offset(q, 0, B + d);
       for (int64_t t = plan.tile_begin(q); t < plan.tile_begin(q + 1); ++t) {
         const int64_t p0 = plan.pixel_begin(t), np = plan.pixel_count(t);
-        at::Tensor ubar = mat(Rp + p0, B, np, k);
-        gemm(ubar, in.mean, mat(Ap + linear_offset(p0, 0, d), np, d, d).t(), /*accumulate=*/false);
+        if (B > 0) {   // (an empty batch has no R to point into)
+          at::Tensor ubar = mat(Rp + p0, B, np, k);
+          gemm(ubar, in.mean, mat(Ap + linear_offset(p0, 0, d), np, d, d).t(), /*accumulate=*/false);
+        }
         in.weight_rows<acc_t>(p0, p0 + np, nullptr, nullptr, nullptr, L + B);
         for (int64_t n = 0; n < B; ++n)
           L[n] += forward_segment<scalar_t, acc_t>(X + linear_offset(n, p0, k), Rp + linear_offset(n, p0, k),
@@ -276,12 +278,16 @@ std::array<at::Tensor, kNumInputs> backward_impl(const at::Tensor& grad_in, cons
       if (need[kMean]) dmean_q = q == 0 ? dmean : dmean_parts.select(0, q - 1);
       for (int64_t t = plan.tile_begin(q); t < plan.tile_begin(q + 1); ++t) {
         const int64_t p0 = plan.pixel_begin(t), np = plan.pixel_count(t), p1 = p0 + np;
-        const at::Tensor R_tile = mat(Rp + p0, B, np, k);
-        const at::Tensor A_tile = mat(Ap + linear_offset(p0, 0, d), np, d, d);
-        if (need[kMean]) gemm(dmean_q, R_tile, A_tile, /*accumulate=*/t != plan.tile_begin(q));
-        if (dAp != nullptr) {
-          at::Tensor dA_tile = mat(dAp + linear_offset(p0, 0, d), np, d, d);
-          gemm(dA_tile, R_tile.t(), scaled_mean, /*accumulate=*/false);
+        if (B > 0) {   // an empty batch has no R to point into: dmean is empty, dA's GEMM part 0
+          const at::Tensor R_tile = mat(Rp + p0, B, np, k);
+          const at::Tensor A_tile = mat(Ap + linear_offset(p0, 0, d), np, d, d);
+          if (need[kMean]) gemm(dmean_q, R_tile, A_tile, /*accumulate=*/t != plan.tile_begin(q));
+          if (dAp != nullptr) {
+            at::Tensor dA_tile = mat(dAp + linear_offset(p0, 0, d), np, d, d);
+            gemm(dA_tile, R_tile.t(), scaled_mean, /*accumulate=*/false);
+          }
+        } else if (dAp != nullptr) {
+          std::fill(dAp + linear_offset(p0, 0, d), dAp + linear_offset(p1, 0, d), acc_t(0));
         }
         in.weight_rows<acc_t>(p0, p1, gv.empty() ? nullptr : gv.data(), dAp, saa.empty() ? nullptr : saa.data(),
                               w_parts.empty() ? nullptr : w_parts.data() + linear_offset(q, 0, d));
